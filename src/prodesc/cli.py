@@ -1,0 +1,213 @@
+"""`prodesc` command line: one typer command per verb, each a single call into the library.
+
+    prodesc data synth --n 2000 --out demo/catalog.json.gz
+    prodesc data prepare demo/catalog.json.gz --out demo/data
+    prodesc train --config configs/smollm2-135m.yaml --data demo/data --out demo/run
+    prodesc generate --run demo/run "Girls Ballet Tutu Neon Pink"
+    prodesc eval --run demo/run --data demo/data --out demo/report
+    prodesc serve --run demo/run
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from prodesc.errors import ProdescError
+
+app = typer.Typer(help=__doc__.split("\n")[0], no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_show_locals=False)
+data_app = typer.Typer(help="Read, clean and split catalogs; synthesize a demo catalog.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+_state = {"debug": False}
+
+Sets = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: key.sub=value (repeat).")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config or preset (configs/*.yaml).")]
+
+
+def _run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call into the library; a ProdescError becomes one line on stderr and exit 1 (traceback with --debug)."""
+    try:
+        return fn(*args, **kwargs)
+    except ProdescError as e:
+        if _state["debug"]:
+            raise
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True)
+        raise typer.Exit(130) from None
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for user errors.")] = False) -> None:
+    _state["debug"] = debug
+
+
+@data_app.command("prepare")
+def data_prepare(
+    inputs: Annotated[list[Path], typer.Argument(help="trn.json / .gz / Amazon-Titles-1.3MM.zip / JSON / CSV / Parquet.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (train/val/test.parquet, stats.json).")],
+    title_field: Annotated[str | None, typer.Option(help="Title column (auto: title, instruction).")] = None,
+    content_field: Annotated[str | None, typer.Option(help="Content column (auto: content, output).")] = None,
+    id_field: Annotated[str | None, typer.Option(help="Id column (auto: uid, id).")] = None,
+    min_content_chars: Annotated[int, typer.Option(help="Drop records with shorter cleaned content.")] = 1,
+    val_fraction: Annotated[float, typer.Option(help="Share of title families in val.")] = 0.05,
+    test_fraction: Annotated[float, typer.Option(help="Share of title families in test.")] = 0.05,
+    lossy_ascii_lower: Annotated[
+        bool, typer.Option(help="LOSSY notebook normalisation: lowercase, ASCII only.")
+    ] = False,
+    strict: Annotated[bool, typer.Option(help="Fail on the first malformed line (file:line) instead of skipping.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out directory.")] = False,
+    config: ConfigOpt = None,
+    set_: Sets = None,
+) -> None:
+    """Clean a catalog and write leak-free train/val/test splits (by title family)."""
+    from prodesc import config as cfgmod
+    from prodesc import data
+
+    flags = dict(
+        title_field=title_field, content_field=content_field, id_field=id_field,
+        min_content_chars=min_content_chars, val_fraction=val_fraction, test_fraction=test_fraction,
+        lossy_ascii_lower=lossy_ascii_lower, strict=strict,
+    )
+    overrides = [f"data.{k}={_yaml(v)}" for k, v in flags.items() if v is not None] + list(set_ or [])
+    cfg = _run(cfgmod.load, config, overrides)
+    _run(data.prepare, inputs, out, cfg.data, overwrite=overwrite)
+
+
+@data_app.command("synth")
+def data_synth(
+    n: Annotated[int, typer.Option("--n", help="Number of JSON lines.")] = 2000,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output file (.json, .json.gz).")] = Path("catalog.json.gz"),
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
+    malformed: Annotated[int, typer.Option(help="Number of malformed lines to mix in.")] = 0,
+) -> None:
+    """Write a deterministic synthetic catalog in the exact LF-Amazon trn.json line format."""
+    from prodesc import data
+
+    _run(data.synth, n, out, seed=seed, malformed=malformed)
+
+
+@app.command("train")
+def train(
+    data: Annotated[Path, typer.Option("--data", "-d", help="Output directory of `prodesc data prepare`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to create.")],
+    config: ConfigOpt = None,
+    set_: Sets = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow code shipped with a Hub model to run.")] = False,
+) -> None:
+    """Fine-tune a LoRA / QLoRA adapter with TRL's SFTTrainer on the prepared data."""
+    from prodesc import train as trainmod
+
+    overrides = list(set_ or []) + (["model.trust_remote_code=true"] if trust_remote_code else [])
+    _run(trainmod.train_cli, config, overrides, data, out, resume=resume, overwrite=overwrite)
+
+
+@app.command("export")
+def export(
+    run: Annotated[Path, typer.Argument(help="Run directory of `prodesc train`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the exported model.")],
+    merge: Annotated[bool, typer.Option(help="Merge the adapter into full-precision base weights.")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out directory.")] = False,
+) -> None:
+    """Export a run: merged full-precision HF checkpoint (or adapter + base reference with --no-merge)."""
+    from prodesc import export as exportmod
+
+    _run(exportmod.export, run, out, merge=merge, overwrite=overwrite)
+
+
+@app.command("generate")
+def generate(
+    titles: Annotated[list[str] | None, typer.Argument(help="Titles to describe (printed to the terminal).")] = None,
+    run: Annotated[Path | None, typer.Option(help="Run directory: base model + adapter from its manifest.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model (Hub id, dir, embedded:smollm2-135m) without a run.")] = None,
+    adapter: Annotated[Path | None, typer.Option(help="PEFT adapter dir to apply on --model.")] = None,
+    input: Annotated[Path | None, typer.Option("--input", "-i", help="File of titles: .txt lines or JSONL.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Prepared data dir (with --split).")] = None,
+    split: Annotated[str, typer.Option(help="Split of --data to describe.")] = "test",
+    limit: Annotated[int | None, typer.Option(help="At most N items.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write JSONL predictions here.")] = None,
+    config: ConfigOpt = None,
+    set_: Sets = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="New tokens at most.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling.")] = None,
+    repetition_penalty: Annotated[float | None, typer.Option(help="Repetition penalty (special tokens exempt).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Titles per generation call.")] = None,
+) -> None:
+    """Describe titles with a fine-tuned run or a plain model (batched, greedy by default)."""
+    from prodesc import generate as genmod
+
+    flags = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                 repetition_penalty=repetition_penalty, batch_size=batch_size)
+    overrides = [f"generate.{k}={v}" for k, v in flags.items() if v is not None] + list(set_ or [])
+    _run(genmod.generate_cli, titles=titles or [], run=run, model=model, adapter=adapter, input=input,
+         data=data, split=split, limit=limit, out=out, config=config, overrides=overrides)
+
+
+@app.command("eval")
+def evaluate(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report directory (metrics.json, report.html...).")],
+    run: Annotated[Path | None, typer.Option(help="Run directory to evaluate.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Prepared data dir (needs --run).")] = None,
+    split: Annotated[str, typer.Option(help="Split to score.")] = "test",
+    limit: Annotated[int | None, typer.Option(help="Score the first N items.")] = None,
+    predictions: Annotated[
+        list[Path] | None, typer.Option(help="Score existing prediction JSONL files instead (repeat).")
+    ] = None,
+    systems: Annotated[str | None, typer.Option(help="Comma list of finetuned,base,retrieval.")] = None,
+    allow_overlap: Annotated[bool, typer.Option(help="Score even if test families were trained on.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out directory.")] = False,
+    config: ConfigOpt = None,
+    set_: Sets = None,
+) -> None:
+    """Score fine-tuned vs base vs retrieval on held-out items, with bootstrap intervals and an HTML report."""
+    from prodesc import eval as evalmod
+
+    overrides = list(set_ or [])
+    if limit is not None:
+        overrides.append(f"eval.limit={limit}")
+    if systems:
+        overrides.append(f"eval.systems=[{systems}]")
+    _run(evalmod.evaluate_cli, out=out, run=run, data=data, split=split, predictions=predictions or [],
+         allow_overlap=allow_overlap, overwrite=overwrite, config=config, overrides=overrides)
+
+
+@app.command("serve")
+def serve(
+    run: Annotated[Path | None, typer.Option(help="Run directory (base + adapter).")] = None,
+    model: Annotated[str | None, typer.Option(help="Model or merged dir without a run.")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="PRODESC_API_KEY", help="Require 'Authorization: Bearer KEY'.")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: Sets = None,
+) -> None:
+    """Serve an OpenAI-compatible API, /v1/describe, /metrics and a page to try the model."""
+    from prodesc import serve as servemod
+
+    overrides = list(set_ or [])
+    if host:
+        overrides.append(f"serve.host={host}")
+    if port:
+        overrides.append(f"serve.port={port}")
+    _run(servemod.serve_cli, run=run, model=model, api_key=api_key, config=config, overrides=overrides)
+
+
+def _yaml(v: Any) -> str:
+    import json
+
+    return json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
