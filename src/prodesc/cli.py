@@ -1,11 +1,11 @@
 """`prodesc` command line: one typer command per verb, each a single call into the library.
 
-    prodesc data synth --n 2000 --out demo/catalog.json.gz
-    prodesc data prepare demo/catalog.json.gz --out demo/data
-    prodesc train --config configs/smollm2-135m.yaml --data demo/data --out demo/run
-    prodesc generate --run demo/run "Girls Ballet Tutu Neon Pink"
-    prodesc eval --run demo/run --data demo/data --out demo/report
-    prodesc serve --run demo/run
+prodesc data synth --n 2000 --out demo/catalog.json.gz
+prodesc data prepare demo/catalog.json.gz --out demo/data
+prodesc train --config configs/smollm2-135m.yaml --data demo/data --out demo/run
+prodesc generate --run demo/run "Girls Ballet Tutu Neon Pink"
+prodesc eval --run demo/run --data demo/data --out demo/report
+prodesc serve --run demo/run
 """
 
 from __future__ import annotations
@@ -19,14 +19,24 @@ import typer
 
 from prodesc.errors import ProdescError
 
-app = typer.Typer(help=__doc__.split("\n")[0], no_args_is_help=True, add_completion=False,
-                  pretty_exceptions_show_locals=False)
-data_app = typer.Typer(help="Read, clean and split catalogs; synthesize a demo catalog.", no_args_is_help=True)
+app = typer.Typer(
+    help=__doc__.split("\n")[0],
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+data_app = typer.Typer(
+    help="Read, clean and split catalogs; synthesize a demo catalog.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
 _state = {"debug": False}
 
-Sets = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: key.sub=value (repeat).")]
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config or preset (configs/*.yaml).")]
+Sets = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a config key: key.sub=value (repeat).")
+]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML config or preset (configs/*.yaml).")
+]
 
 
 def _run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -44,14 +54,20 @@ def _run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 @app.callback()
-def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for user errors.")] = False) -> None:
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for user errors.")] = False,
+) -> None:
     _state["debug"] = debug
 
 
 @data_app.command("prepare")
 def data_prepare(
-    inputs: Annotated[list[Path], typer.Argument(help="trn.json / .gz / Amazon-Titles-1.3MM.zip / JSON / CSV / Parquet.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (train/val/test.parquet, stats.json).")],
+    inputs: Annotated[
+        list[Path], typer.Argument(help="trn.json / .gz / Amazon-Titles-1.3MM.zip / JSON / CSV / Parquet.")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output directory (train/val/test.parquet, stats.json).")
+    ],
     title_field: Annotated[str | None, typer.Option(help="Title column (auto: title, instruction).")] = None,
     content_field: Annotated[str | None, typer.Option(help="Content column (auto: content, output).")] = None,
     id_field: Annotated[str | None, typer.Option(help="Id column (auto: uid, id).")] = None,
@@ -61,7 +77,9 @@ def data_prepare(
     lossy_ascii_lower: Annotated[
         bool, typer.Option(help="LOSSY notebook normalisation: lowercase, ASCII only.")
     ] = False,
-    strict: Annotated[bool, typer.Option(help="Fail on the first malformed line (file:line) instead of skipping.")] = False,
+    strict: Annotated[
+        bool, typer.Option(help="Fail on the first malformed line (file:line) instead of skipping.")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out directory.")] = False,
     config: ConfigOpt = None,
     set_: Sets = None,
@@ -71,9 +89,14 @@ def data_prepare(
     from prodesc import data
 
     flags = dict(
-        title_field=title_field, content_field=content_field, id_field=id_field,
-        min_content_chars=min_content_chars, val_fraction=val_fraction, test_fraction=test_fraction,
-        lossy_ascii_lower=lossy_ascii_lower, strict=strict,
+        title_field=title_field,
+        content_field=content_field,
+        id_field=id_field,
+        min_content_chars=min_content_chars,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        lossy_ascii_lower=lossy_ascii_lower,
+        strict=strict,
     )
     overrides = [f"data.{k}={_yaml(v)}" for k, v in flags.items() if v is not None] + list(set_ or [])
     cfg = _run(cfgmod.load, config, overrides)
@@ -83,7 +106,9 @@ def data_prepare(
 @data_app.command("synth")
 def data_synth(
     n: Annotated[int, typer.Option("--n", help="Number of JSON lines.")] = 2000,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output file (.json, .json.gz).")] = Path("catalog.json.gz"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output file (.json, .json.gz).")] = Path(
+        "catalog.json.gz"
+    ),
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
     malformed: Annotated[int, typer.Option(help="Number of malformed lines to mix in.")] = 0,
 ) -> None:
@@ -101,7 +126,9 @@ def train(
     set_: Sets = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in --out.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow code shipped with a Hub model to run.")] = False,
+    trust_remote_code: Annotated[
+        bool, typer.Option(help="Allow code shipped with a Hub model to run.")
+    ] = False,
 ) -> None:
     """Fine-tune a LoRA / QLoRA adapter with TRL's SFTTrainer on the prepared data."""
     from prodesc import train as trainmod
@@ -125,11 +152,19 @@ def export(
 
 @app.command("generate")
 def generate(
-    titles: Annotated[list[str] | None, typer.Argument(help="Titles to describe (printed to the terminal).")] = None,
-    run: Annotated[Path | None, typer.Option(help="Run directory: base model + adapter from its manifest.")] = None,
-    model: Annotated[str | None, typer.Option(help="Model (Hub id, dir, embedded:smollm2-135m) without a run.")] = None,
+    titles: Annotated[
+        list[str] | None, typer.Argument(help="Titles to describe (printed to the terminal).")
+    ] = None,
+    run: Annotated[
+        Path | None, typer.Option(help="Run directory: base model + adapter from its manifest.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model (Hub id, dir, embedded:smollm2-135m) without a run.")
+    ] = None,
     adapter: Annotated[Path | None, typer.Option(help="PEFT adapter dir to apply on --model.")] = None,
-    input: Annotated[Path | None, typer.Option("--input", "-i", help="File of titles: .txt lines or JSONL.")] = None,
+    input: Annotated[
+        Path | None, typer.Option("--input", "-i", help="File of titles: .txt lines or JSONL.")
+    ] = None,
     data: Annotated[Path | None, typer.Option(help="Prepared data dir (with --split).")] = None,
     split: Annotated[str, typer.Option(help="Split of --data to describe.")] = "test",
     limit: Annotated[int | None, typer.Option(help="At most N items.")] = None,
@@ -139,22 +174,43 @@ def generate(
     max_new_tokens: Annotated[int | None, typer.Option(help="New tokens at most.")] = None,
     temperature: Annotated[float | None, typer.Option(help="0 = greedy.")] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling.")] = None,
-    repetition_penalty: Annotated[float | None, typer.Option(help="Repetition penalty (special tokens exempt).")] = None,
+    repetition_penalty: Annotated[
+        float | None, typer.Option(help="Repetition penalty (special tokens exempt).")
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Titles per generation call.")] = None,
 ) -> None:
     """Describe titles with a fine-tuned run or a plain model (batched, greedy by default)."""
     from prodesc import generate as genmod
 
-    flags = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                 repetition_penalty=repetition_penalty, batch_size=batch_size)
+    flags = dict(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        batch_size=batch_size,
+    )
     overrides = [f"generate.{k}={v}" for k, v in flags.items() if v is not None] + list(set_ or [])
-    _run(genmod.generate_cli, titles=titles or [], run=run, model=model, adapter=adapter, input=input,
-         data=data, split=split, limit=limit, out=out, config=config, overrides=overrides)
+    _run(
+        genmod.generate_cli,
+        titles=titles or [],
+        run=run,
+        model=model,
+        adapter=adapter,
+        input=input,
+        data=data,
+        split=split,
+        limit=limit,
+        out=out,
+        config=config,
+        overrides=overrides,
+    )
 
 
 @app.command("eval")
 def evaluate(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Report directory (metrics.json, report.html...).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Report directory (metrics.json, report.html...).")
+    ],
     run: Annotated[Path | None, typer.Option(help="Run directory to evaluate.")] = None,
     data: Annotated[Path | None, typer.Option(help="Prepared data dir (needs --run).")] = None,
     split: Annotated[str, typer.Option(help="Split to score.")] = "test",
@@ -176,8 +232,18 @@ def evaluate(
         overrides.append(f"eval.limit={limit}")
     if systems:
         overrides.append(f"eval.systems=[{systems}]")
-    _run(evalmod.evaluate_cli, out=out, run=run, data=data, split=split, predictions=predictions or [],
-         allow_overlap=allow_overlap, overwrite=overwrite, config=config, overrides=overrides)
+    _run(
+        evalmod.evaluate_cli,
+        out=out,
+        run=run,
+        data=data,
+        split=split,
+        predictions=predictions or [],
+        allow_overlap=allow_overlap,
+        overwrite=overwrite,
+        config=config,
+        overrides=overrides,
+    )
 
 
 @app.command("serve")

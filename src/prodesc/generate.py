@@ -1,0 +1,289 @@
+"""`prodesc generate`: batched generation from a run (base + adapter) or a plain model.
+
+    prodesc generate --run runs/smol "Girls Ballet Tutu Neon Pink" "Mog's Kittens"
+    prodesc generate --run runs/smol --data demo/data --split test --out preds.jsonl
+    prodesc generate --model embedded:smollm2-135m --input titles.txt          # the untuned model
+
+Prompts are built by `prompts.prompt_ids`, the same function training used, left-padded, sorted by length so a
+batch wastes little padding, greedy unless temperature > 0, and stop at EOS. Each output line holds `title`,
+`prediction`, `reference` (when known), `n_tokens`, `stopped_by_eos`, `latency_ms` (wall time of the batch call).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from prodesc import config as configmod
+from prodesc import models, prompts
+from prodesc.config import GenerateConfig, ProdescConfig
+from prodesc.errors import ProdescError
+from prodesc.manifest import read_manifest
+
+
+class Generator:
+    """A loaded model + tokenizer + prompt settings; `describe(titles)` → prediction records."""
+
+    def __init__(self, model: Any, tokenizer: Any, cfg: ProdescConfig, name: str) -> None:
+        self.model, self.tok, self.cfg, self.name = model, tokenizer, cfg, name
+        self.tok.padding_side = "left"  # decoder-only batches grow on the right
+        self.exempt = sorted({i for i in tokenizer.all_special_ids if i is not None})
+
+    @classmethod
+    def from_run(cls, run: Path, overrides: list[str] = (), merge: bool | None = None) -> Generator:
+        """Base model from the run's manifest + its adapter. `merge` folds LoRA into the weights (default: on
+        GPU for unquantized models, where it saves the adapter's extra matmuls on every token)."""
+        from peft import PeftModel
+
+        cfg = configmod.load(run / "config.yaml", overrides) if (run / "config.yaml").exists() else None
+        if cfg is None:
+            raise ProdescError(f"{run}/config.yaml missing: pass the --out dir of a finished `prodesc train`")
+        base = read_manifest(run)["base_model"]
+        path = str(run / base["path"]) if base.get("path") else None
+        model, _ = models.load(cfg.model, path=path)
+        tok = models.load_tokenizer(str(run / "adapter"))
+        model = PeftModel.from_pretrained(model, str(run / "adapter"))
+        if merge if merge is not None else _gpu_unquantized(model):
+            model = model.merge_and_unload()
+        model.eval()
+        return cls(model, tok, cfg, name=f"{run.name}")
+
+    @classmethod
+    def from_model(cls, name: str, adapter: Path | None = None, overrides: list[str] = ()) -> Generator:
+        """A plain model (Hub id, dir, embedded:...) with an optional PEFT adapter dir."""
+        cfg = configmod.load(None, [f"model.name={name}", *overrides])
+        model, tok = models.load(cfg.model)
+        if adapter is not None:
+            from peft import PeftModel
+
+            if not (adapter / "adapter_config.json").exists():
+                raise ProdescError(f"{adapter} is not a PEFT adapter dir (no adapter_config.json)")
+            model = PeftModel.from_pretrained(model, str(adapter))
+        model.eval()
+        return cls(model, tok, cfg, name=name)
+
+    def describe(
+        self,
+        titles: list[str],
+        gen: GenerateConfig | None = None,
+        progress: bool = False,
+        adapter: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Generate a description per title (order kept). `adapter=False` runs the base model of a PEFT model."""
+        gen = gen or self.cfg.generate
+        order = sorted(range(len(titles)), key=lambda i: -len(titles[i]))  # similar lengths share a batch
+        results: dict[int, dict[str, Any]] = {}
+        bar = _progress(len(titles), progress)
+        for start in range(0, len(order), gen.batch_size):
+            idx = order[start : start + gen.batch_size]
+            for i, rec in zip(idx, self._batch([titles[i] for i in idx], gen, adapter), strict=True):
+                results[i] = rec
+            bar.update(len(idx))
+        bar.close()
+        return [results[i] for i in range(len(titles))]
+
+    def stream(self, title: str, gen: GenerateConfig | None = None) -> Iterator[str]:
+        """Yield the description of one title piece by piece (for the server's streaming answers)."""
+        from threading import Thread
+
+        from transformers import TextIteratorStreamer
+
+        gen = gen or self.cfg.generate
+        streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
+        inputs = self._encode([title])
+        kwargs = dict(**inputs, **self._gen_kwargs(gen, inputs["input_ids"].shape[1]), streamer=streamer)
+        thread = Thread(target=self._run_generate, kwargs=kwargs, daemon=True)
+        thread.start()
+        yield from streamer
+        thread.join()
+
+    def _batch(self, titles: list[str], gen: GenerateConfig, adapter: bool) -> list[dict[str, Any]]:
+        import contextlib
+
+        import torch
+
+        inputs = self._encode(titles)
+        width = inputs["input_ids"].shape[1]
+        no_adapter = getattr(self.model, "disable_adapter", None)
+        ctx = no_adapter() if (not adapter and no_adapter) else contextlib.nullcontext()
+        t0 = time.perf_counter()
+        with ctx, torch.inference_mode():
+            out = self.model.generate(**inputs, **self._gen_kwargs(gen, width))
+        ms = (time.perf_counter() - t0) * 1000
+        return [self._record(t, row[width:].tolist(), ms) for t, row in zip(titles, out, strict=True)]
+
+    def _encode(self, titles: list[str]) -> dict[str, Any]:
+        ids = [prompts.prompt_ids(self.tok, t, self.cfg.prompt) for t in titles]
+        batch = self.tok.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+        return {k: v.to(self.model.device) for k, v in batch.items()}
+
+    def _gen_kwargs(self, gen: GenerateConfig, prompt_width: int) -> dict[str, Any]:
+        from transformers import LogitsProcessorList
+
+        kw: dict[str, Any] = dict(
+            max_new_tokens=gen.max_new_tokens,
+            pad_token_id=self.tok.pad_token_id,
+            eos_token_id=self.tok.eos_token_id,
+            do_sample=gen.temperature > 0,
+        )
+        if gen.temperature > 0:
+            kw.update(temperature=gen.temperature, top_p=gen.top_p)
+        if gen.no_repeat_ngram_size:
+            kw["no_repeat_ngram_size"] = gen.no_repeat_ngram_size
+        if gen.repetition_penalty != 1.0:
+            from prodesc.logits import AnswerRepetitionPenalty
+
+            kw["logits_processor"] = LogitsProcessorList(
+                [AnswerRepetitionPenalty(gen.repetition_penalty, prompt_width, self.exempt)]
+            )
+        return kw
+
+    def _run_generate(self, **kwargs: Any) -> None:
+        import torch
+
+        with torch.inference_mode():
+            self.model.generate(**kwargs)
+
+    def _record(self, title: str, new_ids: list[int], ms: float) -> dict[str, Any]:
+        eos, pad = self.tok.eos_token_id, self.tok.pad_token_id
+        stopped = eos in new_ids
+        if stopped:
+            new_ids = new_ids[: new_ids.index(eos)]
+        new_ids = [i for i in new_ids if i != pad]
+        text = self.tok.decode(new_ids, skip_special_tokens=True).strip()
+        return {
+            "title": title,
+            "prediction": text,
+            "n_tokens": len(new_ids) + int(stopped),
+            "stopped_by_eos": stopped,
+            "latency_ms": round(ms, 1),
+        }
+
+
+def generate_cli(
+    titles: list[str],
+    run: Path | None,
+    model: str | None,
+    adapter: Path | None,
+    input: Path | None,
+    data: Path | None,
+    split: str,
+    limit: int | None,
+    out: Path | None,
+    config: Path | None,
+    overrides: list[str],
+) -> list[dict[str, Any]]:
+    """The `prodesc generate` verb: check the arguments, load once, describe, print or write JSONL."""
+    items = _items(titles, input, data, split, limit)
+    if (run is None) == (model is None):
+        raise ProdescError("pass exactly one of --run RUN_DIR or --model MODEL")
+    if config is not None:
+        overrides = [*_as_overrides(configmod.load(config)), *overrides]
+    gen = Generator.from_run(run, overrides) if run else Generator.from_model(model, adapter, overrides)
+    records = gen.describe([it["title"] for it in items], progress=out is not None)
+    for rec, it in zip(records, items, strict=True):
+        if it.get("reference") is not None:
+            rec["reference"] = it["reference"]
+    if out is not None:
+        write_jsonl(records, out)
+        print(f"wrote {len(records)} predictions to {out}")
+    if titles or out is None:
+        for rec in records:
+            print(f"\n# {rec['title']}\n{rec['prediction']}")
+    return records
+
+
+def write_jsonl(records: list[dict[str, Any]], out: Path) -> None:
+    """Write JSONL atomically (temp file in the same dir, then rename): never a half-written file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_split(data: Path, split: str, limit: int | None = None) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    path = data / f"{split}.parquet"
+    if not path.exists():
+        raise ProdescError(
+            f"{path} not found: pass the --out dir of `prodesc data prepare` and a split (train, val, test)"
+        )
+    rows = pq.read_table(path).to_pylist()
+    if not rows:
+        raise ProdescError(f"{path} is empty: prepare with a larger --test-fraction")
+    return rows[:limit] if limit else rows
+
+
+def _items(
+    titles: list[str], input: Path | None, data: Path | None, split: str, limit: int | None
+) -> list[dict[str, Any]]:
+    sources = sum(bool(x) for x in (titles, input, data))
+    if sources != 1:
+        raise ProdescError(
+            "give titles in exactly one way: TITLE arguments, --input FILE, or --data DIR --split"
+        )
+    if titles:
+        items = [{"title": t} for t in titles]
+    elif input is not None:
+        items = _read_input(input)
+    else:
+        items = [{"title": r["title"], "reference": r["content"]} for r in read_split(data, split)]
+    items = items[:limit] if limit else items
+    empty = [i for i, it in enumerate(items) if not str(it["title"]).strip()]
+    if empty:
+        raise ProdescError(f"empty title at item {empty[0] + 1}: remove it or give a title")
+    return items
+
+
+def _read_input(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        raise ProdescError(f"input file not found: {path}")
+    items = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if path.suffix != ".jsonl":
+                items.append({"title": line.strip()})
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                raise ProdescError(
+                    f"{path}:{n}: not valid JSON; one object per line with a 'title'"
+                ) from None
+            if "title" not in obj:
+                raise ProdescError(f"{path}:{n}: no 'title' field; one object per line with a 'title'")
+            items.append({"title": obj["title"], "reference": obj.get("reference", obj.get("content"))})
+    if not items:
+        raise ProdescError(f"{path} holds no titles")
+    return items
+
+
+def _as_overrides(cfg: ProdescConfig) -> list[str]:
+    return [f"generate.{k}={json.dumps(v)}" for k, v in cfg.generate.model_dump().items()]
+
+
+def _gpu_unquantized(model: Any) -> bool:
+    import torch
+
+    return torch.cuda.is_available() and not getattr(model, "is_loaded_in_4bit", False)
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled or total < 2, file=sys.stderr, unit="title")
