@@ -56,6 +56,7 @@ def train(cfg: ProdescConfig, data: Path, out: Path, resume: bool = False, overw
     """Fine-tune `cfg.model` on `data/train.parquet`, validating on `data/val.parquet`; return the run dir."""
     checkpoint = _check(cfg, data, out, resume, overwrite)
     rows = {split: _read_split(data, split) for split in ("train", "val")}
+    configmod.dump(cfg, out / "config.yaml")  # first, so --resume finds the same settings after a crash
     started = time.time()
     model, tok, base_ref = _setup_model(cfg, rows["train"], out)
     train_ds, val_ds, lengths = _setup_data(tok, cfg, rows)
@@ -76,9 +77,7 @@ def _check(cfg: ProdescConfig, data: Path, out: Path, resume: bool, overwrite: b
 
     for split in ("train", "val"):
         if not (data / f"{split}.parquet").exists():
-            raise ProdescError(
-                f"{data / (split + '.parquet')} not found: run `prodesc data prepare ... --out {data}`"
-            )
+            raise ProdescError(f"{data / (split + '.parquet')} not found: run `prodesc data prepare ... --out {data}`")
     t = cfg.train
     if t.early_stopping_patience is not None and t.save_steps % t.eval_steps:
         raise ProdescError(
@@ -86,9 +85,7 @@ def _check(cfg: ProdescConfig, data: Path, out: Path, resume: bool, overwrite: b
             f"({t.eval_steps}) to keep the best checkpoint: set train.save_steps={t.eval_steps}"
         )
     if cfg.model.name == "tiny" and cfg.model.quantization == "nf4":
-        raise ProdescError(
-            "model.quantization=nf4 makes no sense for the tiny model: set model.quantization=none"
-        )
+        raise ProdescError("model.quantization=nf4 makes no sense for the tiny model: set model.quantization=none")
     if resume:
         ckpt_dir = out / "checkpoints"
         last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
@@ -98,9 +95,7 @@ def _check(cfg: ProdescConfig, data: Path, out: Path, resume: bool, overwrite: b
         return last
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise ProdescError(
-                f"run dir {out} already exists: pass --overwrite to replace it or --resume to continue"
-            )
+            raise ProdescError(f"run dir {out} already exists: pass --overwrite to replace it or --resume to continue")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return None
@@ -118,15 +113,24 @@ def _read_split(data: Path, split: str) -> list[dict[str, str]]:
 
 def _setup_model(cfg: ProdescConfig, train_rows: list[dict], out: Path) -> tuple[Any, Any, dict]:
     if cfg.model.name == "tiny":
-        texts = [f"{r['title']}\n{r['content']}" for r in train_rows]
-        base = models.build_tiny(texts, cfg.model, out / "base")
+        base = out / "base"
+        if not (base / "config.json").exists():  # a resumed run keeps its random base
+            models.build_tiny([f"{r['title']}\n{r['content']}" for r in train_rows], cfg.model, base)
         model, tok = models.load(cfg.model, path=str(base), for_training=True)
-        return model, tok, {"name": "tiny", "path": "base"}
+        return model, tok, {"name": "tiny", "path": "base", **_weights(model)}
     model, tok = models.load(cfg.model, for_training=True)
     name = cfg.model.name
     if Path(name).exists():
         name = str(Path(name).resolve())
-    return model, tok, {"name": name, "revision": cfg.model.revision}
+    return model, tok, {"name": name, "revision": cfg.model.revision, **_weights(model)}
+
+
+def _weights(model: Any) -> dict[str, Any]:
+    """How the base weights were held while training (export and generate reload them the same way)."""
+    return {
+        "quantization": "nf4" if getattr(model, "is_loaded_in_4bit", False) else "none",
+        "dtype": str(model.dtype).removeprefix("torch."),
+    }
 
 
 def _setup_data(tok: Any, cfg: ProdescConfig, rows: dict[str, list[dict]]) -> tuple[Any, Any, dict]:
@@ -235,6 +239,7 @@ def _sft_args(cfg: ProdescConfig, out: Path, has_val: bool, model: Any) -> dict[
         greater_is_better=False,
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # the default hides NaN losses behind a running mean; NanGuard must see them
         report_to="none",
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
@@ -318,10 +323,7 @@ def _mfu(tokens_per_s: float | None, model: Any) -> float | None:
     return round(4 * n * tokens_per_s / peak, 4)
 
 
-def _write_run(
-    out: Path, cfg: ProdescConfig, base_ref: dict, data: Path, train_rows: list[dict], stats: dict
-) -> None:
-    configmod.dump(cfg, out / "config.yaml")
+def _write_run(out: Path, cfg: ProdescConfig, base_ref: dict, data: Path, train_rows: list[dict], stats: dict) -> None:
     families = sorted({r["family"] for r in train_rows})
     with gzip.open(out / "train_families.txt.gz", "wt", encoding="utf-8") as f:
         f.write("\n".join(families) + "\n")

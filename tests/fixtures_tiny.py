@@ -1,0 +1,32 @@
+"""Session fixtures: a small prepared catalog and a tiny trained run, built once and shared by the suite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from prodesc import config, data, train
+
+
+def build_data(root: Path, n: int = 600, seed: int = 0) -> Path:
+    catalog = root / "catalog.json.gz"
+    data.synth(n, catalog, seed=seed, malformed=0)
+    out = root / "data"
+    data.prepare([catalog], out, config.DataConfig(val_fraction=0.1, test_fraction=0.1))
+    return out
+
+
+def tiny_config(*overrides: str) -> config.ProdescConfig:
+    return config.load(Path(__file__).parent.parent / "configs" / "tiny.yaml", list(overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_data(tmp_path_factory.mktemp("tiny-data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    return train.train(tiny_config("train.max_steps=30"), tiny_data, out)

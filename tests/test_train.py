@@ -1,0 +1,190 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fixtures_tiny import tiny_config
+
+from prodesc import train
+from prodesc.callbacks import NanGuard
+from prodesc.errors import ProdescError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_tiny_run_dir_is_self_describing(tiny_run):
+    names = {p.name for p in tiny_run.iterdir()}
+    assert {
+        "adapter",
+        "base",
+        "config.yaml",
+        "manifest.json",
+        "metrics.jsonl",
+        "logs",
+        "checkpoints",
+        "train_families.txt.gz",
+    } <= names
+    assert (tiny_run / "adapter" / "adapter_model.safetensors").exists()
+    assert not list(tiny_run.rglob("adapter/*.bin")), "no pickle files in the adapter"
+    m = json.loads((tiny_run / "manifest.json").read_text())
+    assert m["base_model"]["name"] == "tiny" and m["versions"]["transformers"]
+    t = m["training"]
+    assert t["global_step"] == 30 and t["tokens_seen"] > 0 and t["best_val_loss"] is not None
+    assert m["data"]["train_families"] > 0 and len(m["data"]["files"]) == 3
+
+
+def test_tiny_loss_falls(tiny_run):
+    losses = [r["loss"] for r in map(json.loads, (tiny_run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(losses) >= 5
+    assert losses[-1] < losses[0] - 0.3, losses
+
+
+def test_adapter_reloads_with_identical_logits(tiny_run):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from prodesc.generate import Generator
+
+    gen = Generator.from_run(tiny_run, merge=False)
+    best = json.loads((tiny_run / "manifest.json").read_text())["training"]
+    assert best["best_val_loss"] is not None
+    ids = gen._encode(["Girls Ballet Tutu Neon Pink"])
+    ckpts = sorted((tiny_run / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
+    best_ckpt = Path(state["best_model_checkpoint"]).name
+    base = AutoModelForCausalLM.from_pretrained(tiny_run / "base")
+    ref = PeftModel.from_pretrained(base, tiny_run / "checkpoints" / best_ckpt).eval()
+    with torch.no_grad():
+        a = gen.model(**ids).logits
+        b = ref(**ids).logits
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_collated_batch_masks_prompt_and_supervises_eos(tiny_data, tmp_path):
+    cfg = tiny_config("train.max_length=4096")  # nothing truncated: every example keeps its EOS
+    rows = {s: train._read_split(tiny_data, s) for s in ("train", "val")}
+    model, tok, _ = train._setup_model(cfg, rows["train"], tmp_path)
+    train_ds, val_ds, _ = train._setup_data(tok, cfg, rows)
+    trainer, _ = train._setup_trainer(cfg, model, tok, train_ds, val_ds, tmp_path)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert tok.pad_token_id != tok.eos_token_id
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), strict=True):
+        supervised = [i for i, lab in enumerate(labels) if lab != -100]
+        assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+        prompt = tok.decode(ids[: supervised[0]])
+        assert prompt.rstrip().endswith("assistant") and "Title:" in prompt  # the whole prompt is masked
+        assert ids[supervised[-1]] == tok.eos_token_id  # the last supervised token is EOS ...
+        assert all(ids[i] == tok.pad_token_id for i in range(supervised[-1] + 1, len(ids)))  # ... then padding
+        assert supervised == list(range(supervised[0], supervised[-1] + 1))
+
+
+def test_existing_run_dir_is_refused(tiny_data, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "x").write_text("")
+    with pytest.raises(ProdescError, match="--overwrite"):
+        train.train(tiny_config(), tiny_data, tmp_path / "run")
+
+
+def test_missing_data_is_refused_before_any_model_loads(tmp_path):
+    with pytest.raises(ProdescError, match="data prepare"):
+        train.train(tiny_config(), tmp_path / "nothing", tmp_path / "run")
+
+
+def test_empty_train_split_is_refused(tiny_data, tmp_path):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "data"
+    shutil.copytree(tiny_data, d)
+    t = pq.read_table(d / "train.parquet")
+    pq.write_table(t.slice(0, 0), d / "train.parquet")
+    with pytest.raises(ProdescError, match="train.parquet is empty"):
+        train.train(tiny_config(), d, tmp_path / "run")
+
+
+def test_resume_without_checkpoint_is_a_user_error(tiny_data, tmp_path):
+    with pytest.raises(ProdescError, match="no checkpoint"):
+        train.train(tiny_config(), tiny_data, tmp_path / "run", resume=True)
+
+
+def test_nan_guard_stops_training_without_saving():
+    from transformers import TrainerControl, TrainerState
+
+    guard, control = NanGuard(), TrainerControl()
+    state = TrainerState()
+    state.global_step = 7
+    guard.on_log(None, state, control, logs={"loss": math.nan})
+    assert control.should_training_stop and not control.should_save and guard.bad_step == 7
+
+
+def test_nan_loss_stops_with_a_clear_error(tiny_data, tmp_path, monkeypatch):
+    from transformers import TrainerCallback
+
+    class Poison(TrainerCallback):  # corrupt the adapter after step 3, as a diverging run would
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step == 3:
+                for name, p in model.named_parameters():
+                    if "lora_B" in name:
+                        p.data.fill_(float("nan"))
+
+    real = train._setup_trainer
+
+    def with_poison(*a, **kw):
+        trainer, watch = real(*a, **kw)
+        trainer.add_callback(Poison())
+        return trainer, watch
+
+    monkeypatch.setattr(train, "_setup_trainer", with_poison)
+    cfg = tiny_config("train.max_steps=20", "train.logging_steps=1", "train.save_steps=2", "train.eval_steps=2")
+    with pytest.raises(ProdescError, match=r"loss became nan at step 4.*checkpoint-2"):
+        train.train(cfg, tiny_data, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints" / "checkpoint-4").exists()
+
+
+def test_resume_after_sigkill_reaches_the_same_final_step(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "prodesc.cli",
+        "train",
+        "--config",
+        str(ROOT / "configs" / "tiny.yaml"),
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(run),
+        "--set",
+        "train.max_steps=120",
+        "--set",
+        "train.save_steps=10",
+        "--set",
+        "train.eval_steps=10",
+        "--set",
+        "train.early_stopping_patience=null",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "checkpoints" / "checkpoint-20" / "trainer_state.json").exists():
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "manifest.json").exists(), "killed before the end"
+    done = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("checkpoint-*"))
+    assert done and done[-1] < 120
+    res = subprocess.run(
+        [sys.executable, "-m", "prodesc.cli", "train", "--data", str(tiny_data), "--out", str(run), "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"resuming from {run / 'checkpoints' / f'checkpoint-{done[-1]}'}" in res.stdout
+    assert json.loads((run / "manifest.json").read_text())["training"]["global_step"] == 120
