@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from fixtures_tiny import tiny_config
 
+from fixtures_tiny import tiny_config
 from prodesc import train
 from prodesc.callbacks import NanGuard
 from prodesc.errors import ProdescError
