@@ -63,6 +63,10 @@ def load(cfg: ModelConfig, path: str | None = None, for_training: bool = False) 
         use_safetensors=True,
     )
     if cfg.attn_implementation:
+        if cfg.attn_implementation == "sdpa_varlen":  # prodesc's own: packed sequences via the varlen kernel
+            from prodesc import speed
+
+            speed.register_varlen_attention()
         kwargs["attn_implementation"] = cfg.attn_implementation
     if quant == "nf4":
         kwargs["quantization_config"] = _nf4_config()
@@ -87,7 +91,7 @@ def load_tokenizer(src: str, cfg: ModelConfig | None = None) -> Any:
         tok = AutoTokenizer.from_pretrained(
             src, trust_remote_code=trust, revision=cfg.revision if cfg else None
         )
-    except OSError as e:
+    except (OSError, ValueError) as e:  # missing files surface as either, depending on the tokenizer class
         raise _not_found(src, e) from None
     return tok
 

@@ -1,0 +1,71 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from prodesc import eval as evalmod
+from prodesc.cli import app
+from prodesc.config import load
+from prodesc.errors import ProdescError
+
+
+def test_eval_scores_three_systems_and_writes_the_report(tiny_run, tiny_data, tmp_path):
+    out = tmp_path / "report"
+    res = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--run",
+            str(tiny_run),
+            "--data",
+            str(tiny_data),
+            "--limit",
+            "6",
+            "--set",
+            "generate.max_new_tokens=8",
+            "--set",
+            "eval.bootstrap_samples=100",
+            "--out",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert {p.name for p in out.iterdir()} == {
+        "metrics.json",
+        "paired_diffs.json",
+        "predictions",
+        "report.html",
+        "report.md",
+    }
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m) == {"finetuned", "base", "retrieval"}
+    assert m["finetuned"]["n"] == 6 and "rougeL" in m["finetuned"]["ci95"]
+    assert "eos_stop_rate" in m["finetuned"] and "eos_stop_rate" not in m["retrieval"]
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == [
+        "base.jsonl",
+        "finetuned.jsonl",
+        "retrieval.jsonl",
+    ]
+
+
+def test_leak_guard_refuses_trained_families(tiny_run, tiny_data, tmp_path):
+    cfg = load(tiny_run / "config.yaml", ["eval.limit=3"])
+    with pytest.raises(ProdescError, match="--allow-overlap"):
+        evalmod.evaluate(tiny_run, tiny_data, "train", tmp_path / "r", cfg)
+
+
+def test_existing_report_dir_is_refused(tiny_run, tiny_data, tmp_path):
+    (tmp_path / "r").mkdir()
+    with pytest.raises(ProdescError, match="--overwrite"):
+        evalmod.evaluate_cli(tmp_path / "r", tiny_run, tiny_data, "test", [], False, False, None, [])
+
+
+def test_retrieval_returns_the_nearest_training_description():
+    train_rows = [
+        {"title": "Girls Ballet Tutu Neon Pink", "content": "tutu text"},
+        {"title": "Cast iron skillet 12 inch", "content": "skillet text"},
+    ]
+    recs = evalmod.retrieval(
+        train_rows, ["Girls Ballet Tutu Neon Blue", "12 inch cast-iron pan"], "embedded:all-minilm-l6-v2"
+    )
+    assert [r["prediction"] for r in recs] == ["tutu text", "skillet text"]
