@@ -1,0 +1,181 @@
+"""The request queue of `prodesc serve`: requests that arrive together share one generation call.
+
+    batcher = Batcher(run_batch, run_stream, max_batch_size=32, window_s=0.02, queue_size=256)
+    records = await batcher.submit(["Red Mug"], params)           # raises QueueFull when the queue is full
+    pieces = await batcher.submit(["Red Mug"], params, stream=True)   # an asyncio.Queue of str, then DONE
+
+One asyncio task takes jobs in arrival order and hands them to a single worker thread, the only thread that
+touches the model. For a plain job it waits up to `window_s` after that job arrived (less if `max_batch_size`
+titles with the same decoding params are already queued), then runs every queued job with the same params as one
+`run_batch(titles, params)` call. Jobs with other params keep their place for the next round. A streaming job runs
+alone: `run_stream(title, params, emit)` pushes pieces that reach the request through the job's queue.
+
+A job whose future was cancelled (client gone, timeout) before its turn is dropped without generating: that is
+how a disconnected client frees its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DONE = object()  # the last item of a stream's queue (an Exception instead when generation failed)
+
+RunBatch = Callable[[list[str], Any], list[Any]]  # (titles, params) -> one result per title, in order
+RunStream = Callable[[str, Any, Callable[[Any], None]], None]  # (title, params, emit) -> None
+
+
+class QueueFull(Exception):
+    """The queue holds `queue_size` jobs already: answer 503 and let the client retry."""
+
+
+@dataclass(eq=False)
+class _Job:
+    titles: list[str]
+    params: Hashable
+    stream: bool
+    future: asyncio.Future
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    """Bounded queue + collection window + one model thread. Create it anywhere; it starts on first submit."""
+
+    def __init__(self, run_batch: RunBatch, run_stream: RunStream, *, max_batch_size: int, window_s: float,
+                 queue_size: int) -> None:
+        self.run_batch, self.run_stream = run_batch, run_stream
+        self.max_batch_size, self.window_s, self.queue_size = max_batch_size, window_s, queue_size
+        self._pending: deque[_Job] = deque()
+        self._arrived: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prodesc-model")
+
+    @property
+    def depth(self) -> int:
+        """Jobs waiting for the model (the one running is not counted)."""
+        return sum(not job.future.done() for job in self._pending)
+
+    def submit(self, titles: list[str], params: Hashable, stream: bool = False) -> asyncio.Future:
+        """Queue a job; the future gives the results (or, for a stream, its queue once it starts)."""
+        self._start()
+        self._drop_cancelled()
+        if len(self._pending) >= self.queue_size:
+            raise QueueFull(f"{len(self._pending)} requests queued (serve.queue_size={self.queue_size})")
+        job = _Job(list(titles), params, stream, asyncio.get_running_loop().create_future())
+        self._pending.append(job)
+        self._arrived.set()
+        return job.future
+
+    async def close(self) -> None:
+        """Stop taking jobs; the running generation (if any) finishes in its thread."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        for job in self._pending:
+            job.future.cancel()
+        self._pending.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _start(self) -> None:
+        if self._task is None or self._task.done():
+            self._arrived = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="prodesc-batcher")
+
+    async def _loop(self) -> None:
+        while True:
+            first = await self._next()
+            try:
+                if first.stream:
+                    self._pending.popleft()
+                    await self._stream(first)
+                    continue
+                await self._collect(first)
+                await self._batch(self._take(first.params))
+            except Exception:  # a bug here must not stop the server: log it and serve the next job
+                log.exception("batcher: unexpected error")
+
+    async def _next(self) -> _Job:
+        while True:
+            self._drop_cancelled()
+            if self._pending:
+                return self._pending[0]
+            self._arrived.clear()
+            await self._arrived.wait()
+
+    async def _collect(self, first: _Job) -> None:
+        """Wait out the window that opened when `first` arrived, unless a full batch is already queued."""
+        deadline = first.arrived + self.window_s
+        while self._queued_titles(first.params) < self.max_batch_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except TimeoutError:
+                return
+
+    def _take(self, params: Hashable) -> list[_Job]:
+        """Remove the live jobs with `params` (up to max_batch_size titles, at least one job) in order."""
+        batch, keep, n = [], deque(), 0
+        for job in self._pending:
+            if job.future.done():
+                continue
+            fits = not batch or n + len(job.titles) <= self.max_batch_size
+            if not job.stream and job.params == params and fits:
+                batch.append(job)
+                n += len(job.titles)
+            else:
+                keep.append(job)
+        self._pending = keep
+        return batch
+
+    async def _batch(self, batch: list[_Job]) -> None:
+        if not batch:
+            return
+        titles = [t for job in batch for t in job.titles]
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self._executor, self.run_batch, titles, batch[0].params)
+        except Exception as e:
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(e)
+            return
+        start = 0
+        for job in batch:
+            if not job.future.done():  # cancelled while generating: the client is gone
+                job.future.set_result(results[start:start + len(job.titles)])
+            start += len(job.titles)
+
+    async def _stream(self, job: _Job) -> None:
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+        job.future.set_result(pieces)
+
+        def emit(item: Any) -> None:  # called from the model thread
+            loop.call_soon_threadsafe(pieces.put_nowait, item)
+
+        try:
+            await loop.run_in_executor(self._executor, self.run_stream, job.titles[0], job.params, emit)
+        except Exception as e:
+            pieces.put_nowait(e)
+            return
+        pieces.put_nowait(DONE)  # after every emitted piece: call_soon_threadsafe keeps their order
+
+    def _queued_titles(self, params: Hashable) -> int:
+        return sum(len(j.titles) for j in self._pending if not j.stream and j.params == params
+                   and not j.future.done())
+
+    def _drop_cancelled(self) -> None:
+        if any(job.future.done() for job in self._pending):
+            self._pending = deque(job for job in self._pending if not job.future.done())
