@@ -1,0 +1,206 @@
+"""`prodesc data prepare` on a catalog as big as LF-Amazon trn.json, against the notebook's pandas way.
+
+    python bench/data_prepare.py                                      # 2,248,619 lines, pandas on 200,000
+    python bench/data_prepare.py --lines 200000 --pandas-lines 50000  # quick look
+
+The corpus comes from `prodesc data synth` (seed 0, 100 malformed lines), made once into bench/.cache/
+(gitignored). prodesc runs end to end as a subprocess (`python -m prodesc.cli data prepare CORPUS --out DIR`):
+wall time, CPU user+sys of it and its workers, and peak RSS: of the largest process (getrusage) and of the
+whole process tree (sampled from /proc every 0.1 s). The notebook's way runs in a process of its own on the
+first --pandas-lines lines, written uncompressed beforehand (its timer excludes gunzip; prodesc's includes it):
+pd.read_json(lines=True), html.unescape + lowercase + re.sub("[^a-z0-9 ]", "") with .apply on title and
+content, drop empty contents, drop_duplicates; it writes nothing. Both are reported in seconds per million lines,
+pandas with its peak RSS on the prefix. Results go to bench/results/data_prepare.json; the table row for
+docs/PERFORMANCE.md is printed.
+The machine may be shared: the 1-minute load average before each run is recorded next to the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import html
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "bench" / ".cache"
+RESULTS = ROOT / "bench" / "results" / "data_prepare.json"
+LF_AMAZON_LINES = 2_248_619
+TARGETS = {"wall_s": 60.0, "peak_rss_gib": 2.0, "ratio": 10.0}  # on the 2-core dev box, full corpus
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lines", type=int, default=LF_AMAZON_LINES, help="Corpus size (lines).")
+    ap.add_argument("--pandas-lines", type=int, default=200_000, help="Prefix the pandas way is timed on.")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="Where to write the JSON results.")
+    ap.add_argument("--pandas-only", metavar="JSONL", help=argparse.SUPPRESS)  # internal: one pandas timing
+    args = ap.parse_args()
+    if args.pandas_only:
+        return pandas_only(args.pandas_only)
+
+    corpus, synth_s = ensure_corpus(args.lines)
+    prodesc = time_prodesc(corpus)
+    pandas = time_pandas(corpus, args.pandas_lines)
+    result = {
+        "lines": args.lines,
+        "wall_s": round(prodesc["wall_s"], 2),
+        "cpu_s": round(prodesc["cpu_s"], 2),
+        "peak_rss_gib": round(prodesc["peak_rss_gib"], 3),
+        "peak_tree_rss_gib": round(prodesc["peak_tree_rss_gib"], 3),
+        "pandas_lines": args.pandas_lines,
+        "pandas_s_per_mline": round(pandas["seconds"] / args.pandas_lines * 1e6, 1),
+        "pandas_peak_rss_gib": round(pandas["peak_rss_gib"], 3),
+        "prodesc_s_per_mline": round(prodesc["wall_s"] / args.lines * 1e6, 2),
+        "prodesc_cpu_s_per_mline": round(prodesc["cpu_s"] / args.lines * 1e6, 2),
+        "load_avg_before": prodesc["load_avg_before"],
+        "synth_s": synth_s,
+        "machine": f"{os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}",
+    }
+    result["ratio"] = round(result["pandas_s_per_mline"] / result["prodesc_s_per_mline"], 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    report(result)
+
+
+def ensure_corpus(lines: int) -> tuple[Path, float | None]:
+    """bench/.cache/synth_<lines>.json.gz, synthesized (and timed) only when missing."""
+    corpus = CACHE / f"synth_{lines}.json.gz"
+    if corpus.exists():
+        return corpus, None
+    CACHE.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    cmd = [sys.executable, "-m", "prodesc.cli", "data", "synth", "--n", str(lines), "--out", str(corpus)]
+    subprocess.run([*cmd, "--seed", "0", "--malformed", "100"], check=True)
+    return corpus, round(time.perf_counter() - started, 1)
+
+
+def time_prodesc(corpus: Path) -> dict:
+    """One end-to-end run in a fresh process; its getrusage(RUSAGE_CHILDREN) is this run's alone."""
+    probe = (
+        "import json, resource, subprocess, sys, time\n"
+        "t = time.perf_counter()\n"
+        "subprocess.run(sys.argv[1:], check=True, stdout=sys.stderr)\n"
+        "wall = time.perf_counter() - t\n"
+        "r = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+        "print(json.dumps({'wall_s': wall, 'cpu_s': r.ru_utime + r.ru_stime, 'maxrss_kib': r.ru_maxrss}))\n"
+    )
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        cmd = [sys.executable, "-m", "prodesc.cli", "data", "prepare", str(corpus), "--out", f"{tmp}/out"]
+        load = round(os.getloadavg()[0], 2)
+        proc = subprocess.Popen([sys.executable, "-c", probe, *cmd], stdout=subprocess.PIPE, text=True)
+        tree_peak = TreeRss(proc.pid)
+        out, _ = proc.communicate()
+        tree_peak.stop()
+        if proc.returncode:
+            sys.exit(f"prodesc data prepare failed (exit {proc.returncode})")
+        shutil.copy(f"{tmp}/out/stats.json", CACHE / "data_prepare_stats.json")
+    measured = json.loads(out)
+    return {
+        "wall_s": measured["wall_s"],
+        "cpu_s": measured["cpu_s"],
+        "peak_rss_gib": measured["maxrss_kib"] / 2**20,
+        "peak_tree_rss_gib": tree_peak.peak_kib / 2**20,
+        "load_avg_before": load,
+    }
+
+
+class TreeRss:
+    """Samples the summed VmRSS of a process and its descendants every 0.1 s (Linux /proc)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak_kib, self._stop = pid, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            self.peak_kib = max(self.peak_kib, sum(_rss_kib(p) for p in _descendants(self.pid)))
+
+
+def _descendants(pid: int) -> list[int]:
+    pids, i = [pid], 0
+    while i < len(pids):
+        try:
+            children = Path(f"/proc/{pids[i]}/task/{pids[i]}/children").read_text().split()
+        except OSError:
+            children = []
+        pids += [int(c) for c in children]
+        i += 1
+    return pids
+
+
+def _rss_kib(pid: int) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+    return int(match.group(1)) if match else 0
+
+
+def time_pandas(corpus: Path, lines: int) -> dict:
+    """The notebook's way on the first `lines` lines, in its own process (for its peak RSS), from JSON text on disk
+    to deduplicated clean columns."""
+    with gzip.open(corpus, "rb") as f, tempfile.NamedTemporaryFile("wb", suffix=".json", dir=CACHE) as prefix:
+        for i, line in enumerate(f):
+            if i == lines:
+                break
+            try:  # pandas aborts on the first malformed line; the notebook's input had none
+                if isinstance(json.loads(line), dict):
+                    prefix.write(line)
+            except ValueError:
+                pass
+        prefix.flush()
+        out = subprocess.run([sys.executable, __file__, "--pandas-only", prefix.name], check=True, capture_output=True)
+    return json.loads(out.stdout)
+
+
+def pandas_only(path: str) -> None:
+    import pandas as pd
+
+    not_alnum = re.compile("[^a-z0-9 ]")
+
+    def clean(text: str) -> str:
+        return not_alnum.sub("", html.unescape(text).lower())
+
+    started = time.perf_counter()
+    df = pd.read_json(path, lines=True)
+    df = df[df["content"].str.len() > 0][["uid", "title", "content"]]
+    df["title"] = df["title"].apply(clean)
+    df["content"] = df["content"].apply(clean)
+    df = df.drop_duplicates(subset=["title", "content"])
+    seconds = time.perf_counter() - started
+    print(json.dumps({"seconds": seconds, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+
+
+def report(r: dict) -> None:
+    print(json.dumps(r, indent=2))
+    print("\n| lines | wall s | CPU s | peak RSS GiB (largest / all processes) | s per M lines (CPU) "
+          "| pandas s per M lines | speed-up | pandas peak RSS GiB on its prefix |")  # fmt: skip
+    print(f"| {r['lines']:,} | {r['wall_s']} | {r['cpu_s']} | {r['peak_rss_gib']:.2f} / {r['peak_tree_rss_gib']:.2f} "
+          f"| {r['prodesc_s_per_mline']} ({r['prodesc_cpu_s_per_mline']}) | {r['pandas_s_per_mline']} | {r['ratio']}x "
+          f"| {r['pandas_peak_rss_gib']:.2f} on {r['pandas_lines']:,} lines |")  # fmt: skip
+    if r["lines"] == LF_AMAZON_LINES:
+        for key, target in TARGETS.items():
+            ok = r[key] >= target if key == "ratio" else r[key] <= target
+            print(f"target {key} {'>=' if key == 'ratio' else '<='} {target}: {'met' if ok else 'MISSED'} ({r[key]})")
+
+
+if __name__ == "__main__":
+    main()

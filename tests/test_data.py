@@ -1,0 +1,455 @@
+"""`prodesc data prepare` / `data synth`: cleaning, drops, leak-free splits, formats, atomicity, errors."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import zipfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from prodesc import data
+from prodesc.clean import clean_text, family_key, lossy_ascii_lower
+from prodesc.cli import app
+from prodesc.config import DataConfig
+from prodesc.errors import ProdescError
+
+JUDITH = "Judith Kerr\u2019s best\u2013selling adventures"
+
+
+def _jsonl(path: Path, records: list[dict | str]) -> Path:
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _rec(uid: str, title: str, content: str) -> dict:
+    return {"uid": uid, "title": title, "content": content, "target_ind": [1, 2], "target_rel": [1.0, 1.0]}
+
+
+def _rows(out: Path) -> list[dict]:
+    return [r for s in data.SPLITS for r in pq.read_table(out / f"{s}.parquet").to_pylist()]
+
+
+def _split_of(out: Path) -> dict[str, str]:
+    """uid -> split name."""
+    return {r["uid"]: s for s in data.SPLITS for r in pq.read_table(out / f"{s}.parquet").to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def synth_catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("synth") / "catalog.json.gz"
+    data.synth(4000, path, seed=1, malformed=4)
+    return path
+
+
+@pytest.fixture(scope="module")
+def synth_prepared(synth_catalog: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    data.prepare([synth_catalog], out, DataConfig(val_fraction=0.2, test_fraction=0.2))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ cleaning
+
+
+def test_clean_text_real_trn_line(shared_dir: Path) -> None:
+    line = (shared_dir / "data" / "trn_format_example.jsonl").read_text(encoding="utf-8").splitlines()[0]
+    content = clean_text(json.loads(line)["content"])
+    assert content.startswith(JUDITH)
+    assert "board books\u2014with" in content and "&" not in content
+
+
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [
+        ("Kerr&amp;#8217;s", "Kerr\u2019s"),  # double-escaped
+        ("Tips &amp;amp; Tricks", "Tips & Tricks"),
+        ("&quot;Hi&quot; &mdash; &eacute;t&eacute; &#x2019; &#146;", '"Hi" \u2014 \u00e9t\u00e9 \u2019 \u2019'),
+        ("AT&T and R&D", "AT&T and R&D"),
+    ],
+)
+def test_clean_text_decodes_entities(raw: str, clean: str) -> None:
+    assert clean_text(raw) == clean
+
+
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [
+        ("line<br>break<br/>again<BR />end", "line break again end"),
+        ("<p>One</p><p>Two</p>", "One Two"),
+        ("<b>Bold</b> and <i>it</i>alic <a href='x'>link</a>", "Bold and italic link"),
+        ("a < b and c > d, I <3 it", "a < b and c > d, I <3 it"),
+        ("&lt;br&gt;escaped tag", "escaped tag"),
+    ],
+)
+def test_clean_text_removes_tags(raw: str, clean: str) -> None:
+    assert clean_text(raw) == clean
+
+
+def test_clean_text_keeps_case_punctuation_accents_and_dashes() -> None:
+    text = "Crème Brûlée – “Best” — it’s 100% GREAT!"
+    assert clean_text(text) == text
+
+
+def test_clean_text_nfkc_controls_and_whitespace() -> None:
+    assert clean_text("\ufb01ne\u00a0print\u2003x") == "fine print x"  # NFKC: ligature, odd spaces
+    assert clean_text("  a\x00b\t\tc\n\nd\x7f  ") == "a b c d"
+    assert clean_text("soft\u00adhyphen zero\u200bwidth \ud800lone") == "softhyphen zerowidth lone"
+
+
+def test_lossy_ascii_lower_is_the_notebooks() -> None:
+    assert lossy_ascii_lower(clean_text("Kerr&#8217;s Crème – 2 Books!")) == "kerrs crme 2 books"
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("Girls Ballet Tutu Neon Pink", "Girls Ballet Tutu Neon Blue"),
+        ("Harry Potter Vol. 1", "Harry Potter, Volume 2"),
+        ("The Saga Part 3", "The Saga (Book 4)"),
+        ("The Very Bad Bunny (Beginner Series)", "The Very Bad Bunny"),
+        ("Worship with Don Moen [VHS]", "Worship with Don Moen [DVD]"),
+        ("Carhartt T-Shirt, Black, XL", "Carhartt T-Shirt - Small"),
+        ("Coffee Beans 12 oz", "Coffee Beans, 3-Pack"),
+        ("Coffee Beans (Pack of 6)", "Coffee Beans 500ml"),
+        ("On Happiness, U.S. Edition", "On Happiness, 2nd Edition"),
+        ("Crème Brûlée #5", "Creme Brulee 6"),
+    ],
+)
+def test_family_key_groups_variants(a: str, b: str) -> None:
+    assert family_key(a) == family_key(b)
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [("The Prophet", "The Hobbit"), ("Mog's Kittens", "Mog's Puppies"), ("Red Rising", "Dark Rising Sun")],
+)
+def test_family_key_keeps_different_products_apart(a: str, b: str) -> None:
+    assert family_key(a) != family_key(b)
+
+
+def test_family_key_falls_back_to_the_title() -> None:
+    assert family_key("Red") == "red"
+    assert family_key("The Queen") == "the queen"
+
+
+# ----------------------------------------------------------------------------------- the notebook's defects
+
+
+def test_prepare_keeps_uid_leading_zeros(tmp_path: Path) -> None:
+    src = _jsonl(tmp_path / "trn.json", [_rec("0000031909", "A", "x"), _rec("000100039X", "B", "y")])
+    data.prepare([src], tmp_path / "out", DataConfig(val_fraction=0, test_fraction=0))
+    table = pq.read_table(tmp_path / "out" / "train.parquet")
+    assert table.schema.field("uid").type == pa.string()
+    assert table.column("uid").to_pylist() == ["0000031909", "000100039X"]
+
+
+def test_dedupe_result_is_used(tmp_path: Path) -> None:
+    records = [
+        _rec("1", "Mog's Kittens", "A cat."),
+        _rec("2", "Mog's Kittens", "A cat."),  # exact duplicate
+        _rec("3", "MOG'S  kittens", "Another text."),  # same title, case/space-insensitive
+        _rec("4", "Other", "A &amp; B"),
+        _rec("5", "Other", "A & B"),  # duplicate once cleaned
+    ]
+    stats = data.prepare([_jsonl(tmp_path / "trn.json", records)], tmp_path / "out", DataConfig())
+    rows = _rows(tmp_path / "out")
+    assert sorted(r["uid"] for r in rows) == ["1", "4"]
+    assert stats["dropped"]["duplicate_record"] == 2 and stats["dropped"]["duplicate_title"] == 1
+    assert stats["kept"] == 2 == sum(s["records"] for s in stats["splits"].values())
+
+
+def test_html_entities_decoded_not_destroyed(tmp_path: Path) -> None:
+    src = _jsonl(tmp_path / "trn.json", [_rec("1", "Mog&#8217;s Kittens", "Kerr&#8217;s best&#8211;selling")])
+    data.prepare([src], tmp_path / "out", DataConfig(val_fraction=0, test_fraction=0))
+    [row] = _rows(tmp_path / "out")
+    assert row["title"] == "Mog\u2019s Kittens" and row["content"] == "Kerr\u2019s best\u2013selling"
+
+
+def test_lossy_ascii_lower_option(tmp_path: Path) -> None:
+    src = _jsonl(tmp_path / "trn.json", [_rec("1", "Mog&#8217;s Kittens", "Kerr&#8217;s BEST")])
+    data.prepare([src], tmp_path / "out", DataConfig(lossy_ascii_lower=True, val_fraction=0, test_fraction=0))
+    [row] = _rows(tmp_path / "out")
+    assert (row["title"], row["content"]) == ("mogs kittens", "kerrs best")
+
+
+def test_no_family_in_two_splits(synth_prepared: Path) -> None:
+    rows = [(s, r) for s in data.SPLITS for r in pq.read_table(synth_prepared / f"{s}.parquet").to_pylist()]
+    by_key: dict[str, set] = {}
+    by_content: dict[str, set] = {}
+    by_family: dict[str, set] = {}
+    for split, r in rows:
+        by_key.setdefault(family_key(r["title"]), set()).add(split)
+        by_content.setdefault(r["content"], set()).add(split)
+        by_family.setdefault(r["family"], set()).add(split)
+    assert all(len(s) == 1 for s in [*by_key.values(), *by_content.values(), *by_family.values()])
+    assert {s for s, _ in rows} == set(data.SPLITS)  # 20%/20%: every split has records
+
+
+def test_no_family_in_two_splits_real_sample(shared_dir: Path, tmp_path: Path) -> None:
+    src = shared_dir / "data" / "lf_amazon_first400.json"
+    for salt in ("a", "b", "c", "d"):  # several splits: the tutus are together in each
+        out = tmp_path / salt
+        data.prepare([src], out, DataConfig(val_fraction=0.3, test_fraction=0.3, split_salt=salt))
+        where = {
+            r["title"]: (s, r["family"]) for s in data.SPLITS for r in pq.read_table(out / f"{s}.parquet").to_pylist()
+        }
+        assert where["Girls Ballet Tutu Neon Pink"] == where["Girls Ballet Tutu Neon Blue"]
+
+
+def test_series_blurb_joins_a_family(tmp_path: Path) -> None:
+    blurb = "Part of the bestselling Moon series."
+    records = [_rec("1", "Alpha Quest", blurb), _rec("2", "Beta Journey", blurb), _rec("3", "Beta Journey 2", "x")]
+    data.prepare([_jsonl(tmp_path / "t.jsonl", records)], tmp_path / "out", DataConfig())
+    families = {r["uid"]: r["family"] for r in _rows(tmp_path / "out")}
+    assert families == {"1": "alpha quest", "2": "alpha quest", "3": "alpha quest"}  # transitive, first key
+
+
+# ------------------------------------------------------------------------------ outputs, determinism, atomic
+
+
+def test_prepare_outputs_and_stats(synth_prepared: Path) -> None:
+    assert sorted(p.name for p in synth_prepared.iterdir()) == [
+        "config.resolved.yaml", "stats.json", "test.parquet", "train.parquet", "val.parquet",
+    ]  # fmt: skip
+    schema = pq.read_schema(synth_prepared / "train.parquet")
+    assert schema.names == ["uid", "title", "content", "family"] and set(schema.types) == {pa.string()}
+    stats = json.loads((synth_prepared / "stats.json").read_text())
+    assert stats["records_read"] == 4000 and stats["malformed"]["count"] == 4
+    assert len(stats["malformed"]["first"]) == 4 and "catalog.json.gz:" in stats["malformed"]["first"][0]
+    assert stats["kept"] + sum(stats["dropped"].values()) == stats["records_read"]
+    assert stats["dropped"]["empty_content"] > 1000 and stats["dropped"]["duplicate_title"] > 0
+    assert set(stats["lengths"]["content_chars"]) == {"p5", "p50", "p95", "max"}
+    assert stats["inputs"][0]["name"] == "catalog.json.gz" and stats["config"]["val_fraction"] == 0.2
+    text = (synth_prepared / "train.parquet").read_bytes()
+    assert b"&#8217;" not in text  # pyarrow compresses; the real check is on rows below
+    assert not any("&#" in r["content"] or "<br" in r["content"] for r in _rows(synth_prepared))
+
+
+def test_prepare_is_deterministic(synth_catalog: Path, synth_prepared: Path, tmp_path: Path) -> None:
+    data.prepare([synth_catalog], tmp_path / "again", DataConfig(val_fraction=0.2, test_fraction=0.2))
+    for f in synth_prepared.iterdir():
+        assert (tmp_path / "again" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_prepare_in_worker_processes_gives_the_same_bytes(
+    synth_catalog: Path, synth_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(data, "_PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(data, "_BLOCK_BYTES", 64 << 10)  # many chunks, row groups still fixed
+    monkeypatch.setattr(data, "_worker_count", lambda total: 2)
+    data.prepare([synth_catalog], tmp_path / "par", DataConfig(val_fraction=0.2, test_fraction=0.2))
+    for f in synth_prepared.iterdir():
+        assert (tmp_path / "par" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_failed_write_leaves_no_output_and_no_temp_dir(
+    synth_catalog: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom(self: object, *args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", boom)
+    with pytest.raises(OSError, match="disk full"):
+        data.prepare([synth_catalog], tmp_path / "out", DataConfig())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_out_is_refused_unless_overwrite(tmp_path: Path) -> None:
+    src = _jsonl(tmp_path / "trn.json", [_rec("1", "A", "x")])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(ProdescError, match="--overwrite"):
+        data.prepare([src], out, DataConfig())
+    assert (out / "old.txt").exists()
+    data.prepare([src], out, DataConfig(), overwrite=True)
+    assert not (out / "old.txt").exists() and (out / "train.parquet").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "trn.json"]
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def _broken(tmp_path: Path) -> Path:
+    path = tmp_path / "trn.json"
+    good = json.dumps(_rec("1", "A", "x")).encode()
+    path.write_bytes(b"\n".join([good, b'{"uid": "2", "title": ', b'{"uid": "3", "title": "\xff"}', b"[1]", b""]))
+    return path
+
+
+def test_malformed_lines_are_skipped_and_counted(tmp_path: Path) -> None:
+    src = _broken(tmp_path)
+    stats = data.prepare([src], tmp_path / "out", DataConfig())
+    assert stats["kept"] == 1 and stats["dropped"]["malformed"] == 3
+    assert stats["malformed"]["first"] == [f"{src}:2", f"{src}:3", f"{src}:4"]
+
+
+def test_strict_fails_naming_file_and_line(tmp_path: Path) -> None:
+    src = _broken(tmp_path)
+    with pytest.raises(ProdescError, match=rf"{src}:2: malformed"):
+        data.prepare([src], tmp_path / "out", DataConfig(strict=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trn.json"]
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ProdescError, match="nope.json not found"):
+        data.prepare(
+            [_jsonl(tmp_path / "a.json", [_rec("1", "A", "x")]), tmp_path / "nope.json"], tmp_path / "o", DataConfig()
+        )
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_extension_lists_known_ones(tmp_path: Path) -> None:
+    (tmp_path / "cat.xlsx").write_text("x")
+    with pytest.raises(ProdescError, match=r"unknown format.*\.jsonl.*\.parquet"):
+        data.prepare([tmp_path / "cat.xlsx"], tmp_path / "o", DataConfig())
+
+
+def test_wrong_field_lists_existing_fields(tmp_path: Path) -> None:
+    src = _jsonl(tmp_path / "trn.json", [_rec("1", "A", "x")])
+    with pytest.raises(ProdescError, match=r"--title-field 'name' .*fields: uid, title, content"):
+        data.prepare([src], tmp_path / "o", DataConfig(title_field="name"))
+
+
+def test_zero_records_left(tmp_path: Path) -> None:
+    src = _jsonl(tmp_path / "trn.json", [_rec("1", "A", ""), _rec("2", "B", "short")])
+    with pytest.raises(ProdescError, match="no records left.*min-content-chars"):
+        data.prepare([src], tmp_path / "o", DataConfig(min_content_chars=100))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trn.json"]
+
+
+# ---------------------------------------------------------------------------------------------- formats
+
+
+def test_gz_and_zip_inputs(tmp_path: Path) -> None:
+    lines = (json.dumps(_rec("0000031909", "Mog", "Kerr&#8217;s")) + "\n").encode()
+    gz = tmp_path / "trn.json.gz"
+    gz.write_bytes(gzip.compress(lines))
+    archive = tmp_path / "Amazon-Titles-1.3MM.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("LF-Amazon-1.3M/trn.json.gz", gzip.compress(lines))
+        zf.writestr("LF-Amazon-1.3M/tst.json.gz", gzip.compress(b"{}\n"))
+    for src in (gz, archive):
+        out = tmp_path / f"out-{src.name}"
+        stats = data.prepare([src], out, DataConfig(val_fraction=0, test_fraction=0))
+        assert [(r["uid"], r["content"]) for r in _rows(out)] == [("0000031909", "Kerr\u2019s")]
+    assert stats["inputs"][0]["name"] == "Amazon-Titles-1.3MM.zip:LF-Amazon-1.3M/trn.json.gz"
+
+
+def test_csv_input_keeps_string_ids_and_maps_fields(tmp_path: Path) -> None:
+    src = tmp_path / "cat.csv"
+    with src.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["asin", "product", "blurb"])
+        w.writerow(["000100039X", "Mog", "A cat,\nwith a newline &amp; more"])
+        w.writerow(["0000031909", "Tutu", "x" * 200_000])  # longer than csv's default field limit
+    cfg = DataConfig(title_field="product", content_field="blurb", val_fraction=0, test_fraction=0)
+    data.prepare([src], tmp_path / "out", cfg)
+    assert [(r["uid"], r["content"][:20]) for r in _rows(tmp_path / "out")] == [
+        ("000100039X", "A cat, with a newlin"),
+        ("0000031909", "x" * 20),
+    ]
+
+
+def test_json_array_input_with_auto_fields(shared_dir: Path, tmp_path: Path) -> None:
+    stats = data.prepare([shared_dir / "data" / "lf_amazon_first400.json"], tmp_path / "out", DataConfig())
+    assert stats["records_read"] == 400 and stats["kept"] > 300
+    rows = {r["title"]: r for r in _rows(tmp_path / "out")}
+    assert rows["Mog's Kittens"]["content"].startswith(JUDITH)
+    assert rows["Girls Ballet Tutu Neon Pink"]["uid"] == "lf_amazon_first400-000000001"
+
+
+def test_json_array_streams_large_elements(tmp_path: Path) -> None:
+    big = "word " * 600_000  # 3 MB: bigger than the 1 MiB read buffer
+    items = [{"instruction": "Big", "output": big}, {"instruction": "Small", "output": "tiny", "input": ""}]
+    src = tmp_path / "cat.json"
+    src.write_text(json.dumps(items, indent=1), encoding="utf-8")
+    data.prepare([src], tmp_path / "out", DataConfig(val_fraction=0, test_fraction=0))
+    assert [(r["uid"], len(r["content"])) for r in _rows(tmp_path / "out")] == [
+        ("cat-000000001", len(big.strip())),
+        ("cat-000000002", 4),
+    ]
+
+
+def test_parquet_input_with_int_ids(tmp_path: Path) -> None:
+    src = tmp_path / "cat.parquet"
+    pq.write_table(pa.table({"id": [7, 8], "name": ["A", "B"], "description": ["x", None]}), src)
+    stats = data.prepare([src], tmp_path / "out", DataConfig(val_fraction=0, test_fraction=0))
+    assert [r["uid"] for r in _rows(tmp_path / "out")] == ["7"] and stats["dropped"]["empty_content"] == 1
+
+
+# ------------------------------------------------------------------------------------------------ synth
+
+
+def test_synth_is_deterministic_and_in_trn_format(synth_catalog: Path, tmp_path: Path) -> None:
+    again = data.synth(4000, tmp_path / "again.json.gz", seed=1, malformed=4)
+    assert again.read_bytes() == synth_catalog.read_bytes()
+    assert data.synth(4000, tmp_path / "other.json.gz", seed=2).read_bytes() != synth_catalog.read_bytes()
+    good = []
+    for line in gzip.decompress(synth_catalog.read_bytes()).splitlines():
+        try:
+            good.append(json.loads(line))
+        except ValueError:
+            continue
+    assert len(good) >= 3996 - 2  # a malformed "[1, 2, 3]" still parses, as a list
+    records = [g for g in good if isinstance(g, dict)]
+    assert all(list(r) == ["uid", "title", "content", "target_ind", "target_rel"] for r in records)
+    assert all(isinstance(r["uid"], str) and len(r["uid"]) == 10 for r in records)
+    assert any(r["uid"].startswith("000") for r in records)
+    raw = gzip.decompress(synth_catalog.read_bytes())
+    for marker in (b"&#8217;", b"&amp;", b"&quot;", b"&amp;#8217;", b"<br>"):
+        assert marker in raw, marker
+
+
+def test_synth_plain_json_and_bad_arguments(tmp_path: Path) -> None:
+    out = data.synth(10, tmp_path / "cat.json", seed=0, malformed=10)
+    assert len(out.read_bytes().splitlines()) == 10
+    with pytest.raises(ProdescError, match="--malformed"):
+        data.synth(5, tmp_path / "x.json", malformed=6)
+    with pytest.raises(ProdescError, match=r"\.json\.gz"):
+        data.synth(5, tmp_path / "x.csv")
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_synth_then_prepare(tmp_path: Path) -> None:
+    runner = CliRunner()
+    cat = tmp_path / "cat.json.gz"
+    result = runner.invoke(app, ["data", "synth", "--n", "300", "--out", str(cat), "--malformed", "2"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["data", "prepare", str(cat), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "kept" in result.output and "malformed" in result.output
+    result = runner.invoke(app, ["data", "prepare", str(cat), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "--overwrite" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["missing.json"], "not found"),
+        (["cat.txt"], "unknown format"),
+        (["cat.jsonl", "--title-field", "nope"], "--title-field 'nope'"),
+        (["cat.jsonl", "--min-content-chars", "1000"], "no records left"),
+        (["bad.jsonl", "--strict"], "bad.jsonl:2: malformed"),
+    ],
+)
+def test_cli_errors_exit_1_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list, message: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    _jsonl(tmp_path / "cat.jsonl", [_rec("1", "A", "x")])
+    (tmp_path / "cat.txt").write_text("x")
+    _jsonl(tmp_path / "bad.jsonl", [_rec("1", "A", "x"), "{nope"])
+    result = CliRunner().invoke(app, ["data", "prepare", *args, "--out", "out"])
+    assert result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
