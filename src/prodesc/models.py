@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from prodesc import dist
 from prodesc.config import ModelConfig
 from prodesc.errors import ProdescError
 
@@ -70,8 +71,14 @@ def load(cfg: ModelConfig, path: str | None = None, for_training: bool = False) 
         kwargs["attn_implementation"] = cfg.attn_implementation
     if quant == "nf4":
         kwargs["quantization_config"] = _nf4_config()
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
-    elif torch.cuda.is_available():
+        if dist.fsdp_enabled() and kwargs["dtype"] != torch.bfloat16:
+            raise ProdescError(
+                "FSDP-QLoRA shards the nf4 weights as bf16 storage, so the other weights must be bf16 too: "
+                "set model.dtype=bfloat16"
+            )
+    if torch.cuda.is_available() and not dist.fsdp_enabled():
+        # a whole copy on this rank's GPU (the launcher's PartialState pinned cuda.current_device to the local
+        # rank). Under FSDP no device_map: rank 0 loads, FSDP shards and places; bitsandbytes puts nf4 on the GPU.
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
         model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
