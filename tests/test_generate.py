@@ -91,3 +91,10 @@ def test_bad_jsonl_input_names_file_and_line(tiny_run, tmp_path):
     f.write_text('{"title": "a"}\nnot json\n')
     with pytest.raises(ProdescError, match=r"t.jsonl:2"):
         generate_cli([], tiny_run, None, None, f, None, "test", None, None, None, [])
+
+
+def test_stop_boost_ends_runaway_answers(gen):
+    free = gen.describe(["Mog's Kittens"], GenerateConfig(max_new_tokens=200))[0]
+    boosted = gen.describe(["Mog's Kittens"], GenerateConfig(max_new_tokens=200, stop_boost_after=20))[0]
+    assert not free["stopped_by_eos"] and free["n_tokens"] == 200  # the tiny model never stops by itself
+    assert boosted["stopped_by_eos"] and boosted["n_tokens"] < 200

@@ -146,6 +146,10 @@ class GenerateConfig(_Stage):
         1.0, ge=1, description="Penalty on repeated tokens; special tokens exempt."
     )
     no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid repeating n-grams of this size (0 = off).")
+    stop_boost_after: int = Field(
+        0, ge=0, description="After N new tokens, raise EOS's score exponentially (x1.05 a token) so runaway "
+        "answers end; 0 = off. Maps to transformers' exponential_decay_length_penalty."
+    )
     batch_size: int = Field(16, ge=1, description="Titles per generation call.")
 
 

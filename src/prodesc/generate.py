@@ -143,6 +143,8 @@ class Generator:
             kw.update(temperature=gen.temperature, top_p=gen.top_p)
         if gen.no_repeat_ngram_size:
             kw["no_repeat_ngram_size"] = gen.no_repeat_ngram_size
+        if gen.stop_boost_after:
+            kw["exponential_decay_length_penalty"] = (gen.stop_boost_after, 1.05)
         if gen.repetition_penalty != 1.0:
             from prodesc.logits import AnswerRepetitionPenalty
 
