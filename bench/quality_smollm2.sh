@@ -9,6 +9,19 @@ $P data prepare ../shared/data/lf_amazon_first400.json --out "$W/data" --test-fr
 # run A: the preset (r=16 all-linear, lr 2e-4, 2 epochs), padding-free packs of 2 x 1024 tokens
 $P train --config configs/smollm2-135m.yaml --data "$W/data" --out "$W/runA" --overwrite \
   --set train.packing=true --set train.max_length=1024 --set train.batch_size=2 \
-  --set train.eval_steps=10 --set train.save_steps=10
+  --set train.eval_steps=10 --set train.save_steps=10 --set train.gradient_checkpointing=true
+# greedy decoding (the loops), then the preset's tuned decoding
 $P eval --run "$W/runA" --data "$W/data" --out "$W/repA" --overwrite \
-  --set generate.max_new_tokens=512 --set generate.batch_size=16
+  --set generate.max_new_tokens=512 --set generate.batch_size=16 \
+  --set generate.no_repeat_ngram_size=0 --set generate.repetition_penalty=1.0 --set generate.stop_boost_after=0
+$P eval --run "$W/runA" --data "$W/data" --out "$W/repA_dec" --overwrite \
+  --set generate.max_new_tokens=512 --set generate.batch_size=16 \
+  --set generate.no_repeat_ngram_size=4 --set generate.repetition_penalty=1.1 --set generate.stop_boost_after=320
+# run B: learning rate 5e-4, otherwise the same
+$P train --config configs/smollm2-135m.yaml --data "$W/data" --out "$W/runB" --overwrite \
+  --set train.packing=true --set train.max_length=1024 --set train.batch_size=2 \
+  --set train.eval_steps=10 --set train.save_steps=10 --set train.gradient_checkpointing=true \
+  --set train.learning_rate=5e-4
+$P eval --run "$W/runB" --data "$W/data" --out "$W/repB_dec" --overwrite --systems finetuned \
+  --set generate.max_new_tokens=512 --set generate.batch_size=16 \
+  --set generate.no_repeat_ngram_size=4 --set generate.repetition_penalty=1.1 --set generate.stop_boost_after=320
