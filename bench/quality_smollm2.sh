@@ -25,3 +25,6 @@ $P train --config configs/smollm2-135m.yaml --data "$W/data" --out "$W/runB" --o
 $P eval --run "$W/runB" --data "$W/data" --out "$W/repB_dec" --overwrite --systems finetuned \
   --set generate.max_new_tokens=512 --set generate.batch_size=16 \
   --set generate.no_repeat_ngram_size=4 --set generate.repetition_penalty=1.1 --set generate.stop_boost_after=320
+cp "$W/repA_dec/predictions/finetuned.jsonl" "$W/runA.jsonl"; cp "$W/repB_dec/predictions/finetuned.jsonl" "$W/runB.jsonl"
+cp "$W/repA_dec/predictions/retrieval.jsonl" "$W/retrieval.jsonl"
+$P eval --predictions "$W/runB.jsonl" "$W/runA.jsonl" "$W/retrieval.jsonl" --out "$W/repBA" --overwrite

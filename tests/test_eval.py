@@ -69,3 +69,30 @@ def test_retrieval_returns_the_nearest_training_description():
         train_rows, ["Girls Ballet Tutu Neon Blue", "12 inch cast-iron pan"], "embedded:all-minilm-l6-v2"
     )
     assert [r["prediction"] for r in recs] == ["tutu text", "skillet text"]
+
+
+def test_cli_scores_prediction_files_given_after_the_flag(tmp_path):
+    recs = [{"title": f"t{i}", "prediction": f"a red bag number {i}", "reference": f"a red bag {i}"} for i in range(5)]
+    for name in ("mine", "theirs"):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    out = tmp_path / "rep"
+    res = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--predictions",
+            str(tmp_path / "mine.jsonl"),
+            str(tmp_path / "theirs.jsonl"),
+            "--set",
+            "eval.bootstrap_samples=100",
+            "--out",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert set(json.loads((out / "metrics.json").read_text())) == {"mine", "theirs"}
+
+
+def test_cli_files_without_the_flag_are_refused(tmp_path):
+    res = CliRunner().invoke(app, ["eval", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 1 and "--predictions" in res.output

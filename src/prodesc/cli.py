@@ -25,18 +25,12 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
-data_app = typer.Typer(
-    help="Read, clean and split catalogs; synthesize a demo catalog.", no_args_is_help=True
-)
+data_app = typer.Typer(help="Read, clean and split catalogs; synthesize a demo catalog.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 _state = {"debug": False}
 
-Sets = Annotated[
-    list[str] | None, typer.Option("--set", help="Override a config key: key.sub=value (repeat).")
-]
-ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="YAML config or preset (configs/*.yaml).")
-]
+Sets = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: key.sub=value (repeat).")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config or preset (configs/*.yaml).")]
 
 
 def _run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -65,9 +59,7 @@ def data_prepare(
     inputs: Annotated[
         list[Path], typer.Argument(help="trn.json / .gz / Amazon-Titles-1.3MM.zip / JSON / CSV / Parquet.")
     ],
-    out: Annotated[
-        Path, typer.Option("--out", "-o", help="Output directory (train/val/test.parquet, stats.json).")
-    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (train/val/test.parquet, stats.json).")],
     title_field: Annotated[str | None, typer.Option(help="Title column (auto: title, instruction).")] = None,
     content_field: Annotated[str | None, typer.Option(help="Content column (auto: content, output).")] = None,
     id_field: Annotated[str | None, typer.Option(help="Id column (auto: uid, id).")] = None,
@@ -106,9 +98,7 @@ def data_prepare(
 @data_app.command("synth")
 def data_synth(
     n: Annotated[int, typer.Option("--n", help="Number of JSON lines.")] = 2000,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output file (.json, .json.gz).")] = Path(
-        "catalog.json.gz"
-    ),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output file (.json, .json.gz).")] = Path("catalog.json.gz"),
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
     malformed: Annotated[int, typer.Option(help="Number of malformed lines to mix in.")] = 0,
 ) -> None:
@@ -126,9 +116,7 @@ def train(
     set_: Sets = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in --out.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
-    trust_remote_code: Annotated[
-        bool, typer.Option(help="Allow code shipped with a Hub model to run.")
-    ] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow code shipped with a Hub model to run.")] = False,
 ) -> None:
     """Fine-tune a LoRA / QLoRA adapter with TRL's SFTTrainer on the prepared data."""
     from prodesc import train as trainmod
@@ -152,19 +140,11 @@ def export(
 
 @app.command("generate")
 def generate(
-    titles: Annotated[
-        list[str] | None, typer.Argument(help="Titles to describe (printed to the terminal).")
-    ] = None,
-    run: Annotated[
-        Path | None, typer.Option(help="Run directory: base model + adapter from its manifest.")
-    ] = None,
-    model: Annotated[
-        str | None, typer.Option(help="Model (Hub id, dir, embedded:smollm2-135m) without a run.")
-    ] = None,
+    titles: Annotated[list[str] | None, typer.Argument(help="Titles to describe (printed to the terminal).")] = None,
+    run: Annotated[Path | None, typer.Option(help="Run directory: base model + adapter from its manifest.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model (Hub id, dir, embedded:smollm2-135m) without a run.")] = None,
     adapter: Annotated[Path | None, typer.Option(help="PEFT adapter dir to apply on --model.")] = None,
-    input: Annotated[
-        Path | None, typer.Option("--input", "-i", help="File of titles: .txt lines or JSONL.")
-    ] = None,
+    input: Annotated[Path | None, typer.Option("--input", "-i", help="File of titles: .txt lines or JSONL.")] = None,
     data: Annotated[Path | None, typer.Option(help="Prepared data dir (with --split).")] = None,
     split: Annotated[str, typer.Option(help="Split of --data to describe.")] = "test",
     limit: Annotated[int | None, typer.Option(help="At most N items.")] = None,
@@ -208,16 +188,17 @@ def generate(
 
 @app.command("eval")
 def evaluate(
-    out: Annotated[
-        Path, typer.Option("--out", "-o", help="Report directory (metrics.json, report.html...).")
-    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report directory (metrics.json, report.html...).")],
+    files: Annotated[
+        list[Path] | None, typer.Argument(help="With --predictions: prediction JSONL files (system = file stem).")
+    ] = None,
     run: Annotated[Path | None, typer.Option(help="Run directory to evaluate.")] = None,
     data: Annotated[Path | None, typer.Option(help="Prepared data dir (needs --run).")] = None,
     split: Annotated[str, typer.Option(help="Split to score.")] = "test",
     limit: Annotated[int | None, typer.Option(help="Score the first N items.")] = None,
     predictions: Annotated[
-        list[Path] | None, typer.Option(help="Score existing prediction JSONL files instead (repeat).")
-    ] = None,
+        bool, typer.Option("--predictions", help="Score the prediction JSONL FILES instead of a run.")
+    ] = False,
     systems: Annotated[str | None, typer.Option(help="Comma list of finetuned,base,retrieval.")] = None,
     allow_overlap: Annotated[bool, typer.Option(help="Score even if test families were trained on.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out directory.")] = False,
@@ -227,6 +208,8 @@ def evaluate(
     """Score fine-tuned vs base vs retrieval on held-out items, with bootstrap intervals and an HTML report."""
     from prodesc import eval as evalmod
 
+    if bool(files) != predictions:
+        _run(_fail, "prediction files go with --predictions: prodesc eval --predictions A.jsonl B.jsonl --out DIR")
     overrides = list(set_ or [])
     if limit is not None:
         overrides.append(f"eval.limit={limit}")
@@ -238,7 +221,7 @@ def evaluate(
         run=run,
         data=data,
         split=split,
-        predictions=predictions or [],
+        predictions=files or [],
         allow_overlap=allow_overlap,
         overwrite=overwrite,
         config=config,
@@ -267,6 +250,10 @@ def serve(
     if port:
         overrides.append(f"serve.port={port}")
     _run(servemod.serve_cli, run=run, model=model, api_key=api_key, config=config, overrides=overrides)
+
+
+def _fail(message: str) -> None:
+    raise ProdescError(message)
 
 
 def _yaml(v: Any) -> str:
