@@ -30,7 +30,9 @@ def test_records_have_the_documented_fields(gen):
 
 def test_base_answers_differ_from_finetuned(gen):
     cfg = GenerateConfig(max_new_tokens=10)
-    assert gen.describe(["Mog's Kittens"], cfg)[0] != gen.describe(["Mog's Kittens"], cfg, adapter=False)[0]
+    tuned = gen.describe(["Mog's Kittens"], cfg)[0]["prediction"]
+    assert tuned != gen.describe(["Mog's Kittens"], cfg, adapter=False)[0]["prediction"]
+    assert tuned == gen.describe(["Mog's Kittens"], cfg)[0]["prediction"]  # the switch is undone afterwards
 
 
 def test_repetition_penalty_spares_special_tokens_and_prompt(gen):
