@@ -7,11 +7,13 @@ The corpus comes from `prodesc data synth` (seed 0, 100 malformed lines), made o
 (gitignored). prodesc runs end to end as a subprocess (`python -m prodesc.cli data prepare CORPUS --out DIR`):
 wall time, CPU user+sys of it and its workers, and peak RSS: of the largest process (getrusage) and of the
 whole process tree (sampled from /proc every 0.1 s). The notebook's way runs in a process of its own on the
-first --pandas-lines lines, written uncompressed beforehand (its timer excludes gunzip; prodesc's includes it):
-pd.read_json(lines=True), html.unescape + lowercase + re.sub("[^a-z0-9 ]", "") with .apply on title and
-content, drop empty contents, drop_duplicates; it writes nothing. Both are reported in seconds per million lines,
-pandas with its peak RSS on the prefix. Results go to bench/results/data_prepare.json; the table row for
-docs/PERFORMANCE.md is printed.
+first --pandas-lines lines, copied into a .json.gz of their own (the same format as prodesc's input; malformed
+lines left out, as pandas aborts on them): pd.read_json(lines=True) on it, then the same cleaning as prodesc
+(`prodesc.clean.clean_text`) with .apply on title and content, drop empty titles/contents, drop_duplicates; it
+writes nothing. That is `pandas_s_per_mline`, the ratio's reference. The notebook's own cleaning (html.unescape
++ lowercase + re.sub("[^a-z0-9 ]", "")) is timed too, as `pandas_notebook_s_per_mline`. All are reported in
+seconds per million lines, pandas with its peak RSS on the prefix. Results go to bench/results/data_prepare.json;
+the table row for docs/PERFORMANCE.md is printed.
 The machine may be shared: the 1-minute load average before each run is recorded next to the numbers.
 """
 
@@ -31,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +64,7 @@ def main() -> None:
         "peak_tree_rss_gib": round(prodesc["peak_tree_rss_gib"], 3),
         "pandas_lines": args.pandas_lines,
         "pandas_s_per_mline": round(pandas["seconds"] / args.pandas_lines * 1e6, 1),
+        "pandas_notebook_s_per_mline": round(pandas["notebook_seconds"] / args.pandas_lines * 1e6, 1),
         "pandas_peak_rss_gib": round(pandas["peak_rss_gib"], 3),
         "prodesc_s_per_mline": round(prodesc["wall_s"] / args.lines * 1e6, 2),
         "prodesc_cpu_s_per_mline": round(prodesc["cpu_s"] / args.lines * 1e6, 2),
@@ -155,46 +159,58 @@ def _rss_kib(pid: int) -> int:
 
 
 def time_pandas(corpus: Path, lines: int) -> dict:
-    """The notebook's way on the first `lines` lines, in its own process (for its peak RSS), from JSON text on disk
-    to deduplicated clean columns."""
-    with gzip.open(corpus, "rb") as f, tempfile.NamedTemporaryFile("wb", suffix=".json", dir=CACHE) as prefix:
+    """The notebook's way on the first `lines` lines, in its own process (for its peak RSS), from the gzipped JSON
+    lines on disk to deduplicated clean columns."""
+    with (
+        gzip.open(corpus, "rb") as f,
+        tempfile.NamedTemporaryFile(suffix=".json.gz", dir=CACHE) as prefix,
+        gzip.open(prefix.name, "wb") as out,
+    ):
         for i, line in enumerate(f):
             if i == lines:
                 break
             try:  # pandas aborts on the first malformed line; the notebook's input had none
                 if isinstance(json.loads(line), dict):
-                    prefix.write(line)
+                    out.write(line)
             except ValueError:
                 pass
-        prefix.flush()
-        out = subprocess.run([sys.executable, __file__, "--pandas-only", prefix.name], check=True, capture_output=True)
-    return json.loads(out.stdout)
+        out.close()
+        cmd = [sys.executable, __file__, "--pandas-only", prefix.name]
+        result = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(result.stdout)
 
 
 def pandas_only(path: str) -> None:
     import pandas as pd
 
+    from prodesc.clean import clean_text
+
     not_alnum = re.compile("[^a-z0-9 ]")
 
-    def clean(text: str) -> str:
+    def notebook_clean(text: str) -> str:
         return not_alnum.sub("", html.unescape(text).lower())
 
-    started = time.perf_counter()
-    df = pd.read_json(path, lines=True)
-    df = df[df["content"].str.len() > 0][["uid", "title", "content"]]
-    df["title"] = df["title"].apply(clean)
-    df["content"] = df["content"].apply(clean)
-    df = df.drop_duplicates(subset=["title", "content"])
-    seconds = time.perf_counter() - started
-    print(json.dumps({"seconds": seconds, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+    def run(clean: Callable[[str], str]) -> float:
+        started = time.perf_counter()
+        df = pd.read_json(path, lines=True, dtype={"uid": str})[["uid", "title", "content"]]
+        df["title"] = df["title"].apply(clean)
+        df["content"] = df["content"].apply(clean)
+        df = df[(df["title"].str.len() > 0) & (df["content"].str.len() > 0)]
+        df = df.drop_duplicates(subset=["title", "content"])
+        return time.perf_counter() - started
+
+    seconds = run(clean_text)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps({"seconds": seconds, "notebook_seconds": run(notebook_clean), "peak_rss_gib": peak}))
 
 
 def report(r: dict) -> None:
     print(json.dumps(r, indent=2))
     print("\n| lines | wall s | CPU s | peak RSS GiB (largest / all processes) | s per M lines (CPU) "
-          "| pandas s per M lines | speed-up | pandas peak RSS GiB on its prefix |")  # fmt: skip
+          "| pandas s per M lines (notebook cleaning) | speed-up | pandas peak RSS GiB on its prefix |")  # fmt: skip
     print(f"| {r['lines']:,} | {r['wall_s']} | {r['cpu_s']} | {r['peak_rss_gib']:.2f} / {r['peak_tree_rss_gib']:.2f} "
-          f"| {r['prodesc_s_per_mline']} ({r['prodesc_cpu_s_per_mline']}) | {r['pandas_s_per_mline']} | {r['ratio']}x "
+          f"| {r['prodesc_s_per_mline']} ({r['prodesc_cpu_s_per_mline']}) "
+          f"| {r['pandas_s_per_mline']} ({r['pandas_notebook_s_per_mline']}) | {r['ratio']}x "
           f"| {r['pandas_peak_rss_gib']:.2f} on {r['pandas_lines']:,} lines |")  # fmt: skip
     if r["lines"] == LF_AMAZON_LINES:
         for key, target in TARGETS.items():

@@ -32,8 +32,6 @@ DIR/config.resolved.yaml. Same inputs and options give byte-identical files. DIR
 from __future__ import annotations
 
 import csv
-import gzip
-import hashlib
 import io
 import json
 import multiprocessing
@@ -46,21 +44,26 @@ import tempfile
 import threading
 import time
 import zipfile
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 import yaml
+from isal import igzip, isal_zlib  # gzip, decompressed ~2.5x faster than zlib (Intel ISA-L)
 
-from prodesc.clean import clean_text, family_key, lossy_ascii_lower
+from prodesc import columns
+from prodesc.clean import lossy_ascii_lower
 from prodesc.config import DataConfig
 from prodesc.errors import ProdescError
 from prodesc.synth import synth
@@ -84,6 +87,11 @@ _MAX_LOCATIONS = 10
 _HASH_COLUMNS = ["thash", "chash", "tkey", "fkey", "tlen", "clen"]  # what pass 1 keeps in memory per record
 _BAD_BYTES_RE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of undecodable bytes
 _LABELS = ', "target_ind": ['
+_RAW_SCHEMA = pa.schema([("no", pa.int64()), ("uid", pa.string()), ("title", pa.string()), ("content", pa.string())])
+_ARROW_JSON = True  # parse JSON lines with Arrow where that is exact (tests turn it off to compare)
+_ARROW_ERROR_ROW = re.compile(r"in row (-?\d+)")
+_MAX_ARROW_ERRORS = 16  # per block; past that the line reader takes the rest (e.g. when every id is a number)
+_BLANK_LINE = re.compile(rb"\n[ \t\r]*\n")
 _scan_once = json.scanner.make_scanner(json.JSONDecoder())  # the C scanner behind json.loads, without its checks
 
 
@@ -261,20 +269,28 @@ def _resolve_fields(src: _Source, names: list[str], cfg: DataConfig) -> tuple[st
 
 @contextmanager
 def _open_stream(src: _Source) -> Iterator[tuple[IO[bytes], Callable[[], int]]]:
-    """Decompressed bytes of a source, and a function giving how far into the file on disk we are."""
-    with open(src.path, "rb") as raw:
-        if src.member is not None:
-            with zipfile.ZipFile(raw) as zf, zf.open(src.member) as member:
-                if src.member.endswith(".gz"):
-                    with gzip.GzipFile(fileobj=member) as stream:
-                        yield stream, raw.tell
-                else:
-                    yield member, raw.tell
-        elif src.path.name.lower().endswith(".gz"):
-            with gzip.GzipFile(fileobj=raw) as stream:
-                yield stream, raw.tell
-        else:
-            yield raw, raw.tell
+    """Decompressed bytes of a source, and a function giving how far into the file on disk we are.
+
+    A damaged archive (truncated download, not really gzip, bad CRC) is a user error, wherever it shows."""
+    try:
+        with open(src.path, "rb") as raw:
+            if src.member is not None:
+                with zipfile.ZipFile(raw) as zf, zf.open(src.member) as member:
+                    if src.member.endswith(".gz"):
+                        with igzip.IGzipFile(fileobj=member) as stream:
+                            yield stream, raw.tell
+                    else:
+                        yield member, raw.tell
+            elif src.path.name.lower().endswith(".gz"):
+                with igzip.IGzipFile(fileobj=raw) as stream:
+                    yield stream, raw.tell
+            else:
+                yield raw, raw.tell
+    except (EOFError, igzip.BadGzipFile, isal_zlib.error, zlib.error, zipfile.BadZipFile) as e:
+        raise ProdescError(
+            f"input {src.label} is damaged ({type(e).__name__}: {e}): re-download it, or check it with gunzip -t / "
+            f"unzip -t"
+        ) from None
 
 
 def _text(stream: IO[bytes]) -> io.TextIOWrapper:
@@ -294,6 +310,7 @@ class _Chunk:
     fields: tuple[str, str, str | None]
     first_no: int
     lines: bytes = b""
+    n_lines: int = 0  # of `lines`, when known
     rows: list[tuple] = field(default_factory=list)
 
 
@@ -374,8 +391,9 @@ def _line_blocks(stream: IO[bytes], new: Callable[..., _Chunk]) -> Iterator[_Chu
             rest = block
             continue
         rest = block[cut:]
-        yield new(line_no, lines=block[:cut])
-        line_no += block.count(b"\n", 0, cut)
+        n = block.count(b"\n", 0, cut)
+        yield new(line_no, lines=block[:cut], n_lines=n)
+        line_no += n
     if rest:
         yield new(line_no, lines=rest)
 
@@ -476,57 +494,166 @@ def _role(src: _Source, name: str) -> str:
 
 
 def _process_chunk(task: tuple[_Chunk, tuple[int, bool, bool, bytes], Path]) -> dict[str, Any]:
-    """Worker: clean one chunk, write its valid records to an Arrow file, return counts, hashes and lengths."""
+    """Worker: clean one chunk, write its valid records to an Arrow file, return counts (hashes stay in the file)."""
     chunk, (min_chars, lossy, strict, salt), part = task
-    counts, bad, read = dict.fromkeys(DROP_REASONS[:4], 0), [], 0
-    uids, titles, contents, fkeys, thash, chash, tkey, fkey = [], [], [], [], [], [], [], []
-    blake2b = hashlib.blake2b  # stable 64-bit hashes (hash() changes with PYTHONHASHSEED, so across workers)
-    for no, uid, title, content, error in _jsonl_rows(chunk) if chunk.lines else chunk.rows:
-        read += 1
-        if error is None and not (type(title) is str and type(content) is str):
-            title, content = _as_text(title), _as_text(content)
-            error = "title or content is not text" if title is None or content is None else None
-        if error is not None:
-            if strict:
-                raise ProdescError(
-                    f"{chunk.label}:{no}: malformed record ({error}): fix it, or drop --strict to skip and count it"
-                )
-            counts["malformed"] += 1
-            bad.append(f"{chunk.label}:{no}")
-            continue
-        t = clean_text(title) if title else ""
-        t = lossy_ascii_lower(t) if lossy else t
-        if not t:
-            counts["empty_title"] += 1
-            continue
-        c = clean_text(content) if content else ""
-        c = lossy_ascii_lower(c) if lossy else c
-        if not c:
-            counts["empty_content"] += 1
-            continue
-        if len(c) < min_chars:
-            counts["short_content"] += 1
-            continue
-        fk = family_key(t)
-        uid = uid.strip() if type(uid) is str and uid.isascii() else clean_text(_as_text(uid) or "")
-        uids.append(uid or f"{chunk.stem}-{no:09d}")
-        titles.append(t)
-        contents.append(c)
-        fkeys.append(fk)
-        thash.append(blake2b(t.encode(), digest_size=8).digest())
-        chash.append(blake2b(c.encode(), digest_size=8).digest())
-        tkey.append(blake2b(t.casefold().encode(), digest_size=8).digest())  # = title_key(t): t is collapsed
-        fkey.append(blake2b(salt + fk.encode(), digest_size=8).digest())  # salted: it also picks the split
-    if titles:  # hashes and lengths travel in the part file too: results sent back must stay small
-        columns = {"uid": uids, "title": titles, "content": contents, "fkey_text": fkeys}
-        for name, digests in (("thash", thash), ("chash", chash), ("tkey", tkey), ("fkey", fkey)):
-            columns[name] = np.frombuffer(b"".join(digests), "<u8")
-        columns["tlen"] = np.array([len(t) for t in titles], np.int32)
-        columns["clen"] = np.array([len(c) for c in contents], np.int32)
-        table = pa.table(columns)
+    raw, read, bad = _raw_records(chunk, strict)
+    raw = {name: raw.column(name).combine_chunks() for name in raw.column_names}
+    counts = dict.fromkeys(DROP_REASONS[:4], 0)
+    counts["malformed"] = len(bad)
+    title, content = columns.clean_column(raw["title"]), columns.clean_column(raw["content"])
+    if lossy:
+        title, content = (
+            pa.array([lossy_ascii_lower(v) for v in col.to_pylist()], pa.string()) for col in (title, content)
+        )
+    tlen, clen = pc.utf8_length(title).to_numpy(), pc.utf8_length(content).to_numpy()
+    empty_title = tlen == 0
+    empty_content = ~empty_title & (clen == 0)
+    short = ~empty_title & ~empty_content & (clen < min_chars)
+    counts["empty_title"], counts["empty_content"] = int(empty_title.sum()), int(empty_content.sum())
+    counts["short_content"] = int(short.sum())
+    valid = ~(empty_title | empty_content | short)
+    n = int(valid.sum())
+    if n:  # hashes and lengths travel in the part file too: results sent back must stay small
+        mask = pa.array(valid)
+        title, content = title.filter(mask), content.filter(mask)
+        fkeys = columns.family_keys(title)
+        uids = columns.strip_ids(raw["uid"].filter(mask))
+        no = raw["no"].filter(mask)
+        missing = pc.equal(pc.utf8_length(uids), 0)
+        if pc.any(missing).as_py():
+            made = [f"{chunk.stem}-{i:09d}" for i in no.filter(missing).to_pylist()]
+            uids = pc.replace_with_mask(uids, missing, pa.array(made, pa.string()))
+        table = pa.table(
+            {
+                "uid": uids,
+                "title": title,
+                "content": content,
+                "fkey_text": fkeys,
+                "thash": columns.hash64(title),
+                "chash": columns.hash64(content),
+                "tkey": columns.hash64(columns.title_keys(title)),  # = title_key(t): t is collapsed
+                "fkey": columns.salted_blake2b64(fkeys, salt),  # salted: it also picks the split
+                "tlen": tlen[valid].astype(np.int32),
+                "clen": clen[valid].astype(np.int32),
+            }
+        )
         with pa.OSFile(str(part), "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
             writer.write_table(table)
-    return {"read": read, "counts": counts, "malformed_at": bad[:_MAX_LOCATIONS], "part": part, "n": len(titles)}
+    return {"read": read, "counts": counts, "malformed_at": bad[:_MAX_LOCATIONS], "part": part, "n": n}
+
+
+def _raw_records(chunk: _Chunk, strict: bool) -> tuple[pa.Table, int, list[str]]:
+    """The chunk's well-formed records as a table (no, uid, title, content; text or null), records read, and
+    the locations of malformed ones."""
+    pieces, read, bad = [], 0, []
+    for piece in _jsonl_pieces(chunk) if chunk.lines else [chunk.rows]:
+        if isinstance(piece, pa.Table):
+            pieces.append(piece)
+            read += len(piece)
+            continue
+        rows = []
+        for no, uid, title, content, error in piece:
+            read += 1
+            if error is None and not (type(title) is str and type(content) is str):
+                title, content = _as_text(title), _as_text(content)
+                error = "title or content is not text" if title is None or content is None else None
+            if error is not None:
+                if strict:
+                    raise ProdescError(
+                        f"{chunk.label}:{no}: malformed record ({error}): fix it, or drop --strict to skip and count it"
+                    )
+                bad.append(f"{chunk.label}:{no}")
+                continue
+            rows.append((no, uid if type(uid) is str else _as_text(uid), title, content))
+        pieces.append(_rows_table(rows))
+    return pa.concat_tables(pieces) if pieces else _RAW_SCHEMA.empty_table(), read, bad
+
+
+def _rows_table(rows: list[tuple]) -> pa.Table:
+    if not rows:
+        return _RAW_SCHEMA.empty_table()
+    cols = zip(*rows, strict=True)
+    return pa.table([pa.array(c, t) for c, t in zip(cols, _RAW_SCHEMA.types, strict=True)], schema=_RAW_SCHEMA)
+
+
+def _jsonl_pieces(chunk: _Chunk) -> Iterator[pa.Table | Iterator[tuple]]:
+    """A block of JSON lines as tables parsed by Arrow's JSON reader, and, for the lines Arrow would not read
+    exactly like `json.loads` (bad JSON, a value that is not a string, bad UTF-8, a blank line, a BOM not on
+    line 1), row iterators of the per-line reader `_jsonl_rows`. Pieces come in line order."""
+    tf, cf, idf = chunk.fields
+    names = [n for n in (idf, tf, cf) if n]
+    if not _ARROW_JSON or len(set(names)) < len(names):
+        yield _jsonl_rows(chunk)
+        return
+    schema = pa.schema([(n, pa.string()) for n in names])
+    block, no, errors = chunk.lines, chunk.first_no, 0
+    while block:
+        lines = chunk.n_lines if block is chunk.lines and chunk.n_lines else _count_lines(block)
+        table, bad = None, None  # bad: index of the first line that needs the line reader
+        if block.startswith(b"\xef\xbb\xbf") and no != 1:  # json.loads refuses a BOM: not a record
+            bad = 0
+        elif (at := _first_bad_utf8(block)) is not None:  # Arrow does not check UTF-8 while parsing
+            bad = block.count(b"\n", 0, at)
+        else:
+            try:
+                table = pa_json.read_json(
+                    pa.BufferReader(block),
+                    read_options=pa_json.ReadOptions(use_threads=False, block_size=len(block) + 1),
+                    parse_options=pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"),
+                )
+            except pa.ArrowInvalid as e:
+                row = _ARROW_ERROR_ROW.search(str(e))
+                bad = max(int(row.group(1)), 0) if row else None
+                if bad is None:
+                    yield _jsonl_rows(replace(chunk, first_no=no, lines=block))
+                    return
+        if bad is not None:  # lines before it (checked again on their own), it alone, then the rest
+            errors += 1
+            if errors > _MAX_ARROW_ERRORS:
+                yield _jsonl_rows(replace(chunk, first_no=no, lines=block))
+                return
+            cut, end = _after_lines(block, bad), _after_lines(block, bad + 1)
+            if cut:
+                yield from _jsonl_pieces(replace(chunk, first_no=no, lines=block[:cut], n_lines=0))
+            yield _jsonl_rows(replace(chunk, first_no=no + bad, lines=block[cut:end]))
+            block, no = block[end:], no + bad + 1
+            continue
+        if table.num_rows != lines or _BLANK_LINE.search(block) or block[: block.find(b"\n") + 1].isspace():
+            yield _jsonl_rows(replace(chunk, first_no=no, lines=block))  # rows and lines do not pair up
+            return
+        cols = {"no": pa.array(np.arange(no, no + lines, dtype=np.int64))}
+        for role, name in (("uid", idf), ("title", tf), ("content", cf)):
+            cols[role] = table.column(name).combine_chunks() if name else pa.nulls(lines, pa.string())
+        yield pa.table(cols, schema=_RAW_SCHEMA)
+        return
+
+
+def _count_lines(block: bytes) -> int:
+    return block.count(b"\n") + (not block.endswith(b"\n"))
+
+
+def _after_lines(block: bytes, n: int) -> int:
+    """Offset just after the n-th newline of block (len(block) when it has fewer)."""
+    pos = 0
+    for _ in range(n):
+        pos = block.find(b"\n", pos) + 1
+        if pos == 0:
+            return len(block)
+    return pos
+
+
+def _first_bad_utf8(block: bytes) -> int | None:
+    """Offset of the first byte that is not valid UTF-8, or None (Arrow's validation, then Python's to locate)."""
+    offsets = pa.py_buffer(np.array([0, len(block)], np.int32))
+    try:
+        pa.Array.from_buffers(pa.string(), 1, [None, offsets, pa.py_buffer(block)]).validate(full=True)
+        return None
+    except pa.ArrowInvalid:
+        try:
+            block.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return e.start
+        return 0  # Arrow and Python disagree: let the line reader decide
 
 
 def _jsonl_rows(chunk: _Chunk) -> Iterator[tuple]:
@@ -700,21 +827,25 @@ def _write_splits(scan: _Scan, keep: np.ndarray, rep: np.ndarray, cfg: DataConfi
             for i, s in enumerate(SPLITS):
                 writers[s].add(table.filter(pa.array(which[span] == i)))
             k += len(table)
+        for w in writers.values():
+            w.close()
     except BaseException:
         for w in writers.values():
-            with suppress(Exception):  # keep the first error; the temporary directory goes anyway
-                w.writer.close()
+            w.abort()
         raise
-    for w in writers.values():
-        w.close()
     return counts
 
 
 class _SplitWriter:
-    """ParquetWriter with fixed options and fixed-size row groups, so equal inputs give equal bytes."""
+    """ParquetWriter with fixed options and fixed-size row groups, so equal inputs give equal bytes.
+
+    Row groups are encoded and compressed by a thread of its own (Arrow releases the GIL), in order, while the
+    caller filters the next parts."""
 
     def __init__(self, path: Path) -> None:
         self.writer = pq.ParquetWriter(path, _SCHEMA, compression="zstd", use_dictionary=False, write_statistics=False)
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="parquet")
+        self.pending: deque = deque()
         self.buffer: list[pa.Table] = []
         self.rows = 0
 
@@ -726,13 +857,23 @@ class _SplitWriter:
 
     def close(self) -> None:
         self._flush(final=True)
+        while self.pending:
+            self.pending.popleft().result()
+        self.thread.shutdown()
         self.writer.close()
+
+    def abort(self) -> None:
+        self.thread.shutdown(cancel_futures=True)
+        with suppress(Exception):  # keep the caller's error; the temporary directory goes anyway
+            self.writer.close()
 
     def _flush(self, final: bool) -> None:
         table = pa.concat_tables(self.buffer) if self.buffer else _SCHEMA.empty_table()
         full = len(table) if final else len(table) - len(table) % _ROW_GROUP
         if full:
-            self.writer.write_table(table.slice(0, full), row_group_size=_ROW_GROUP)
+            while len(self.pending) > 1:  # at most two row groups in memory ahead of the disk
+                self.pending.popleft().result()
+            self.pending.append(self.thread.submit(self.writer.write_table, table.slice(0, full), _ROW_GROUP))
         self.buffer, self.rows = [table.slice(full)], len(table) - full
 
 
