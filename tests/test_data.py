@@ -453,3 +453,208 @@ def test_cli_errors_exit_1_with_one_line(
     assert result.exit_code == 1
     assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------- the fast columnar path equals the per-record reference
+
+_EDGE_TEXTS = [
+    "",
+    " ",
+    "   ",
+    "plain text",
+    "  leading and trailing  ",
+    "double  space",
+    "tab\tand\nnewline\r\n",
+    "ctrl\x01char\x7f",
+    "Kerr&#8217;s",
+    "Kerr&#x2019;s",
+    "Kerr&#X2019;s",
+    "Kerr&rsquo;s",
+    "&amp;#8217;",
+    "&amp;amp;",
+    "&amp;amp;amp;amp;amp;amp;amp;#8217;",
+    "&quot;quoted&quot;",
+    "&#8217s no semicolon",
+    "&amp no semicolon",
+    "&copy2024",
+    "&unknown; entity",
+    "Tom & Jerry",
+    "&",
+    "&&#8217;",
+    "a &lt;b&gt; tag",
+    "<br>line<p>para</p>",
+    "a < b and c > d",
+    "<3",
+    "<!-- comment -->kept",
+    "<b>bold</b>",
+    "Café crème",
+    "ﬁne … ligature",
+    "no\xa0break",
+    "soft\u00adhyphen",
+    "zero\u200bwidth",
+    "bom\ufeff",
+    "emoji 😀",
+    "１２３ fullwidth",
+    "İstanbul",
+    "Straße",
+    "ÀÉÎÕÜ",
+    "\u2028line sep",
+    "mixed &#8217; and é",
+]
+_EDGE_TITLES = [
+    "Girls Ballet Tutu Neon Pink",
+    "Girls Ballet Tutu (Neon Blue)",
+    "The Hobbit, Vol. 2",
+    "Harry Potter #5",
+    "Coffee Beans 12 oz (Pack of 6)",
+    "Poster 12 x 18 inches",
+    "T-Shirt Black XL",
+    "T-Shirt - XL",
+    "Rocky 2",
+    "1984",
+    "The",
+    "The A Of",
+    "!!!",
+    "A_B_C",
+    "Paris 1900-1914",
+    "Mog's Christmas",
+    "Plan B",
+    "2nd Edition Guide",
+    "Dune: U.S. Edition [Paperback]",
+    "[VHS]",
+    "(Only brackets)",
+    "Large Print Edition",
+    "500ml Bottle 3-Pack",
+    "Café au lait Mug – Red",
+    "Ｆｕｌｌ Ｗｉｄｔｈ",
+    "Season 2 Episode 3",
+    "Book IV",
+    "set of 3",
+    "xl",
+    "Size 10",
+    "UPPER CASE TITLE",
+    "Title: Subtitle 3",
+    "edition",
+    "a  b",
+    "Volume II: The Return",
+    "{braces} here",
+]
+
+
+def _synth_texts(n: int) -> tuple[list[str], list[str]]:
+    from prodesc.synth import synth  # its records are what prepare sees most
+
+    rows = []
+    with pytest.MonkeyPatch.context():
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "s.json"
+            synth(n, path, seed=3, malformed=0)
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return [r["title"] for r in rows], [r["content"] for r in rows]
+
+
+def test_clean_column_equals_clean_text() -> None:
+    from prodesc import columns
+
+    titles, contents = _synth_texts(3000)
+    texts = _EDGE_TEXTS + [f"  {t}  " for t in _EDGE_TEXTS] + titles + contents
+    got = columns.clean_column(pa.array(texts + [None])).to_pylist()
+    assert got == [clean_text(t) for t in texts] + [""]
+
+
+def test_family_keys_title_keys_and_ids_equal_the_python_rules() -> None:
+    from prodesc import columns
+
+    titles, _ = _synth_texts(3000)
+    cleaned = [t for t in (clean_text(x) for x in _EDGE_TITLES + _EDGE_TEXTS + titles) if t]
+    arr = pa.array(cleaned)
+    assert columns.family_keys(arr).to_pylist() == [family_key(t) for t in cleaned]
+    assert columns.title_keys(arr).to_pylist() == [t.casefold() for t in cleaned]
+    ids = ["0000031909", " B00X \t", "\x1cid\x1f", "ïd ", "", None]
+    assert columns.strip_ids(pa.array(ids)).to_pylist() == [
+        i.strip() if i.isascii() else clean_text(i) for i in (x or "" for x in ids)
+    ]
+
+
+def _tricky_jsonl(path: Path) -> Path:
+    """Lines that Arrow's JSON reader parses differently from json.loads, or not at all, between good ones."""
+    good = [
+        json.dumps(_rec(f"{i:010d}", f"Product {i} Neon {c}", f"Text &#8217;{i}&amp;#8211; <b>x</b> é"))
+        for i, c in zip(range(40), ["Pink", "Blue"] * 20, strict=True)
+    ]
+    bad = [
+        "\ufeff" + json.dumps(_rec("bom-late", "BOM not on line 1", "c")),
+        "",
+        "   ",
+        json.dumps(_rec("crlf", "CRLF line", "c")) + "\r",
+        json.dumps(_rec("two-a", "Two", "c")) + json.dumps(_rec("two-b", "Objects", "c")),
+        json.dumps({"uid": 31909, "title": "Numeric id", "content": "c"}),
+        json.dumps({"uid": "b", "title": True, "content": "bool title"}),
+        json.dumps({"uid": "l", "title": ["list"], "content": "c"}),
+        json.dumps({"uid": "f", "title": "Float content", "content": 3.0}),
+        json.dumps({"uid": "n", "title": "Null content", "content": None}),
+        json.dumps({"uid": "m", "content": "missing title"}),
+        '{"uid": "s", "title": "lone \\ud800 surrogate", "content": "c"}',
+        '{"uid": "p", "title": "pair \\ud83d\\ude00", "content": "c"}',
+        '{"uid": "d", "title": "first", "title": "dup key", "content": "c"}',
+        '{"uid": "nan", "title": NaN, "content": "c"}',
+        '{"uid": "t", "title": "trailing", "content": "c"} junk',
+        '{"uid": "tr", "title": "truncated',
+        '{"uid": "z", "title": "nul \\u0000 char", "content": "c"}',
+        '{"uid": "lab", "title": "damaged labels", "content": "c", "target_ind": [1, x], "target_rel": [1.0]}',
+        "[1, 2, 3]",
+        '"just a string"',
+    ]
+    lines = [json.dumps(_rec("first", "BOM on line 1", "c")).join(["\ufeff", ""])]
+    for i, b in enumerate(bad):
+        lines += good[i % 40 : i % 40 + 3] + [b]
+    raw = "\n".join(lines).encode("utf-8", "surrogatepass")
+    raw += b'\n{"uid": "u", "title": "bad \xff byte", "content": "c"}'
+    raw += b'\n{"uid": "v", "title": "ok", "content": "c", "x": "\xfe"}\n'
+    raw += "\n".join(good).encode() + b"\n"
+    path.write_bytes(raw)
+    return path
+
+
+@pytest.mark.parametrize("block_bytes", [1 << 20, 700])
+def test_arrow_json_reader_gives_the_line_readers_output(
+    tmp_path: Path, block_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = _tricky_jsonl(tmp_path / "tricky.jsonl")
+    monkeypatch.setattr(data, "_BLOCK_BYTES", block_bytes)
+    outs = {}
+    for fast in (True, False):
+        monkeypatch.setattr(data, "_ARROW_JSON", fast)
+        outs[fast] = tmp_path / f"out-{fast}"
+        data.prepare([src], outs[fast], DataConfig(val_fraction=0.2, test_fraction=0.2))
+    for name in ("train.parquet", "val.parquet", "test.parquet", "stats.json"):
+        assert (outs[True] / name).read_bytes() == (outs[False] / name).read_bytes(), name
+    stats = json.loads((outs[True] / "stats.json").read_text())
+    assert (
+        stats["malformed"]["count"] == 8
+    )  # late BOM, list title, trailing junk, truncated, 2 non-objects, 2 bad bytes
+    uids = {r["uid"] for r in _rows(outs[True])}
+    assert {"first", "crlf", "31909", "b", "f", "p", "s", "d", "z", "nan", "lab"} <= uids
+    assert not {"bom-late", "l", "t", "tr", "u", "v"} & uids
+
+
+def test_arrow_json_reader_on_the_synthetic_corpus(
+    synth_catalog: Path, synth_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(data, "_ARROW_JSON", False)
+    data.prepare([synth_catalog], tmp_path / "slow", DataConfig(val_fraction=0.2, test_fraction=0.2))
+    for s in data.SPLITS:
+        assert (tmp_path / "slow" / f"{s}.parquet").read_bytes() == (synth_prepared / f"{s}.parquet").read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not gzip"])
+def test_damaged_gz_is_a_user_error(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "catalog.json.gz"
+    body = gzip.compress(("\n".join(json.dumps(_rec(str(i), f"T {i}", "c" * 50)) for i in range(20000))).encode())
+    path.write_bytes(body[: len(body) // 2] if damage == "truncated" else b"plain text, not gzip")
+    with pytest.raises(ProdescError, match="damaged.*re-download"):
+        data.prepare([path], tmp_path / "out", DataConfig())
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.tmp-*"))

@@ -63,7 +63,7 @@ import yaml
 from isal import igzip, isal_zlib  # gzip, decompressed ~2.5x faster than zlib (Intel ISA-L)
 
 from prodesc import columns
-from prodesc.clean import lossy_ascii_lower
+from prodesc.clean import clean_text, lossy_ascii_lower
 from prodesc.config import DataConfig
 from prodesc.errors import ProdescError
 from prodesc.synth import synth
@@ -86,8 +86,11 @@ _ROW_GROUP = 100_000  # fixed row groups: the output does not depend on chunking
 _MAX_LOCATIONS = 10
 _HASH_COLUMNS = ["thash", "chash", "tkey", "fkey", "tlen", "clen"]  # what pass 1 keeps in memory per record
 _BAD_BYTES_RE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of undecodable bytes
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")  # also lone surrogates from JSON escapes ("\\ud800")
 _LABELS = ', "target_ind": ['
-_RAW_SCHEMA = pa.schema([("no", pa.int64()), ("uid", pa.string()), ("title", pa.string()), ("content", pa.string())])
+_RAW_SCHEMA = pa.schema(
+    [("no", pa.int64()), ("uid", pa.string()), ("title", pa.string()), ("content", pa.string()), ("pre", pa.bool_())]
+)  # pre: uid, title and content already cleaned (text with lone surrogates, which Arrow cannot hold)
 _ARROW_JSON = True  # parse JSON lines with Arrow where that is exact (tests turn it off to compare)
 _ARROW_ERROR_ROW = re.compile(r"in row (-?\d+)")
 _MAX_ARROW_ERRORS = 16  # per block; past that the line reader takes the rest (e.g. when every id is a number)
@@ -500,7 +503,9 @@ def _process_chunk(task: tuple[_Chunk, tuple[int, bool, bool, bytes], Path]) -> 
     raw = {name: raw.column(name).combine_chunks() for name in raw.column_names}
     counts = dict.fromkeys(DROP_REASONS[:4], 0)
     counts["malformed"] = len(bad)
-    title, content = columns.clean_column(raw["title"]), columns.clean_column(raw["content"])
+    pre = raw["pre"]
+    title = pc.if_else(pre, raw["title"], columns.clean_column(raw["title"]))
+    content = pc.if_else(pre, raw["content"], columns.clean_column(raw["content"]))
     if lossy:
         title, content = (
             pa.array([lossy_ascii_lower(v) for v in col.to_pylist()], pa.string()) for col in (title, content)
@@ -517,7 +522,8 @@ def _process_chunk(task: tuple[_Chunk, tuple[int, bool, bool, bytes], Path]) -> 
         mask = pa.array(valid)
         title, content = title.filter(mask), content.filter(mask)
         fkeys = columns.family_keys(title)
-        uids = columns.strip_ids(raw["uid"].filter(mask))
+        uid = raw["uid"].filter(mask)
+        uids = pc.if_else(pre.filter(mask), pc.fill_null(uid, ""), columns.strip_ids(uid))
         no = raw["no"].filter(mask)
         missing = pc.equal(pc.utf8_length(uids), 0)
         if pc.any(missing).as_py():
@@ -564,16 +570,32 @@ def _raw_records(chunk: _Chunk, strict: bool) -> tuple[pa.Table, int, list[str]]
                     )
                 bad.append(f"{chunk.label}:{no}")
                 continue
-            rows.append((no, uid if type(uid) is str else _as_text(uid), title, content))
+            rows.append((no, uid if type(uid) is str else _as_text(uid), title, content, False))
         pieces.append(_rows_table(rows))
     return pa.concat_tables(pieces) if pieces else _RAW_SCHEMA.empty_table(), read, bad
 
 
 def _rows_table(rows: list[tuple]) -> pa.Table:
+    """(no, uid, title, content, False) rows as a raw table. A row with a lone surrogate ("\\ud800" in JSON) cannot be
+    UTF-8: it is cleaned here, in Python, which drops the surrogate, and marked `pre`."""
     if not rows:
         return _RAW_SCHEMA.empty_table()
-    cols = zip(*rows, strict=True)
-    return pa.table([pa.array(c, t) for c, t in zip(cols, _RAW_SCHEMA.types, strict=True)], schema=_RAW_SCHEMA)
+    try:
+        cols = [pa.array(c, t) for c, t in zip(zip(*rows, strict=True), _RAW_SCHEMA.types, strict=True)]
+    except UnicodeEncodeError:
+        rows = [_pre_clean(r) if not all(_utf8able(v) for v in r[1:4]) else r for r in rows]
+        cols = [pa.array(c, t) for c, t in zip(zip(*rows, strict=True), _RAW_SCHEMA.types, strict=True)]
+    return pa.table(cols, schema=_RAW_SCHEMA)
+
+
+def _utf8able(value: str | None) -> bool:
+    return value is None or value.isascii() or not _SURROGATE_RE.search(value)
+
+
+def _pre_clean(row: tuple) -> tuple:
+    no, uid, title, content, _ = row
+    uid = uid or ""
+    return (no, uid.strip() if uid.isascii() else clean_text(uid), clean_text(title), clean_text(content), True)
 
 
 def _jsonl_pieces(chunk: _Chunk) -> Iterator[pa.Table | Iterator[tuple]]:
@@ -602,8 +624,8 @@ def _jsonl_pieces(chunk: _Chunk) -> Iterator[pa.Table | Iterator[tuple]]:
                     parse_options=pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"),
                 )
             except pa.ArrowInvalid as e:
-                row = _ARROW_ERROR_ROW.search(str(e))
-                bad = max(int(row.group(1)), 0) if row else None
+                row = _ARROW_ERROR_ROW.search(str(e))  # may name the line after the bad one: both go below
+                bad = min(max(int(row.group(1)), 0), lines - 1) if row else None
                 if bad is None:
                     yield _jsonl_rows(replace(chunk, first_no=no, lines=block))
                     return
@@ -624,6 +646,7 @@ def _jsonl_pieces(chunk: _Chunk) -> Iterator[pa.Table | Iterator[tuple]]:
         cols = {"no": pa.array(np.arange(no, no + lines, dtype=np.int64))}
         for role, name in (("uid", idf), ("title", tf), ("content", cf)):
             cols[role] = table.column(name).combine_chunks() if name else pa.nulls(lines, pa.string())
+        cols["pre"] = pa.array(np.zeros(lines, bool))
         yield pa.table(cols, schema=_RAW_SCHEMA)
         return
 
