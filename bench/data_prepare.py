@@ -164,7 +164,7 @@ def time_pandas(corpus: Path, lines: int) -> dict:
     with (
         gzip.open(corpus, "rb") as f,
         tempfile.NamedTemporaryFile(suffix=".json.gz", dir=CACHE) as prefix,
-        gzip.open(prefix.name, "wb") as out,
+        gzip.open(prefix.name, "wb", compresslevel=1) as out,
     ):
         for i, line in enumerate(f):
             if i == lines:

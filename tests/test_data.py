@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from prodesc import data
+from prodesc import data, parallel, readers
 from prodesc.clean import clean_text, family_key, lossy_ascii_lower
 from prodesc.cli import app
 from prodesc.config import DataConfig
@@ -241,9 +241,9 @@ def test_prepare_is_deterministic(synth_catalog: Path, synth_prepared: Path, tmp
 def test_prepare_in_worker_processes_gives_the_same_bytes(
     synth_catalog: Path, synth_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(data, "_PARALLEL_MIN_BYTES", 0)
-    monkeypatch.setattr(data, "_BLOCK_BYTES", 64 << 10)  # many chunks, row groups still fixed
-    monkeypatch.setattr(data, "_worker_count", lambda total: 2)
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(readers, "BLOCK_BYTES", 64 << 10)  # many chunks, row groups still fixed
+    monkeypatch.setattr(data, "worker_count", lambda total: 2)
     data.prepare([synth_catalog], tmp_path / "par", DataConfig(val_fraction=0.2, test_fraction=0.2))
     for f in synth_prepared.iterdir():
         assert (tmp_path / "par" / f.name).read_bytes() == f.read_bytes(), f.name
@@ -623,10 +623,10 @@ def test_arrow_json_reader_gives_the_line_readers_output(
     tmp_path: Path, block_bytes: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     src = _tricky_jsonl(tmp_path / "tricky.jsonl")
-    monkeypatch.setattr(data, "_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(readers, "BLOCK_BYTES", block_bytes)
     outs = {}
     for fast in (True, False):
-        monkeypatch.setattr(data, "_ARROW_JSON", fast)
+        monkeypatch.setattr(readers, "ARROW_JSON", fast)
         outs[fast] = tmp_path / f"out-{fast}"
         data.prepare([src], outs[fast], DataConfig(val_fraction=0.2, test_fraction=0.2))
     for name in ("train.parquet", "val.parquet", "test.parquet", "stats.json"):
@@ -643,7 +643,7 @@ def test_arrow_json_reader_gives_the_line_readers_output(
 def test_arrow_json_reader_on_the_synthetic_corpus(
     synth_catalog: Path, synth_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(data, "_ARROW_JSON", False)
+    monkeypatch.setattr(readers, "ARROW_JSON", False)
     data.prepare([synth_catalog], tmp_path / "slow", DataConfig(val_fraction=0.2, test_fraction=0.2))
     for s in data.SPLITS:
         assert (tmp_path / "slow" / f"{s}.parquet").read_bytes() == (synth_prepared / f"{s}.parquet").read_bytes()

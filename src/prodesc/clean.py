@@ -35,6 +35,8 @@ _BLOCK_TAGS = "br|p|div|li|ul|ol|tr|td|th|h[1-6]|table|tbody|thead|hr|blockquote
 _BLOCK_TAG_RE = re.compile(rf"</?(?:{_BLOCK_TAGS})\b[^<>]*>", re.IGNORECASE)
 # A tag needs a letter right after "<" or "</", so "a < b" and "<3" in prose survive.
 _TAG_RE = re.compile(r"</?[A-Za-z][A-Za-z0-9]*\b[^<>]*>|<!--.*?-->", re.DOTALL)
+# Every entity html.unescape decodes starts so ("&#8217;", "&#x2019;", "&amp;"; all names start with a letter).
+_ENTITY_START_RE = re.compile("&[#A-Za-z]")
 _CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")
 # Invisible format characters and lone surrogates (from "\udXXX" JSON escapes; Parquet cannot store them).
 _DROP_RE = re.compile("[\u00ad\u200b-\u200d\u2060\ufeff\ud800-\udfff]")
@@ -45,7 +47,7 @@ def clean_text(text: str) -> str:
     """Decode entities, drop tags, NFKC, drop control characters, collapse whitespace. Keeps case and accents."""
     # Each step is skipped when a cheap C-level test says it has nothing to do: this runs on ~2M records.
     rounds = _UNESCAPE_ROUNDS
-    while "&" in text and rounds:
+    while "&" in text and rounds and _ENTITY_START_RE.search(text):  # "Tom & Jerry" has nothing to decode
         decoded = html.unescape(text)
         if decoded == text:
             break

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from prodesc.errors import ProdescError
+from prodesc.parallel import ordered_map, terminate_as_interrupt, worker_pool
 
 _CHUNK = 50_000  # lines per independently seeded chunk; the bytes don't depend on the worker count
 _EMPTY_CONTENT = 0.44
@@ -55,7 +56,6 @@ _encode = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 
 def synth(n: int, out: Path, seed: int = 0, malformed: int = 0) -> Path:
     """Write `n` lines (of which `malformed` are broken) to `out` (.json/.jsonl, optionally .gz)."""
-    from prodesc.data import terminate_as_interrupt  # data imports this module
 
     out = Path(out)
     if n < 1:
@@ -74,7 +74,7 @@ def synth(n: int, out: Path, seed: int = 0, malformed: int = 0) -> Path:
     ]  # fmt: skip
     try:
         with terminate_as_interrupt(), open(tmp / "all", "wb") as f:
-            for part in _map(_chunk, tasks):  # chunks come back as files: see data.worker_pool
+            for part in _map(_chunk, tasks):  # chunks come back as files: see parallel.worker_pool
                 with open(part, "rb") as chunk:
                     shutil.copyfileobj(chunk, f, 1 << 20)
                 part.unlink()
@@ -241,7 +241,6 @@ def _base36(x: int) -> str:
 
 def _map(fn: Any, tasks: list) -> Iterator:
     """Chunks in order, in worker processes when there are several (2.2M lines: 45 chunks)."""
-    from prodesc.data import ordered_map, worker_pool
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = 1 if len(tasks) < 3 else max(1, min(cpus, 8))
