@@ -640,6 +640,20 @@ def test_arrow_json_reader_gives_the_line_readers_output(
     assert not {"bom-late", "l", "t", "tr", "u", "v"} & uids
 
 
+def test_arrow_json_reader_numeric_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recs = [{"id": i, "name": f"Lamp {i}", "description": f"A lamp, model {i}."} for i in range(300)]
+    recs[150] = {"id": 1.5, "name": "Float id", "description": "An id that is not an integer."}
+    src = _jsonl(tmp_path / "numeric.jsonl", recs)
+    outs = {}
+    for fast in (True, False):
+        monkeypatch.setattr(readers, "ARROW_JSON", fast)
+        outs[fast] = tmp_path / f"out-{fast}"
+        data.prepare([src], outs[fast], DataConfig())
+    for s in data.SPLITS:
+        assert (outs[True] / f"{s}.parquet").read_bytes() == (outs[False] / f"{s}.parquet").read_bytes()
+    assert {"0", "299", "1.5"} <= {r["uid"] for r in _rows(outs[True])}
+
+
 def test_arrow_json_reader_on_the_synthetic_corpus(
     synth_catalog: Path, synth_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -53,7 +53,7 @@ RAW_SCHEMA = pa.schema(
 )  # pre: uid, title and content already cleaned (text with lone surrogates, which Arrow cannot hold)
 ARROW_JSON = True  # parse JSON lines with Arrow where that is exact (tests turn it off to compare)
 _ARROW_ERROR_ROW = re.compile(r"in row (-?\d+)")
-_MAX_ARROW_ERRORS = 16  # per block; past that the line reader takes the rest (e.g. when every id is a number)
+_MAX_ARROW_ERRORS = 8  # per block; past that the line reader takes the rest (e.g. when every id is a number)
 _BLANK_LINE = re.compile(rb"\n[ \t\r]*\n")
 _scan_once = json.scanner.make_scanner(json.JSONDecoder())  # the C scanner behind json.loads, without its checks
 
@@ -397,18 +397,20 @@ def _pre_clean(row: tuple) -> tuple:
     return (no, uid.strip() if uid.isascii() else clean_text(uid), clean_text(title), clean_text(content), True)
 
 
-def _jsonl_pieces(chunk: Chunk) -> Iterator[pa.Table | Iterator[tuple]]:
+def _jsonl_pieces(chunk: Chunk, id_type: pa.DataType = pa.string()) -> Iterator[pa.Table | Iterator[tuple]]:
     """A block of JSON lines as tables parsed by Arrow's JSON reader, and, for the lines Arrow would not read
     exactly like `json.loads` (bad JSON, a value that is not a string, bad UTF-8, a blank line, a BOM not on
-    line 1), row iterators of the per-line reader `_jsonl_rows`. Pieces come in line order."""
+    line 1), row iterators of the per-line reader `_jsonl_rows`. Pieces come in line order.
+
+    Integer ids (`"id": 31909`) are read as int64 and cast to text, as str(int) would write them."""
     tf, cf, idf = chunk.fields
     names = [n for n in (idf, tf, cf) if n]
     if not ARROW_JSON or len(set(names)) < len(names):
         yield _jsonl_rows(chunk)
         return
-    schema = pa.schema([(n, pa.string()) for n in names])
     block, no, errors = chunk.lines, chunk.first_no, 0
     while block:
+        schema = pa.schema([(n, id_type if n == idf else pa.string()) for n in names])
         lines = chunk.n_lines if block is chunk.lines and chunk.n_lines else _count_lines(block)
         table, bad = None, None  # bad: index of the first line that needs the line reader
         if block.startswith(b"\xef\xbb\xbf") and no != 1:  # json.loads refuses a BOM: not a record
@@ -423,6 +425,9 @@ def _jsonl_pieces(chunk: Chunk) -> Iterator[pa.Table | Iterator[tuple]]:
                     parse_options=pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"),
                 )
             except pa.ArrowInvalid as e:
+                if id_type == pa.string() and f"Column(/{idf}) changed from string to number" in str(e):
+                    id_type = pa.int64()  # numeric ids: every line would fail; try them as integers
+                    continue
                 row = _ARROW_ERROR_ROW.search(str(e))  # may name the line after the bad one: both go below
                 bad = min(max(int(row.group(1)), 0), lines - 1) if row else None
                 if bad is None:
@@ -435,7 +440,7 @@ def _jsonl_pieces(chunk: Chunk) -> Iterator[pa.Table | Iterator[tuple]]:
                 return
             cut, end = _after_lines(block, bad), _after_lines(block, bad + 1)
             if cut:
-                yield from _jsonl_pieces(replace(chunk, first_no=no, lines=block[:cut], n_lines=0))
+                yield from _jsonl_pieces(replace(chunk, first_no=no, lines=block[:cut], n_lines=0), id_type)
             yield _jsonl_rows(replace(chunk, first_no=no + bad, lines=block[cut:end]))
             block, no = block[end:], no + bad + 1
             continue
@@ -444,7 +449,7 @@ def _jsonl_pieces(chunk: Chunk) -> Iterator[pa.Table | Iterator[tuple]]:
             return
         cols = {"no": pa.array(np.arange(no, no + lines, dtype=np.int64))}
         for role, name in (("uid", idf), ("title", tf), ("content", cf)):
-            cols[role] = table.column(name).combine_chunks() if name else pa.nulls(lines, pa.string())
+            cols[role] = table.column(name).combine_chunks().cast(pa.string()) if name else pa.nulls(lines, pa.string())
         cols["pre"] = pa.array(np.zeros(lines, bool))
         yield pa.table(cols, schema=RAW_SCHEMA)
         return
