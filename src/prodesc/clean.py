@@ -25,7 +25,7 @@ from __future__ import annotations
 import html
 import re
 import unicodedata
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 
 import yaml
@@ -38,6 +38,9 @@ _TAG_RE = re.compile(r"</?[A-Za-z][A-Za-z0-9]*\b[^<>]*>|<!--.*?-->", re.DOTALL)
 # Every entity html.unescape decodes starts so ("&#8217;", "&#x2019;", "&amp;"; all names start with a letter).
 _ENTITY_START_RE = re.compile("&[#A-Za-z]")
 _CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")
+_NON_SPACE_CONTROL_RE = re.compile("[\x00-\x08\x0e-\x1b\x7f]")  # ASCII controls that are not whitespace
+# html.unescape's own pattern (html._charref): an entity it may decode, named, decimal or hex.
+_CHARREF_RE = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)")
 # Invisible format characters and lone surrogates (from "\udXXX" JSON escapes; Parquet cannot store them).
 _DROP_RE = re.compile("[\u00ad\u200b-\u200d\u2060\ufeff\ud800-\udfff]")
 _NOT_ASCII_ALNUM_RE = re.compile("[^a-z0-9 ]")
@@ -48,7 +51,7 @@ def clean_text(text: str) -> str:
     # Each step is skipped when a cheap C-level test says it has nothing to do: this runs on ~2M records.
     rounds = _UNESCAPE_ROUNDS
     while "&" in text and rounds and _ENTITY_START_RE.search(text):  # "Tom & Jerry" has nothing to decode
-        decoded = html.unescape(text)
+        decoded = _CHARREF_RE.sub(_charref, text)  # = html.unescape(text), with each entity decoded once
         if decoded == text:
             break
         text, rounds = decoded, rounds - 1
@@ -58,7 +61,19 @@ def clean_text(text: str) -> str:
         text = unicodedata.normalize("NFKC", text)
     if text.isprintable() and "  " not in text:  # no tab, newline, control, odd space, soft hyphen...
         return text.strip()
+    if text.isascii():  # nothing to drop; str.split() already splits on \t \n \r \x0b \x0c \x1c-\x1f
+        return " ".join((_CONTROL_RE.sub(" ", text) if _NON_SPACE_CONTROL_RE.search(text) else text).split())
     return " ".join(_CONTROL_RE.sub(" ", _DROP_RE.sub("", text)).split())
+
+
+def _charref(match: re.Match) -> str:
+    return _unescape_one(match.group())
+
+
+@lru_cache(maxsize=4096)
+def _unescape_one(ref: str) -> str:
+    """One entity as html.unescape decodes it in context (its regex is greedy, so the match alone reads alike)."""
+    return html.unescape(ref)
 
 
 def lossy_ascii_lower(text: str) -> str:

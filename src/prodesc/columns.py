@@ -27,14 +27,32 @@ import xxhash
 from prodesc.clean import _rules, clean_text, family_key
 
 # Rows that clean_text only strips: printable ASCII, no double space, no entity or tag to decode.
-_NEEDS_PYTHON = r"[^\x20-\x7e]|  |&[#A-Za-z]|<[/A-Za-z!]"
+_NOT_PLAIN = r"[^\x20-\x7e]|  |&[#A-Za-z]|<[/A-Za-z!]"
+# Of the others, those that need clean_text itself: non-ASCII (NFKC), an entity or a tag to decode. The rest
+# have control characters or double spaces only: each run of them (and of spaces) becomes one space.
+_NEEDS_PYTHON = r"[^\x00-\x7f]|&[#A-Za-z]|<[/A-Za-z!]"
+_SPACE_RUN = r"[\x00-\x20\x7f]{2,}|[\x00-\x1f\x7f]"  # single spaces left alone: each replacement copies
 
 
 def clean_column(text: pa.Array) -> pa.Array:
     """`clean.clean_text` of every row (nulls become "")."""
-    text = pc.fill_null(text, "")
-    fast = pc.invert(pc.match_substring_regex(text, _NEEDS_PYTHON))
-    return _patch(pc.ascii_trim(text, " "), fast, text, clean_text)
+    if text.null_count:
+        text = pc.fill_null(text, "")
+    padded = pc.or_(pc.starts_with(text, " "), pc.ends_with(text, " "))
+    odd_rows = pc.or_(pc.match_substring_regex(text, _NOT_PLAIN), padded)
+    if not pc.any(odd_rows).as_py():
+        return text
+    odd = text.filter(odd_rows)  # only these are copied: Arrow's string kernels copy every row they touch
+    python = pc.match_substring_regex(odd, _NEEDS_PYTHON)
+    spaces = pc.invert(python)
+    cleaned = odd
+    if pc.any(spaces).as_py():
+        collapsed = pc.ascii_trim(pc.replace_substring_regex(odd.filter(spaces), _SPACE_RUN, " "), " ")
+        cleaned = pc.replace_with_mask(cleaned, spaces, collapsed)
+    if pc.any(python).as_py():
+        fixed = [clean_text(v) for v in odd.filter(python).to_pylist()]
+        cleaned = pc.replace_with_mask(cleaned, python, pa.array(fixed, pa.string()))
+    return pc.replace_with_mask(text, odd_rows, cleaned)
 
 
 def strip_ids(ids: pa.Array) -> pa.Array:
