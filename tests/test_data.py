@@ -564,6 +564,18 @@ def test_clean_column_equals_clean_text() -> None:
     assert got == [clean_text(t) for t in texts] + [""]
 
 
+def test_cached_entity_decoding_is_html_unescape() -> None:
+    import html
+
+    from prodesc import clean
+
+    titles, contents = _synth_texts(2000)
+    texts = _EDGE_TEXTS + titles + contents + ["&amplifier &quotation; &" + "a" * 40 + "; &#x110000; &#0; &#128;"]
+    assert [clean._CHARREF_RE.sub(clean._charref, t) for t in texts] == [html.unescape(t) for t in texts]
+    if hasattr(html, "_charref"):  # the pattern is html.unescape's own
+        assert clean._CHARREF_RE.pattern == html._charref.pattern
+
+
 def test_family_keys_title_keys_and_ids_equal_the_python_rules() -> None:
     from prodesc import columns
 
