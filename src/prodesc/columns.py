@@ -4,10 +4,10 @@
     keys = family_keys(titles)
 
 `prodesc data prepare` runs on millions of records; calling `clean_text` and `family_key` once per record in
-Python is most of its time. Here a row of printable ASCII with nothing to decode (no `&` entity, no tag, no
-double space) is found by one RE2 match over the column and only trimmed, and an ASCII title gets its family
-key from the same regexes
-as `clean.family_key` (RE2 and Python's `re` match alike on ASCII, with leftmost-first alternation). Every other
+Python is most of its time. Here one RE2 match over the column finds the rows of plain printable ASCII, which
+pass through (trimmed if they start or end with a space); ASCII rows whose only mess is runs of whitespace or
+control characters are collapsed by RE2; an ASCII title gets its family key from the same regexes as
+`clean.family_key` (RE2 and Python's `re` match alike on ASCII, with leftmost-first alternation). Every other
 row (entities, tags, non-ASCII text that needs NFKC, keys that fall back to the whole title) goes through
 `clean.py` itself, so the output is identical to calling it on every row; tests/test_data.py checks that on
 the synthetic corpus, edge cases included.

@@ -348,8 +348,8 @@ def _role(src: Source, name: str) -> str:
 
 
 def raw_records(chunk: Chunk, strict: bool) -> tuple[pa.Table, int, list[str]]:
-    """The chunk's well-formed records as a table (no, uid, title, content; text or null), records read, and
-    the locations of malformed ones."""
+    """The chunk's well-formed records as a table (RAW_SCHEMA: no, uid, title, content as text or null, pre),
+    records read, and the locations of malformed ones."""
     pieces, read, bad = [], 0, []
     for piece in _jsonl_pieces(chunk) if chunk.lines else [chunk.rows]:
         if isinstance(piece, pa.Table):
@@ -393,7 +393,7 @@ def _utf8able(value: str | None) -> bool:
 
 def _pre_clean(row: tuple) -> tuple:
     no, uid, title, content, _ = row
-    uid = uid or ""
+    uid = uid or ""  # the id rule of columns.strip_ids, on one value
     return (no, uid.strip() if uid.isascii() else clean_text(uid), clean_text(title), clean_text(content), True)
 
 
