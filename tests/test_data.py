@@ -244,9 +244,21 @@ def test_prepare_in_worker_processes_gives_the_same_bytes(
     monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 0)
     monkeypatch.setattr(readers, "BLOCK_BYTES", 64 << 10)  # many chunks, row groups still fixed
     monkeypatch.setattr(data, "worker_count", lambda total: 2)
+    shipped = []  # blocks reach the workers through shared slots, each slot reused many times
+    to_shared = readers.to_shared
+    monkeypatch.setattr(readers, "to_shared", lambda *a: shipped.append(to_shared(*a)) or shipped[-1])
     data.prepare([synth_catalog], tmp_path / "par", DataConfig(val_fraction=0.2, test_fraction=0.2))
     for f in synth_prepared.iterdir():
         assert (tmp_path / "par" / f.name).read_bytes() == f.read_bytes(), f.name
+    slots = [c.shared[0] for c in shipped if c.shared]
+    assert len(slots) == len(shipped) > 3 * len(set(slots)), (len(shipped), set(slots))
+
+
+def test_shared_slots_hand_over_blocks_and_refuse_oversized_ones() -> None:
+    slots = parallel.SharedSlots(slots=3, slot_bytes=8)
+    assert [slots.put(i, bytes([i]) * 8) for i in range(4)] == [0, 1, 2, 0]
+    assert slots.take(0, 8) == bytes([3]) * 8 and slots.take(2, 3) == bytes([2]) * 3
+    assert slots.put(5, b"x" * 9) is None  # sent through the pipe instead
 
 
 def test_failed_write_leaves_no_output_and_no_temp_dir(

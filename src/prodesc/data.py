@@ -56,7 +56,7 @@ from prodesc import columns, readers
 from prodesc.clean import lossy_ascii_lower
 from prodesc.config import DataConfig
 from prodesc.errors import ProdescError
-from prodesc.parallel import ordered_map, terminate_as_interrupt, worker_count, worker_pool
+from prodesc.parallel import ordered_map, shared_slots, terminate_as_interrupt, worker_count, worker_pool
 from prodesc.readers import Chunk, Source
 from prodesc.synth import synth
 
@@ -137,12 +137,17 @@ def _scan(sources: list[Source], cfg: DataConfig, work: Path) -> _Scan:
     total = sum(s.path.stat().st_size for s in sources)
     opts = (cfg.min_content_chars, cfg.lossy_ascii_lower, cfg.strict, cfg.split_salt.encode() + b"\0")
     scan, workers = _Scan(), worker_count(total)
+    in_flight = 2 * workers
     with (
+        shared_slots(in_flight, 2 * readers.BLOCK_BYTES, workers) as slots,  # before the pool forks
         worker_pool(workers) as pool,
         tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=None, file=sys.stderr) as bar,
     ):
-        tasks = ((c, opts, work / f"part-{i:06d}.arrow") for i, c in enumerate(readers.chunks(sources, bar)))
-        for res in ordered_map(pool, _process_chunk, tasks, 2 * workers):
+        tasks = (
+            (readers.to_shared(c, slots, i), opts, work / f"part-{i:06d}.arrow")
+            for i, c in enumerate(readers.chunks(sources, bar))
+        )
+        for res in ordered_map(pool, _process_chunk, tasks, in_flight):
             scan.read += res["read"]
             for k, v in res["counts"].items():
                 scan.counts[k] += v

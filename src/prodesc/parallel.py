@@ -3,10 +3,13 @@
 with worker_pool(worker_count(total_bytes)) as pool:
     for result in ordered_map(pool, fn, tasks, in_flight=4):
         ...
+
+Large inputs can reach the workers through `shared_slots` (made before the pool forks) instead of the pipe.
 """
 
 from __future__ import annotations
 
+import mmap
 import multiprocessing
 import os
 import signal
@@ -76,6 +79,58 @@ def ordered_map(pool: ProcessPoolExecutor | None, fn: Callable, tasks: Iterator,
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
+
+
+class SharedSlots:
+    """Fixed-size slots in one anonymous shared mapping, inherited by workers forked after it was made.
+
+    A block goes to a worker as (slot, length): `put` copies it in, the worker's `take` copies it out (~0.1 ms
+    per 4 MiB each), where pickling it through the pipe cost ~2 CPU-seconds per corpus in the parent alone.
+    Task i uses slot i % slots, written again by task i + slots: safe because `ordered_map` keeps fewer than
+    `slots` tasks in flight, and a task is done before its result comes back."""
+
+    def __init__(self, slots: int, slot_bytes: int) -> None:
+        self.slots, self.slot_bytes = slots, slot_bytes
+        self.mm = mmap.mmap(-1, slots * slot_bytes)  # MAP_SHARED | MAP_ANONYMOUS: shared with forked children
+
+    def put(self, i: int, data: bytes) -> int | None:
+        """Copy data into task i's slot; the slot, or None when data is larger than a slot (send it as is)."""
+        if len(data) > self.slot_bytes:
+            return None
+        slot = i % self.slots
+        start = slot * self.slot_bytes
+        self.mm[start : start + len(data)] = data
+        return slot
+
+    def take(self, slot: int, n: int) -> bytes:
+        start = slot * self.slot_bytes
+        return self.mm[start : start + n]
+
+
+_SLOTS: SharedSlots | None = None  # set by shared_slots in the parent, inherited by forked workers
+
+
+@contextmanager
+def shared_slots(in_flight: int, slot_bytes: int, workers: int) -> Iterator[SharedSlots | None]:
+    """Slots for `ordered_map(..., in_flight)` over `workers` processes: enter before `worker_pool`.
+    None for one process, or where workers are spawned (not forked) and could not inherit the mapping."""
+    global _SLOTS
+    if workers <= 1 or sys.platform != "linux":
+        yield None
+        return
+    _SLOTS = SharedSlots(in_flight + 1, slot_bytes)
+    try:
+        yield _SLOTS
+    finally:
+        _SLOTS.mm.close()
+        _SLOTS = None
+
+
+def take_shared(slot: int, n: int) -> bytes:
+    """In a worker: the n bytes the parent put in `slot`."""
+    if _SLOTS is None:
+        raise RuntimeError("take_shared outside a worker forked inside shared_slots")
+    return _SLOTS.take(slot, n)
 
 
 def worker_count(total_bytes: int) -> int:
