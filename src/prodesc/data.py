@@ -282,24 +282,25 @@ def _write_splits(scan: _Scan, keep: np.ndarray, rep: np.ndarray, cfg: DataConfi
     writers = {s: _SplitWriter(tmp / f"{s}.parquet") for s in SPLITS}
     k = offset = 0
     try:
-        for part, n in scan.parts:
-            table = _read_part(part, ["uid", "title", "content", "fkey_text"]).filter(
-                pa.array(keep[offset : offset + n])
-            )
-            offset, span = offset + n, slice(k, k + len(table))
-            family = table.column("fkey_text")
+        for part, n in scan.parts:  # each row is copied once, into its split (filters copy every row they keep)
+            table = _read_part(part, ["uid", "title", "content", "fkey_text"])
+            kept = np.flatnonzero(keep[offset : offset + n])  # part rows of kept records k, k + 1, ...
+            offset, span = offset + n, slice(k, k + len(kept))
+            family = table.column("fkey_text").combine_chunks()
             for i in np.flatnonzero(needed[span]).tolist():
-                names[k + i] = family[i].as_py()
+                names[k + i] = family[int(kept[i])].as_py()
             others = np.flatnonzero(~own[span])
             if len(others):
-                values = family.to_pylist()
-                for i, r in zip(others.tolist(), rep[span][others].tolist(), strict=True):
-                    values[i] = names[r]
-                family = pa.array(values, pa.string())
+                mask = np.zeros(n, bool)
+                mask[kept[others]] = True
+                values = pa.array([names[r] for r in rep[span][others].tolist()], pa.string())
+                family = pc.replace_with_mask(family, pa.array(mask), values)
             table = table.drop_columns(["fkey_text"]).append_column("family", family)
+            split = np.full(n, -1, np.int8)  # dropped records: no split
+            split[kept] = which[span]
             for i, s in enumerate(SPLITS):
-                writers[s].add(table.filter(pa.array(which[span] == i)))
-            k += len(table)
+                writers[s].add(table.filter(pa.array(split == i)))
+            k += len(kept)
         for w in writers.values():
             w.close()
     except BaseException:
