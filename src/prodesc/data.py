@@ -23,7 +23,8 @@ or size words, no punctuation or trailing numbers), or when their cleaned conten
 blurbs), transitively (union-find). A family is named by the key of its first record, and goes to test when
 blake2b(split_salt, family) / 2**64 < test_fraction, to val when below test_fraction + val_fraction, else train.
 
-Two passes: (1) stream the inputs in chunks (`readers`; 2 worker processes on large inputs, `parallel`), clean
+Two passes: (1) stream the inputs in chunks (`readers`; on large inputs 2 worker processes, which get the blocks
+through shared memory, `parallel`), clean
 whole columns (`columns`: Arrow kernels where they give clean.py's exact result, clean.py for the other rows),
 write kept records to Arrow files in a temporary directory and keep only hashes; dedupe and union-find on the
 hashes; (2) stream the Arrow files into DIR/{train,val,test}.parquet (uid, title, content, family), encoded by
