@@ -26,9 +26,9 @@ blake2b(split_salt, family) / 2**64 < test_fraction, to val when below test_frac
 Two passes: (1) stream the inputs in chunks (`readers`; on large inputs 2 worker processes, which get the blocks
 through shared memory, `parallel`), clean whole columns (`columns`: Arrow kernels where they give clean.py's
 exact result, clean.py for the other rows), write kept records to Arrow files in a temporary directory and keep
-only hashes; dedupe and union-find on the hashes; (2) stream the Arrow files into DIR/{train,val,test}.parquet (uid, title, content, family), encoded by
-a thread while the next part is filtered. Also DIR/stats.json and DIR/config.resolved.yaml. Same inputs and
-options give byte-identical files. DIR appears only when complete.
+only hashes; dedupe and union-find on the hashes; (2) stream the Arrow files into DIR/{train,val,test}.parquet
+(uid, title, content, family), encoded by a thread while the next part is filtered. Also DIR/stats.json and
+DIR/config.resolved.yaml. Same inputs and options give byte-identical files. DIR appears only when complete.
 """
 
 from __future__ import annotations
