@@ -22,6 +22,9 @@ from contextlib import contextmanager
 from typing import Any
 
 PARALLEL_MIN_BYTES = 32 << 20  # below this, worker start-up costs more than it saves
+# fork on Linux: spawn would re-run the caller's __main__ (scripts without an `if __name__ == "__main__"` guard
+# break), and forked workers inherit `shared_slots`.
+_START_METHOD = "fork" if sys.platform == "linux" else "spawn"
 
 
 @contextmanager
@@ -45,16 +48,15 @@ def terminate_as_interrupt() -> Iterator[None]:
 def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
     """`workers` processes (None for 1), started now: before the caller opens files or starts threads.
 
-    fork on Linux: spawn would re-run the caller's __main__ (scripts without an `if __name__ == "__main__"`
-    guard break). Workers ignore Ctrl-C: the parent stops them, after their current task. Keep task results
-    small (a few KiB pickled): a worker killed while sending a large one leaves half a message in the pipe,
-    and concurrent.futures then waits for the rest forever.
+    Forked on Linux (see _START_METHOD). Workers ignore Ctrl-C: the parent stops them, after their current task.
+    Keep task results small (a few KiB pickled): a worker killed while sending a large one leaves half a message
+    in the pipe, and concurrent.futures then waits for the rest forever.
     """
     if workers <= 1:
         yield None
         return
-    method = "fork" if sys.platform == "linux" else "spawn"
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_worker_init)
+    context = multiprocessing.get_context(_START_METHOD)
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init)
     try:
         pool.submit(int).result()
         yield pool
@@ -115,7 +117,7 @@ def shared_slots(in_flight: int, slot_bytes: int, workers: int) -> Iterator[Shar
     """Slots for `ordered_map(..., in_flight)` over `workers` processes: enter before `worker_pool`.
     None for one process, or where workers are spawned (not forked) and could not inherit the mapping."""
     global _SLOTS
-    if workers <= 1 or sys.platform != "linux":
+    if workers <= 1 or _START_METHOD != "fork":
         yield None
         return
     _SLOTS = SharedSlots(in_flight + 1, slot_bytes)
