@@ -696,3 +696,25 @@ def test_damaged_gz_is_a_user_error(tmp_path: Path, damage: str) -> None:
         data.prepare([path], tmp_path / "out", DataConfig())
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_split_files_do_not_depend_on_how_parts_were_cut(tmp_path: Path) -> None:
+    rows = 3000  # ~6 MB of content: several Parquet pages, whose cuts must not follow the parts' boundaries
+    table = pa.table(
+        {
+            "uid": [f"{i:06d}" for i in range(rows)],
+            "title": [f"Title {i}" for i in range(rows)],
+            "content": [f"content {i} " * (150 + i % 50) for i in range(rows)],
+            "family": [f"title {i}" for i in range(rows)],
+        }
+    )
+    written = []
+    for part_rows in (rows, 37, 500):
+        path = tmp_path / f"parts-{part_rows}.parquet"
+        writer = data._SplitWriter(path)
+        for start in range(0, rows, part_rows):
+            writer.add(table.slice(start, part_rows))
+        writer.close()
+        written.append(path.read_bytes())
+    assert pq.read_table(tmp_path / "parts-37.parquet").equals(table)
+    assert written[0] == written[1] == written[2]

@@ -347,8 +347,14 @@ class _SplitWriter:
         if full:
             while len(self.pending) > 1:  # at most two row groups in memory ahead of the disk
                 self.pending.popleft().result()
-            self.pending.append(self.thread.submit(self.writer.write_table, table.slice(0, full), _ROW_GROUP))
+            self.pending.append(self.thread.submit(self._write, table.slice(0, full)))
         self.buffer, self.rows = [table.slice(full)], len(table) - full
+
+    def _write(self, table: pa.Table) -> None:
+        """Row groups of one contiguous chunk each: Parquet cuts pages at Arrow chunk boundaries too, so the
+        bytes would otherwise depend on how the input was cut into parts."""
+        for start in range(0, len(table), _ROW_GROUP):
+            self.writer.write_table(table.slice(start, _ROW_GROUP).combine_chunks(), _ROW_GROUP)
 
 
 def _stats(
