@@ -31,3 +31,27 @@ def test_demo_prints_before_after_and_the_eval_table(tiny_run, tiny_data, tmp_pa
     assert "before (base) vs after (fine-tuned)" in out and "reference:" in out
     assert out.rstrip().splitlines()[-1].startswith("retrieval")
     assert "finetuned" in out and (tmp_path / "report" / "report.html").exists()
+
+
+def test_data_prepare_keeps_config_values_unless_a_flag_is_given(tmp_path):
+    import yaml
+
+    from prodesc import data
+
+    catalog = tmp_path / "catalog.json.gz"
+    data.synth(300, catalog, seed=0)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data:\n  val_fraction: 0.3\n  test_fraction: 0.25\n  strict: true\n  min_content_chars: 5\n")
+
+    def resolved(out: str, *flags: str) -> dict:
+        args = ["data", "prepare", str(catalog), "--out", str(tmp_path / out), "--config", str(cfg), *flags]
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, res.output
+        return yaml.safe_load((tmp_path / out / "config.resolved.yaml").read_text())["data"]
+
+    from_file = resolved("a")
+    assert (from_file["val_fraction"], from_file["test_fraction"], from_file["strict"]) == (0.3, 0.25, True)
+    assert (from_file["min_content_chars"], from_file["workers"]) == (5, 0)
+    flagged = resolved("b", "--val-fraction", "0.1", "--no-strict", "--min-content-chars", "2", "--workers", "1")
+    assert (flagged["val_fraction"], flagged["test_fraction"], flagged["strict"]) == (0.1, 0.25, False)
+    assert (flagged["min_content_chars"], flagged["workers"]) == (2, 1)

@@ -241,15 +241,16 @@ def test_prepare_is_deterministic(synth_catalog: Path, synth_prepared: Path, tmp
 def test_prepare_in_worker_processes_gives_the_same_bytes(
     synth_catalog: Path, synth_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 0)
     monkeypatch.setattr(readers, "BLOCK_BYTES", 64 << 10)  # many chunks, row groups still fixed
-    monkeypatch.setattr(data, "worker_count", lambda total: 2)
     shipped = []  # blocks reach the workers through shared slots, each slot reused many times
     to_shared = readers.to_shared
     monkeypatch.setattr(readers, "to_shared", lambda *a: shipped.append(to_shared(*a)) or shipped[-1])
-    data.prepare([synth_catalog], tmp_path / "par", DataConfig(val_fraction=0.2, test_fraction=0.2))
-    for f in synth_prepared.iterdir():
+    data.prepare([synth_catalog], tmp_path / "par", DataConfig(val_fraction=0.2, test_fraction=0.2, workers=2))
+    for f in synth_prepared.glob("*.parquet"):
         assert (tmp_path / "par" / f.name).read_bytes() == f.read_bytes(), f.name
+    stats = json.loads((tmp_path / "par" / "stats.json").read_text())
+    assert stats.pop("config")["workers"] == 2  # the only difference: the option itself
+    assert stats == {k: v for k, v in json.loads((synth_prepared / "stats.json").read_text()).items() if k != "config"}
     slots = [c.shared[0] for c in shipped if c.shared]
     assert len(slots) == len(shipped) > 3 * len(set(slots)), (len(shipped), set(slots))
 

@@ -63,15 +63,17 @@ def data_prepare(
     title_field: Annotated[str | None, typer.Option(help="Title column (auto: title, instruction).")] = None,
     content_field: Annotated[str | None, typer.Option(help="Content column (auto: content, output).")] = None,
     id_field: Annotated[str | None, typer.Option(help="Id column (auto: uid, id).")] = None,
-    min_content_chars: Annotated[int, typer.Option(help="Drop records with shorter cleaned content.")] = 1,
-    val_fraction: Annotated[float, typer.Option(help="Share of title families in val.")] = 0.05,
-    test_fraction: Annotated[float, typer.Option(help="Share of title families in test.")] = 0.05,
+    # Options left out stay None, so --config's values hold unless a flag is given (defaults: DataConfig).
+    min_content_chars: Annotated[int | None, typer.Option(help="Drop shorter cleaned contents (default 1).")] = None,
+    val_fraction: Annotated[float | None, typer.Option(help="Share of families in val (default 0.05).")] = None,
+    test_fraction: Annotated[float | None, typer.Option(help="Share of families in test (default 0.05).")] = None,
     lossy_ascii_lower: Annotated[
-        bool, typer.Option(help="LOSSY notebook normalisation: lowercase, ASCII only.")
-    ] = False,
+        bool | None, typer.Option(help="LOSSY notebook normalisation: lowercase, ASCII only (default off).")
+    ] = None,
     strict: Annotated[
-        bool, typer.Option(help="Fail on the first malformed line (file:line) instead of skipping.")
-    ] = False,
+        bool | None, typer.Option(help="Fail on the first malformed line (file:line), don't skip (default off).")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes (default 0 = 1 per core, at most 8).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out directory.")] = False,
     config: ConfigOpt = None,
     set_: Sets = None,
@@ -89,6 +91,7 @@ def data_prepare(
         test_fraction=test_fraction,
         lossy_ascii_lower=lossy_ascii_lower,
         strict=strict,
+        workers=workers,
     )
     overrides = [f"data.{k}={_yaml(v)}" for k, v in flags.items() if v is not None] + list(set_ or [])
     cfg = _run(cfgmod.load, config, overrides)

@@ -40,6 +40,9 @@ class DataConfig(_Stage):
         description="LOSSY: the notebook's lowercase + ASCII-only text. Destroys accents and punctuation.",
     )
     strict: bool = Field(False, description="Fail on the first malformed line instead of skipping it.")
+    workers: int = Field(
+        0, ge=0, description="Worker processes for large inputs (0: one per CPU core, at most 8; 1: none)."
+    )
 
 
 class ModelConfig(_Stage):

@@ -136,7 +136,7 @@ def _scan(sources: list[Source], cfg: DataConfig, work: Path) -> _Scan:
     work.mkdir()
     total = sum(s.path.stat().st_size for s in sources)
     opts = (cfg.min_content_chars, cfg.lossy_ascii_lower, cfg.strict, cfg.split_salt.encode() + b"\0")
-    scan, workers = _Scan(), worker_count(total)
+    scan, workers = _Scan(), worker_count(total, cfg.workers)
     in_flight = 2 * workers
     with (
         shared_slots(in_flight, 2 * readers.BLOCK_BYTES, workers) as slots,  # before the pool forks

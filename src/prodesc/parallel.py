@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import Any
 
 PARALLEL_MIN_BYTES = 32 << 20  # below this, worker start-up costs more than it saves
+MAX_AUTO_WORKERS = 8  # past this the parent (gunzip, cutting blocks) cannot feed more: see docs/PERFORMANCE.md
 # fork on Linux: spawn would re-run the caller's __main__ (scripts without an `if __name__ == "__main__"` guard
 # break), and forked workers inherit `shared_slots`.
 _START_METHOD = "fork" if sys.platform == "linux" else "spawn"
@@ -135,8 +136,11 @@ def take_shared(slot: int, n: int) -> bytes:
     return _SLOTS.take(slot, n)
 
 
-def worker_count(total_bytes: int) -> int:
+def worker_count(total_bytes: int, requested: int = 0) -> int:
+    """`requested` processes if set (1: none), else one per CPU core, at most MAX_AUTO_WORKERS; 1 for small inputs."""
+    if requested:
+        return requested
     if total_bytes < PARALLEL_MIN_BYTES:
         return 1
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cpus, 4))
+    return max(1, min(cpus, MAX_AUTO_WORKERS))
