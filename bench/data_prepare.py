@@ -2,6 +2,7 @@
 
     python bench/data_prepare.py                                      # 2,248,619 lines, pandas on all if it fits
     python bench/data_prepare.py --lines 200000 --pandas-lines 50000  # quick look
+    python bench/data_prepare.py --workers 0,1,2,4,8                  # scaling: one prodesc run per --workers
 
 The corpus comes from `prodesc data synth` (seed 0, 100 malformed lines), made once into bench/.cache/
 (gitignored). prodesc runs end to end as a subprocess (`python -m prodesc.cli data prepare CORPUS --out DIR`):
@@ -49,13 +50,15 @@ def main() -> None:
     ap.add_argument("--lines", type=int, default=LF_AMAZON_LINES, help="Corpus size (lines).")
     ap.add_argument("--pandas-lines", type=int, default=0, help="pandas prefix (0: all if it fits).")
     ap.add_argument("--out", type=Path, default=RESULTS, help="Where to write the JSON results.")
+    ap.add_argument("--workers", default="0", help="Comma list of `--workers` values, one run each (0: auto).")
     ap.add_argument("--pandas-only", metavar="JSONL", help=argparse.SUPPRESS)  # internal: one pandas timing
     args = ap.parse_args()
     if args.pandas_only:
         return pandas_only(args.pandas_only)
 
     corpus, synth_s = ensure_corpus(args.lines)
-    prodesc = time_prodesc(corpus)
+    runs = [{"workers": int(w), **time_prodesc(corpus, int(w))} for w in args.workers.split(",")]
+    prodesc = runs[0]  # the headline figures: the first --workers value (0, auto, by default)
     pandas_lines = args.pandas_lines or (args.lines if _pandas_fits(args.lines) else 200_000)
     pandas = time_pandas(corpus, pandas_lines)
     result = {
@@ -73,11 +76,29 @@ def main() -> None:
         "load_avg_before": prodesc["load_avg_before"],
         "synth_s": synth_s,
         "machine": f"{os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}",
+        "versions": _versions(),
     }
     result["ratio"] = round(result["pandas_s_per_mline"] / result["prodesc_s_per_mline"], 1)
+    if len(runs) > 1:
+        result["by_workers"] = [
+            {
+                "workers": r["workers"],
+                "wall_s": round(r["wall_s"], 2),
+                "cpu_s": round(r["cpu_s"], 2),
+                "peak_tree_rss_gib": round(r["peak_tree_rss_gib"], 3),
+                "ratio": round(result["pandas_s_per_mline"] / (r["wall_s"] / args.lines * 1e6), 1),
+            }
+            for r in runs
+        ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     report(result)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("pyarrow", "pandas", "numpy", "isal", "xxhash")}
 
 
 def _pandas_fits(lines: int) -> bool:
@@ -99,7 +120,7 @@ def ensure_corpus(lines: int) -> tuple[Path, float | None]:
     return corpus, round(time.perf_counter() - started, 1)
 
 
-def time_prodesc(corpus: Path) -> dict:
+def time_prodesc(corpus: Path, workers: int = 0) -> dict:
     """One end-to-end run in a fresh process; its getrusage(RUSAGE_CHILDREN) is this run's alone."""
     probe = (
         "import json, resource, subprocess, sys, time\n"
@@ -111,6 +132,7 @@ def time_prodesc(corpus: Path) -> dict:
     )
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         cmd = [sys.executable, "-m", "prodesc.cli", "data", "prepare", str(corpus), "--out", f"{tmp}/out"]
+        cmd += ["--workers", str(workers)] if workers else []
         load = round(os.getloadavg()[0], 2)
         proc = subprocess.Popen([sys.executable, "-c", probe, *cmd], stdout=subprocess.PIPE, text=True)
         tree_peak = TreeRss(proc.pid)
@@ -225,6 +247,8 @@ def report(r: dict) -> None:
         for key, target in TARGETS.items():
             ok = r[key] >= target if key == "ratio" else r[key] <= target
             print(f"target {key} {'>=' if key == 'ratio' else '<='} {target}: {'met' if ok else 'MISSED'} ({r[key]})")
+    for run in r.get("by_workers", []):
+        print(f"--workers {run['workers']}: {run['wall_s']} s wall, {run['cpu_s']} s CPU, {run['ratio']}x pandas")
 
 
 if __name__ == "__main__":
