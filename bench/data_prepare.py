@@ -11,7 +11,7 @@ whole process tree (sampled from /proc every 0.1 s). The notebook's way runs in 
 whole corpus when its ~6 GiB per million lines fit in the memory available, else on the first 200,000 lines
 (or --pandas-lines), copied into a .json.gz of their own (the same format as prodesc's input; malformed
 lines left out, as pandas aborts on them): pd.read_json(lines=True) on it, then the same cleaning as prodesc
-(`prodesc.clean.clean_text`) with .apply on title and content, drop empty titles/contents, drop_duplicates; it
+(`prodesc.data.clean.clean_text`) with .apply on title and content, drop empty titles/contents, drop_duplicates; it
 writes nothing. That is `pandas_s_per_mline`, the ratio's reference. The notebook's own cleaning (html.unescape
 + lowercase + re.sub("[^a-z0-9 ]", "")) is timed too, as `pandas_notebook_s_per_mline`. All are reported in
 seconds per million lines, pandas with its peak RSS on the prefix. Results go to bench/results/data_prepare.json;
@@ -214,7 +214,7 @@ def time_pandas(corpus: Path, lines: int) -> dict:
 def pandas_only(path: str) -> None:
     import pandas as pd
 
-    from prodesc.clean import clean_text
+    from prodesc.data.clean import clean_text
 
     not_alnum = re.compile("[^a-z0-9 ]")
 

@@ -13,10 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from prodesc import data, parallel, readers
-from prodesc.clean import clean_text, family_key, lossy_ascii_lower
 from prodesc.cli import app
 from prodesc.config import DataConfig
+from prodesc.data import parallel, readers
+from prodesc.data import prepare as data
+from prodesc.data.clean import clean_text, family_key, lossy_ascii_lower
+from prodesc.data.prepare import prepare
+from prodesc.data.synth import synth
 from prodesc.errors import ProdescError
 
 JUDITH = "Judith Kerr\u2019s best\u2013selling adventures"
@@ -44,14 +47,14 @@ def _split_of(out: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def synth_catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("synth") / "catalog.json.gz"
-    data.synth(4000, path, seed=1, malformed=4)
+    synth(4000, path, seed=1, malformed=4)
     return path
 
 
 @pytest.fixture(scope="module")
 def synth_prepared(synth_catalog: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "data"
-    data.prepare([synth_catalog], out, DataConfig(val_fraction=0.2, test_fraction=0.2))
+    prepare([synth_catalog], out, DataConfig(val_fraction=0.2, test_fraction=0.2))
     return out
 
 
@@ -144,7 +147,7 @@ def test_family_key_falls_back_to_the_title() -> None:
 
 def test_prepare_keeps_uid_leading_zeros(tmp_path: Path) -> None:
     src = _jsonl(tmp_path / "trn.json", [_rec("0000031909", "A", "x"), _rec("000100039X", "B", "y")])
-    data.prepare([src], tmp_path / "out", DataConfig(val_fraction=0, test_fraction=0))
+    prepare([src], tmp_path / "out", DataConfig(val_fraction=0, test_fraction=0))
     table = pq.read_table(tmp_path / "out" / "train.parquet")
     assert table.schema.field("uid").type == pa.string()
     assert table.column("uid").to_pylist() == ["0000031909", "000100039X"]
@@ -158,7 +161,7 @@ def test_dedupe_result_is_used(tmp_path: Path) -> None:
         _rec("4", "Other", "A &amp; B"),
         _rec("5", "Other", "A & B"),  # duplicate once cleaned
     ]
-    stats = data.prepare([_jsonl(tmp_path / "trn.json", records)], tmp_path / "out", DataConfig())
+    stats = prepare([_jsonl(tmp_path / "trn.json", records)], tmp_path / "out", DataConfig())
     rows = _rows(tmp_path / "out")
     assert sorted(r["uid"] for r in rows) == ["1", "4"]
     assert stats["dropped"]["duplicate_record"] == 2 and stats["dropped"]["duplicate_title"] == 1
@@ -167,14 +170,14 @@ def test_dedupe_result_is_used(tmp_path: Path) -> None:
 
 def test_html_entities_decoded_not_destroyed(tmp_path: Path) -> None:
     src = _jsonl(tmp_path / "trn.json", [_rec("1", "Mog&#8217;s Kittens", "Kerr&#8217;s best&#8211;selling")])
-    data.prepare([src], tmp_path / "out", DataConfig(val_fraction=0, test_fraction=0))
+    prepare([src], tmp_path / "out", DataConfig(val_fraction=0, test_fraction=0))
     [row] = _rows(tmp_path / "out")
     assert row["title"] == "Mog\u2019s Kittens" and row["content"] == "Kerr\u2019s best\u2013selling"
 
 
 def test_lossy_ascii_lower_option(tmp_path: Path) -> None:
     src = _jsonl(tmp_path / "trn.json", [_rec("1", "Mog&#8217;s Kittens", "Kerr&#8217;s BEST")])
-    data.prepare([src], tmp_path / "out", DataConfig(lossy_ascii_lower=True, val_fraction=0, test_fraction=0))
+    prepare([src], tmp_path / "out", DataConfig(lossy_ascii_lower=True, val_fraction=0, test_fraction=0))
     [row] = _rows(tmp_path / "out")
     assert (row["title"], row["content"]) == ("mogs kittens", "kerrs best")
 
@@ -196,7 +199,7 @@ def test_no_family_in_two_splits_real_sample(shared_dir: Path, tmp_path: Path) -
     src = shared_dir / "data" / "lf_amazon_first400.json"
     for salt in ("a", "b", "c", "d"):  # several splits: the tutus are together in each
         out = tmp_path / salt
-        data.prepare([src], out, DataConfig(val_fraction=0.3, test_fraction=0.3, split_salt=salt))
+        prepare([src], out, DataConfig(val_fraction=0.3, test_fraction=0.3, split_salt=salt))
         where = {
             r["title"]: (s, r["family"]) for s in data.SPLITS for r in pq.read_table(out / f"{s}.parquet").to_pylist()
         }
@@ -206,7 +209,7 @@ def test_no_family_in_two_splits_real_sample(shared_dir: Path, tmp_path: Path) -
 def test_series_blurb_joins_a_family(tmp_path: Path) -> None:
     blurb = "Part of the bestselling Moon series."
     records = [_rec("1", "Alpha Quest", blurb), _rec("2", "Beta Journey", blurb), _rec("3", "Beta Journey 2", "x")]
-    data.prepare([_jsonl(tmp_path / "t.jsonl", records)], tmp_path / "out", DataConfig())
+    prepare([_jsonl(tmp_path / "t.jsonl", records)], tmp_path / "out", DataConfig())
     families = {r["uid"]: r["family"] for r in _rows(tmp_path / "out")}
     assert families == {"1": "alpha quest", "2": "alpha quest", "3": "alpha quest"}  # transitive, first key
 
@@ -233,7 +236,7 @@ def test_prepare_outputs_and_stats(synth_prepared: Path) -> None:
 
 
 def test_prepare_is_deterministic(synth_catalog: Path, synth_prepared: Path, tmp_path: Path) -> None:
-    data.prepare([synth_catalog], tmp_path / "again", DataConfig(val_fraction=0.2, test_fraction=0.2))
+    prepare([synth_catalog], tmp_path / "again", DataConfig(val_fraction=0.2, test_fraction=0.2))
     for f in synth_prepared.iterdir():
         assert (tmp_path / "again" / f.name).read_bytes() == f.read_bytes(), f.name
 
@@ -245,7 +248,7 @@ def test_prepare_in_worker_processes_gives_the_same_bytes(
     shipped = []  # blocks reach the workers through shared slots, each slot reused many times
     to_shared = readers.to_shared
     monkeypatch.setattr(readers, "to_shared", lambda *a: shipped.append(to_shared(*a)) or shipped[-1])
-    data.prepare([synth_catalog], tmp_path / "par", DataConfig(val_fraction=0.2, test_fraction=0.2, workers=2))
+    prepare([synth_catalog], tmp_path / "par", DataConfig(val_fraction=0.2, test_fraction=0.2, workers=2))
     for f in synth_prepared.glob("*.parquet"):
         assert (tmp_path / "par" / f.name).read_bytes() == f.read_bytes(), f.name
     stats = json.loads((tmp_path / "par" / "stats.json").read_text())
@@ -270,7 +273,7 @@ def test_failed_write_leaves_no_output_and_no_temp_dir(
 
     monkeypatch.setattr(pq.ParquetWriter, "write_table", boom)
     with pytest.raises(OSError, match="disk full"):
-        data.prepare([synth_catalog], tmp_path / "out", DataConfig())
+        prepare([synth_catalog], tmp_path / "out", DataConfig())
     assert list(tmp_path.iterdir()) == []
 
 
@@ -280,9 +283,9 @@ def test_existing_out_is_refused_unless_overwrite(tmp_path: Path) -> None:
     out.mkdir()
     (out / "old.txt").write_text("old")
     with pytest.raises(ProdescError, match="--overwrite"):
-        data.prepare([src], out, DataConfig())
+        prepare([src], out, DataConfig())
     assert (out / "old.txt").exists()
-    data.prepare([src], out, DataConfig(), overwrite=True)
+    prepare([src], out, DataConfig(), overwrite=True)
     assert not (out / "old.txt").exists() and (out / "train.parquet").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "trn.json"]
 
@@ -299,7 +302,7 @@ def _broken(tmp_path: Path) -> Path:
 
 def test_malformed_lines_are_skipped_and_counted(tmp_path: Path) -> None:
     src = _broken(tmp_path)
-    stats = data.prepare([src], tmp_path / "out", DataConfig())
+    stats = prepare([src], tmp_path / "out", DataConfig())
     assert stats["kept"] == 1 and stats["dropped"]["malformed"] == 3
     assert stats["malformed"]["first"] == [f"{src}:2", f"{src}:3", f"{src}:4"]
 
@@ -307,13 +310,13 @@ def test_malformed_lines_are_skipped_and_counted(tmp_path: Path) -> None:
 def test_strict_fails_naming_file_and_line(tmp_path: Path) -> None:
     src = _broken(tmp_path)
     with pytest.raises(ProdescError, match=rf"{src}:2: malformed"):
-        data.prepare([src], tmp_path / "out", DataConfig(strict=True))
+        prepare([src], tmp_path / "out", DataConfig(strict=True))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["trn.json"]
 
 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ProdescError, match="nope.json not found"):
-        data.prepare(
+        prepare(
             [_jsonl(tmp_path / "a.json", [_rec("1", "A", "x")]), tmp_path / "nope.json"], tmp_path / "o", DataConfig()
         )
     assert not (tmp_path / "o").exists()
@@ -322,19 +325,19 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_unknown_extension_lists_known_ones(tmp_path: Path) -> None:
     (tmp_path / "cat.xlsx").write_text("x")
     with pytest.raises(ProdescError, match=r"unknown format.*\.jsonl.*\.parquet"):
-        data.prepare([tmp_path / "cat.xlsx"], tmp_path / "o", DataConfig())
+        prepare([tmp_path / "cat.xlsx"], tmp_path / "o", DataConfig())
 
 
 def test_wrong_field_lists_existing_fields(tmp_path: Path) -> None:
     src = _jsonl(tmp_path / "trn.json", [_rec("1", "A", "x")])
     with pytest.raises(ProdescError, match=r"--title-field 'name' .*fields: uid, title, content"):
-        data.prepare([src], tmp_path / "o", DataConfig(title_field="name"))
+        prepare([src], tmp_path / "o", DataConfig(title_field="name"))
 
 
 def test_zero_records_left(tmp_path: Path) -> None:
     src = _jsonl(tmp_path / "trn.json", [_rec("1", "A", ""), _rec("2", "B", "short")])
     with pytest.raises(ProdescError, match="no records left.*min-content-chars"):
-        data.prepare([src], tmp_path / "o", DataConfig(min_content_chars=100))
+        prepare([src], tmp_path / "o", DataConfig(min_content_chars=100))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["trn.json"]
 
 
@@ -351,7 +354,7 @@ def test_gz_and_zip_inputs(tmp_path: Path) -> None:
         zf.writestr("LF-Amazon-1.3M/tst.json.gz", gzip.compress(b"{}\n"))
     for src in (gz, archive):
         out = tmp_path / f"out-{src.name}"
-        stats = data.prepare([src], out, DataConfig(val_fraction=0, test_fraction=0))
+        stats = prepare([src], out, DataConfig(val_fraction=0, test_fraction=0))
         assert [(r["uid"], r["content"]) for r in _rows(out)] == [("0000031909", "Kerr\u2019s")]
     assert stats["inputs"][0]["name"] == "Amazon-Titles-1.3MM.zip:LF-Amazon-1.3M/trn.json.gz"
 
@@ -364,7 +367,7 @@ def test_csv_input_keeps_string_ids_and_maps_fields(tmp_path: Path) -> None:
         w.writerow(["000100039X", "Mog", "A cat,\nwith a newline &amp; more"])
         w.writerow(["0000031909", "Tutu", "x" * 200_000])  # longer than csv's default field limit
     cfg = DataConfig(title_field="product", content_field="blurb", val_fraction=0, test_fraction=0)
-    data.prepare([src], tmp_path / "out", cfg)
+    prepare([src], tmp_path / "out", cfg)
     assert [(r["uid"], r["content"][:20]) for r in _rows(tmp_path / "out")] == [
         ("000100039X", "A cat, with a newlin"),
         ("0000031909", "x" * 20),
@@ -372,7 +375,7 @@ def test_csv_input_keeps_string_ids_and_maps_fields(tmp_path: Path) -> None:
 
 
 def test_json_array_input_with_auto_fields(shared_dir: Path, tmp_path: Path) -> None:
-    stats = data.prepare([shared_dir / "data" / "lf_amazon_first400.json"], tmp_path / "out", DataConfig())
+    stats = prepare([shared_dir / "data" / "lf_amazon_first400.json"], tmp_path / "out", DataConfig())
     assert stats["records_read"] == 400 and stats["kept"] > 300
     rows = {r["title"]: r for r in _rows(tmp_path / "out")}
     assert rows["Mog's Kittens"]["content"].startswith(JUDITH)
@@ -384,7 +387,7 @@ def test_json_array_streams_large_elements(tmp_path: Path) -> None:
     items = [{"instruction": "Big", "output": big}, {"instruction": "Small", "output": "tiny", "input": ""}]
     src = tmp_path / "cat.json"
     src.write_text(json.dumps(items, indent=1), encoding="utf-8")
-    data.prepare([src], tmp_path / "out", DataConfig(val_fraction=0, test_fraction=0))
+    prepare([src], tmp_path / "out", DataConfig(val_fraction=0, test_fraction=0))
     assert [(r["uid"], len(r["content"])) for r in _rows(tmp_path / "out")] == [
         ("cat-000000001", len(big.strip())),
         ("cat-000000002", 4),
@@ -394,7 +397,7 @@ def test_json_array_streams_large_elements(tmp_path: Path) -> None:
 def test_parquet_input_with_int_ids(tmp_path: Path) -> None:
     src = tmp_path / "cat.parquet"
     pq.write_table(pa.table({"id": [7, 8], "name": ["A", "B"], "description": ["x", None]}), src)
-    stats = data.prepare([src], tmp_path / "out", DataConfig(val_fraction=0, test_fraction=0))
+    stats = prepare([src], tmp_path / "out", DataConfig(val_fraction=0, test_fraction=0))
     assert [r["uid"] for r in _rows(tmp_path / "out")] == ["7"] and stats["dropped"]["empty_content"] == 1
 
 
@@ -402,9 +405,9 @@ def test_parquet_input_with_int_ids(tmp_path: Path) -> None:
 
 
 def test_synth_is_deterministic_and_in_trn_format(synth_catalog: Path, tmp_path: Path) -> None:
-    again = data.synth(4000, tmp_path / "again.json.gz", seed=1, malformed=4)
+    again = synth(4000, tmp_path / "again.json.gz", seed=1, malformed=4)
     assert again.read_bytes() == synth_catalog.read_bytes()
-    assert data.synth(4000, tmp_path / "other.json.gz", seed=2).read_bytes() != synth_catalog.read_bytes()
+    assert synth(4000, tmp_path / "other.json.gz", seed=2).read_bytes() != synth_catalog.read_bytes()
     good = []
     for line in gzip.decompress(synth_catalog.read_bytes()).splitlines():
         try:
@@ -422,12 +425,12 @@ def test_synth_is_deterministic_and_in_trn_format(synth_catalog: Path, tmp_path:
 
 
 def test_synth_plain_json_and_bad_arguments(tmp_path: Path) -> None:
-    out = data.synth(10, tmp_path / "cat.json", seed=0, malformed=10)
+    out = synth(10, tmp_path / "cat.json", seed=0, malformed=10)
     assert len(out.read_bytes().splitlines()) == 10
     with pytest.raises(ProdescError, match="--malformed"):
-        data.synth(5, tmp_path / "x.json", malformed=6)
+        synth(5, tmp_path / "x.json", malformed=6)
     with pytest.raises(ProdescError, match=r"\.json\.gz"):
-        data.synth(5, tmp_path / "x.csv")
+        synth(5, tmp_path / "x.csv")
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -555,7 +558,7 @@ _EDGE_TITLES = [
 
 
 def _synth_texts(n: int) -> tuple[list[str], list[str]]:
-    from prodesc.synth import synth  # its records are what prepare sees most
+    from prodesc.data.synth import synth  # its records are what prepare sees most
 
     rows = []
     with pytest.MonkeyPatch.context():
@@ -569,7 +572,7 @@ def _synth_texts(n: int) -> tuple[list[str], list[str]]:
 
 
 def test_clean_column_equals_clean_text() -> None:
-    from prodesc import columns
+    from prodesc.data import columns
 
     titles, contents = _synth_texts(3000)
     texts = _EDGE_TEXTS + [f"  {t}  " for t in _EDGE_TEXTS] + titles + contents
@@ -580,7 +583,7 @@ def test_clean_column_equals_clean_text() -> None:
 def test_cached_entity_decoding_is_html_unescape() -> None:
     import html
 
-    from prodesc import clean
+    from prodesc.data import clean
 
     titles, contents = _synth_texts(2000)
     texts = _EDGE_TEXTS + titles + contents + ["&amplifier &quotation; &" + "a" * 40 + "; &#x110000; &#0; &#128;"]
@@ -590,7 +593,7 @@ def test_cached_entity_decoding_is_html_unescape() -> None:
 
 
 def test_family_keys_title_keys_and_ids_equal_the_python_rules() -> None:
-    from prodesc import columns
+    from prodesc.data import columns
 
     titles, _ = _synth_texts(3000)
     cleaned = [t for t in (clean_text(x) for x in _EDGE_TITLES + _EDGE_TEXTS + titles) if t]
@@ -653,7 +656,7 @@ def test_arrow_json_reader_gives_the_line_readers_output(
     for fast in (True, False):
         monkeypatch.setattr(readers, "ARROW_JSON", fast)
         outs[fast] = tmp_path / f"out-{fast}"
-        data.prepare([src], outs[fast], DataConfig(val_fraction=0.2, test_fraction=0.2))
+        prepare([src], outs[fast], DataConfig(val_fraction=0.2, test_fraction=0.2))
     for name in ("train.parquet", "val.parquet", "test.parquet", "stats.json"):
         assert (outs[True] / name).read_bytes() == (outs[False] / name).read_bytes(), name
     stats = json.loads((outs[True] / "stats.json").read_text())
@@ -673,7 +676,7 @@ def test_arrow_json_reader_numeric_ids(tmp_path: Path, monkeypatch: pytest.Monke
     for fast in (True, False):
         monkeypatch.setattr(readers, "ARROW_JSON", fast)
         outs[fast] = tmp_path / f"out-{fast}"
-        data.prepare([src], outs[fast], DataConfig())
+        prepare([src], outs[fast], DataConfig())
     for s in data.SPLITS:
         assert (outs[True] / f"{s}.parquet").read_bytes() == (outs[False] / f"{s}.parquet").read_bytes()
     assert {"0", "299", "1.5"} <= {r["uid"] for r in _rows(outs[True])}
@@ -683,7 +686,7 @@ def test_arrow_json_reader_on_the_synthetic_corpus(
     synth_catalog: Path, synth_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(readers, "ARROW_JSON", False)
-    data.prepare([synth_catalog], tmp_path / "slow", DataConfig(val_fraction=0.2, test_fraction=0.2))
+    prepare([synth_catalog], tmp_path / "slow", DataConfig(val_fraction=0.2, test_fraction=0.2))
     for s in data.SPLITS:
         assert (tmp_path / "slow" / f"{s}.parquet").read_bytes() == (synth_prepared / f"{s}.parquet").read_bytes()
 
@@ -694,7 +697,7 @@ def test_damaged_gz_is_a_user_error(tmp_path: Path, damage: str) -> None:
     body = gzip.compress(("\n".join(json.dumps(_rec(str(i), f"T {i}", "c" * 50)) for i in range(20000))).encode())
     path.write_bytes(body[: len(body) // 2] if damage == "truncated" else b"plain text, not gzip")
     with pytest.raises(ProdescError, match="damaged.*re-download"):
-        data.prepare([path], tmp_path / "out", DataConfig())
+        prepare([path], tmp_path / "out", DataConfig())
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.tmp-*"))
 

@@ -28,8 +28,8 @@ from typing import Any
 
 import yaml
 
+from prodesc.data.parallel import ordered_map, terminate_as_interrupt, worker_pool
 from prodesc.errors import ProdescError
-from prodesc.parallel import ordered_map, terminate_as_interrupt, worker_pool
 
 _CHUNK = 50_000  # lines per independently seeded chunk; the bytes don't depend on the worker count
 _EMPTY_CONTENT = 0.44
@@ -203,7 +203,7 @@ def _break(line: str, i: int) -> str:
 @cache
 def _words() -> dict[str, Any]:
     """synth_words.yaml plus tables that make drawing cheap: weighted draw lists, sentence orders, label lists."""
-    words = yaml.safe_load((resources.files("prodesc") / "data" / "synth_words.yaml").read_text("utf-8"))
+    words = yaml.safe_load((resources.files("prodesc.data") / "synth_words.yaml").read_text("utf-8"))
     rng = random.Random("tables")
     for cat in words["categories"].values():
         slots = {**words["shared"], **cat["slots"]}

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
-from prodesc.clean import _rules, clean_text, family_key
+from prodesc.data.clean import _rules, clean_text, family_key
 
 # Rows that clean_text only strips: printable ASCII, no double space, no entity or tag to decode.
 _NOT_PLAIN = r"[^\x20-\x7e]|  |&[#A-Za-z]|<[/A-Za-z!]"

@@ -52,15 +52,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from prodesc import columns, readers
-from prodesc.clean import lossy_ascii_lower
 from prodesc.config import DataConfig
+from prodesc.data import columns, readers
+from prodesc.data.clean import lossy_ascii_lower
+from prodesc.data.parallel import ordered_map, shared_slots, terminate_as_interrupt, worker_count, worker_pool
+from prodesc.data.readers import Chunk, Source
 from prodesc.errors import ProdescError
-from prodesc.parallel import ordered_map, shared_slots, terminate_as_interrupt, worker_count, worker_pool
-from prodesc.readers import Chunk, Source
-from prodesc.synth import synth
 
-__all__ = ["prepare", "synth", "DROP_REASONS", "SPLITS"]
+__all__ = ["prepare", "DROP_REASONS", "SPLITS"]
 
 DROP_REASONS = ("malformed", "empty_title", "empty_content", "short_content", "duplicate_record", "duplicate_title")
 SPLITS = ("train", "val", "test")

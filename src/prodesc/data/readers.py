@@ -33,10 +33,10 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from isal import igzip, isal_zlib  # gzip, decompressed ~2.5x faster than zlib (Intel ISA-L)
 
-from prodesc.clean import clean_text
 from prodesc.config import DataConfig
+from prodesc.data.clean import clean_text
+from prodesc.data.parallel import SharedSlots, take_shared
 from prodesc.errors import ProdescError
-from prodesc.parallel import SharedSlots, take_shared
 
 KNOWN_FORMATS = ".json, .jsonl, .ndjson (each also .gz), .csv, .csv.gz, .parquet, .zip"
 _AUTO_FIELDS = {

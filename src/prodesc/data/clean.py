@@ -111,7 +111,7 @@ def family_key(title: str) -> str:
 @cache
 def _rules() -> dict:
     """Compile the word tables of family_words.yaml once per process (tries: alternations of 100 words are slow)."""
-    words = yaml.safe_load((resources.files("prodesc") / "data" / "family_words.yaml").read_text("utf-8"))
+    words = yaml.safe_load((resources.files("prodesc.data") / "family_words.yaml").read_text("utf-8"))
     number = r"(?:\d+(?:[.,]\d+)?|[ivx]{1,4}|one|two|three|four|five|six|seven|eight|nine|ten)\b"
     ordinal = r"(?:\d+(?:st|nd|rd|th)|first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth)"
     units = _trie(words["units"])

@@ -1,0 +1,9 @@
+"""The `data` stage: read a catalog, clean it, split it by family, write Parquet (`prepare`); a synthetic catalog
+in the LF-Amazon line format (`synth`).
+
+    prodesc data prepare trn.json.gz --out data/       # prodesc.data.prepare.prepare
+    prodesc data synth --n 2000 --out catalog.json.gz  # prodesc.data.synth.synth
+
+Inside: `readers` (formats, streams, Arrow/line JSON readers), `clean` (one record's text; the family key),
+`columns` (the same cleaning over Arrow columns), `parallel` (worker pool, shared memory), word tables (*.yaml).
+"""
