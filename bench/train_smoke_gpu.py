@@ -4,7 +4,7 @@
     python bench/train_smoke_gpu.py --tiny --steps 3      # CPU: the same code path on a 2-layer model, no nf4
 
 Runs the preset's code path unchanged (nf4 weights through bitsandbytes, LoRA, packing, Liger, checkpointing)
-through `prodesc.train.train` on the random-init Mistral-7B-shaped model, then checks the run dir (adapter,
+through `prodesc.train.recipe.train` on the random-init Mistral-7B-shaped model, then checks the run dir (adapter,
 config.yaml, manifest.json with tokens/s) and prints prodesc's own throughput numbers (its Throughput callback:
 all steps after the first) and the peak GPU memory.
 """
@@ -37,7 +37,7 @@ def main() -> None:
     import torch
 
     from prodesc import config as configmod
-    from prodesc.train import train
+    from prodesc.train.recipe import train
 
     if not Path(a.model_dir, "config.json").exists():
         tt.make_model(a.model_dir, a.tokenizer, a.tiny)

@@ -8,7 +8,7 @@ Model: a random-init Mistral-7B-v0.3-shaped model (hidden 4096, 32 layers, 32/8 
 built once on the GPU in bf16 and saved to --model-dir with the real Mistral tokenizer (training cost does not
 depend on weight values; no hub is reachable). Data: 4000 sequences whose lengths are drawn from
 bench/lengths_mistral.txt (the real LF-Amazon sample in Mistral tokens, see bench/lengths.py). The recipes get
-random token ids of those lengths; prodesc's presets go through `prodesc.train.train` on a prepared data dir of
+random token ids of those lengths; prodesc's presets go through `prodesc.train.recipe.train` on a prepared data dir of
 titles and contents made of single-token words, sized so that `prompts.encode_example` yields the same lengths.
 
 Each config runs in its own process (clean GPU memory). Reported: non-pad tokens/s over the optimizer steps after
@@ -276,7 +276,7 @@ def check_packing(model_dir: str, tiny: bool = False) -> dict:
     from transformers import AutoModelForCausalLM
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from prodesc import speed
+    from prodesc import attention as speed
 
     speed.register_varlen_attention()
     dev = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
@@ -353,7 +353,7 @@ def _check_varlen_kernel() -> dict:
     """varlen_attn (bf16) vs per-sequence SDPA in float32: relative error of output and of dq/dk/dv."""
     import torch
 
-    from prodesc import speed
+    from prodesc import attention as speed
 
     g = torch.Generator(device="cuda").manual_seed(3)
     lens = [37, 512, 5, 1300, 190]
@@ -387,7 +387,7 @@ def _run_prodesc(name: str, spec: dict, a: argparse.Namespace) -> dict:
 
     import torch
 
-    import prodesc.train as ptrain
+    import prodesc.train.recipe as ptrain
     from prodesc import config as configmod
 
     if not Path(a.data_dir, "train.parquet").exists():

@@ -6,14 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from prodesc import config, data, train
+from prodesc import config
+from prodesc.data.prepare import prepare
+from prodesc.data.synth import synth
+from prodesc.train import recipe as train
 
 
 def build_data(root: Path, n: int = 600, seed: int = 0) -> Path:
     catalog = root / "catalog.json.gz"
-    data.synth(n, catalog, seed=seed, malformed=0)
+    synth(n, catalog, seed=seed, malformed=0)
     out = root / "data"
-    data.prepare([catalog], out, config.DataConfig(val_fraction=0.1, test_fraction=0.1))
+    prepare([catalog], out, config.DataConfig(val_fraction=0.1, test_fraction=0.1))
     return out
 
 

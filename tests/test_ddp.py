@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from fixtures_tiny import tiny_config
-from prodesc import train
+from prodesc.train import recipe as train
 
 STEPS = ["train.max_steps=5", "train.logging_steps=1", "train.eval_steps=5", "train.save_steps=5"]
 # Observed |DDP - single| on these 5 steps: <= 5e-7 in loss (~1e-7 relative), ~1e-7 relative in grad norm: float32

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prodesc import speed
+from prodesc import attention as speed
 
 LENGTHS = [5, 11, 3, 8]
 PAD = 0
@@ -159,7 +159,7 @@ def _one_step(tmp_path, batch_size: int, grad_accum: int, packing: bool) -> dict
     from trl import SFTConfig, SFTTrainer
 
     from prodesc.config import ProdescConfig
-    from prodesc.train import _sft_args
+    from prodesc.train.recipe import _sft_args
 
     cfg = ProdescConfig()
     t = cfg.train
@@ -203,7 +203,7 @@ def test_sft_args_set_gradient_checkpointing_as_configured(tmp_path, on):
     from trl import SFTConfig
 
     from prodesc.config import ProdescConfig
-    from prodesc.train import _sft_args
+    from prodesc.train.recipe import _sft_args
 
     cfg = ProdescConfig()
     cfg.train.gradient_checkpointing = on

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from fixtures_tiny import tiny_config
-from prodesc import train
-from prodesc.callbacks import NanGuard
 from prodesc.errors import ProdescError
+from prodesc.train import recipe as train
+from prodesc.train.callbacks import NanGuard
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -182,7 +182,7 @@ def _setup_trainer(cfg: ProdescConfig, model: Any, tok: Any, train_ds: Any, val_
     from transformers import EarlyStoppingCallback
     from trl import SFTConfig, SFTTrainer
 
-    from prodesc.callbacks import MetricsLogger, NanGuard, Throughput
+    from prodesc.train.callbacks import MetricsLogger, NanGuard, Throughput
 
     args = SFTConfig(**_sft_args(cfg, out, has_val=val_ds is not None, model=model))
     lora = LoraConfig(
