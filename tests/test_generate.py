@@ -6,7 +6,8 @@ from typer.testing import CliRunner
 from prodesc.cli import app
 from prodesc.config import GenerateConfig
 from prodesc.errors import ProdescError
-from prodesc.generate import Generator, generate_cli
+from prodesc.generate import Generator
+from prodesc.generate.generator import generate_cli
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def test_base_answers_differ_from_finetuned(gen):
 def test_repetition_penalty_spares_special_tokens_and_prompt(gen):
     import torch
 
-    from prodesc.logits import AnswerRepetitionPenalty
+    from prodesc.generate.processors import AnswerRepetitionPenalty
 
     proc = AnswerRepetitionPenalty(2.0, prompt_width=3, exempt_ids=[4])
     ids = torch.tensor([[4, 5, 6, 4, 7]])

@@ -1,7 +1,6 @@
-"""GPU fast paths: variable-length attention for packed training, compiled static-cache generation.
+"""The `sdpa_varlen` attention kernel: packed training rows attend only to themselves; GQA decode without copies.
 
     model.attn_implementation: sdpa_varlen     # in a preset: packed sequences attend only to themselves, no L x L mask
-    kwargs = generation_kwargs(model, prompt_width=48, max_new_tokens=256)   # + pad the batch to batch_bucket()
 
 Training with `train.packing=true` puts every sequence of a micro-batch into one row (TRL's padding-free BFD
 packing) and passes their boundaries as `cu_seq_lens_q/k` (and `position_ids` that restart at 0). With plain SDPA,
@@ -14,22 +13,15 @@ padding, prefill) it is transformers' SDPA path, unchanged; one-token decode ste
 a GQA path that does not copy the KV cache (below). On CPU, or a torch without `varlen_attn`, packed rows are
 attended one sequence at a time with SDPA: exact, slower.
 
-Generation on a CUDA GPU with unquantized weights uses a static KV cache, which lets `generate` compile the decode
-step with CUDA graphs (`torch.compile(mode="reduce-overhead")`): the per-token cost drops from ~32 layers of
-Python and kernel launches (~90 ms a token on the H100 machines here) to one graph replay (8 ms). Shapes are
-bucketed (batch to a power of two, cache length to a multiple of 256) so that a long job compiles a handful of
-graphs, not one per batch. Set PRODESC_COMPILE_GENERATE=0 to turn it off (e.g. for a few titles, where the
-35-50 s compile does not pay).
+Decode steps use the same kernel through `prodesc.generate.fast` (static cache, compiled decode).
 """
 
 from __future__ import annotations
 
 import inspect
-import os
 from typing import Any
 
 VARLEN = "sdpa_varlen"
-CACHE_BUCKET = 256
 
 
 def register_varlen_attention() -> str:
@@ -60,42 +52,6 @@ def varlen_attention_forward(module: Any, query: Any, key: Any, value: Any, atte
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
     out = _varlen(q, k, v, cu, max_len, scaling)
     return out.unsqueeze(0), None
-
-
-def generation_kwargs(model: Any, prompt_width: int, max_new_tokens: int) -> dict[str, Any]:
-    """Extra `generate` kwargs for the fast path (static cache, compiled decode), or {} where it does not apply."""
-    if not fast_generation_enabled(model):
-        return {}
-    from transformers import GenerationConfig
-
-    if getattr(model.config, "_attn_implementation", None) == "sdpa":
-        register_varlen_attention()
-        model.set_attn_implementation(VARLEN)  # SDPA's math, but GQA decode without copying the KV cache 4x
-    kw: dict[str, Any] = {"cache_implementation": "static"}
-    if hasattr(GenerationConfig(), "max_cache_len"):  # transformers >= 5.2x: one cache size across calls
-        need = prompt_width + max_new_tokens
-        kw["max_cache_len"] = -(-need // CACHE_BUCKET) * CACHE_BUCKET
-    return kw
-
-
-def fast_generation_enabled(model: Any) -> bool:
-    """Compiled static-cache decoding: CUDA, unquantized weights, not switched off by PRODESC_COMPILE_GENERATE=0
-    (`force` also takes the static-cache path on CPU, uncompiled: for tests of the plumbing)."""
-    import torch
-
-    switch = os.environ.get("PRODESC_COMPILE_GENERATE", "1")
-    if switch == "0" or getattr(model, "is_loaded_in_4bit", False) or getattr(model, "hf_quantizer", None):
-        return False
-    on_gpu = torch.cuda.is_available() and getattr(model, "device", torch.device("cpu")).type == "cuda"
-    return on_gpu or switch == "force"
-
-
-def batch_bucket(n: int, cap: int) -> int:
-    """Batch size to pad `n` prompts to: the next power of two, at most `cap` (fewer shapes to compile)."""
-    b = 1
-    while b < n:
-        b *= 2
-    return min(b, max(cap, n))
 
 
 def _is_gqa_decode(query: Any, key: Any, attention_mask: Any) -> bool:

@@ -65,9 +65,9 @@ def load(cfg: ModelConfig, path: str | None = None, for_training: bool = False) 
     )
     if cfg.attn_implementation:
         if cfg.attn_implementation == "sdpa_varlen":  # prodesc's own: packed sequences via the varlen kernel
-            from prodesc import speed
+            from prodesc import attention
 
-            speed.register_varlen_attention()
+            attention.register_varlen_attention()
         kwargs["attn_implementation"] = cfg.attn_implementation
     if quant == "nf4":
         kwargs["quantization_config"] = _nf4_config()

@@ -12,19 +12,19 @@ batch wastes little padding, greedy unless temperature > 0, and stop at EOS. Eac
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from prodesc import config as configmod
-from prodesc import models, prompts, speed
+from prodesc import models, prompts
 from prodesc.config import GenerateConfig, ProdescConfig
 from prodesc.errors import ProdescError
+from prodesc.generate import fast
 from prodesc.manifest import read_manifest
+from prodesc.records import read_split, write_jsonl
 
 
 class Generator:
@@ -110,13 +110,13 @@ class Generator:
 
         import torch
 
-        fast = speed.fast_generation_enabled(self.model)  # CUDA, unquantized: static cache + compiled decode
-        fill = speed.batch_bucket(len(titles), gen.batch_size) - len(titles) if fast else 0
+        compiled = fast.fast_generation_enabled(self.model)  # CUDA, unquantized: static cache + compiled decode
+        fill = fast.batch_bucket(len(titles), gen.batch_size) - len(titles) if compiled else 0
         inputs = self._encode(titles + titles[-1:] * fill)  # a few batch shapes, each compiled once
         width = inputs["input_ids"].shape[1]
         kwargs = self._gen_kwargs(gen, width)
-        if fast:
-            kwargs.update(speed.generation_kwargs(self.model, width, gen.max_new_tokens))
+        if compiled:
+            kwargs.update(fast.generation_kwargs(self.model, width, gen.max_new_tokens))
         no_adapter = getattr(self.model, "disable_adapter", None)
         ctx = no_adapter() if (not adapter and no_adapter) else contextlib.nullcontext()
         t0 = time.perf_counter()
@@ -146,7 +146,7 @@ class Generator:
         if gen.stop_boost_after:
             kw["exponential_decay_length_penalty"] = (gen.stop_boost_after, 1.05)
         if gen.repetition_penalty != 1.0:
-            from prodesc.logits import AnswerRepetitionPenalty
+            from prodesc.generate.processors import AnswerRepetitionPenalty
 
             kw["logits_processor"] = LogitsProcessorList(
                 [AnswerRepetitionPenalty(gen.repetition_penalty, prompt_width, self.exempt)]
@@ -210,34 +210,6 @@ def generate_cli(
         for rec in records:
             print(f"\n# {rec['title']}\n{rec['prediction']}")
     return records
-
-
-def write_jsonl(records: list[dict[str, Any]], out: Path) -> None:
-    """Write JSONL atomically (temp file in the same dir, then rename): never a half-written file."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def read_split(data: Path, split: str, limit: int | None = None) -> list[dict[str, Any]]:
-    import pyarrow.parquet as pq
-
-    path = data / f"{split}.parquet"
-    if not path.exists():
-        raise ProdescError(
-            f"{path} not found: pass the --out dir of `prodesc data prepare` and a split (train, val, test)"
-        )
-    rows = pq.read_table(path).to_pylist()
-    if not rows:
-        raise ProdescError(f"{path} is empty: prepare with a larger --test-fraction")
-    return rows[:limit] if limit else rows
 
 
 def _items(
