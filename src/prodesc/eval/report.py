@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from prodesc.errors import ProdescError
-from prodesc.metrics import METRICS, attribute_contradictions
+from prodesc.eval.metrics import METRICS
 
 MD_EXAMPLES = 5
 HTML_EXAMPLES = 10
@@ -106,7 +106,7 @@ def render_markdown(scores: dict, systems: dict[str, list[dict]], diffs: dict, m
         ]
         for name in names:
             pred = systems[name][i]["prediction"]
-            flags = attribute_contradictions(first["title"], pred)
+            flags = systems[name][i].get("contradictions") or []
             lines.append(
                 f"- **{name}**: {_one_line(pred)}" + (f" _(contradicts {'; '.join(flags)})_" if flags else "")
             )
@@ -160,7 +160,7 @@ def _html_examples(systems: dict[str, list[dict]], names: list[str]) -> str:
         rows = [f"<tr><th>reference</th><td>{_e(_cut(first['reference']))}</td></tr>"]
         for name in names:
             pred = systems[name][i]["prediction"]
-            flags = attribute_contradictions(first["title"], pred)
+            flags = systems[name][i].get("contradictions") or []
             note = f"<div class='flag'>contradicts {_e('; '.join(flags))}</div>" if flags else ""
             rows.append(f"<tr><th>{_e(name)}</th><td>{_e(_cut(pred))}{note}</td></tr>")
         out.append(f"<div class='ex'><h3>{_e(first['title'])}</h3><table>{''.join(rows)}</table></div>")
@@ -171,7 +171,7 @@ def _html_flagged(systems: dict[str, list[dict]], names: list[str]) -> str:
     rows = []
     for name in names:
         for rec in systems[name]:
-            flags = attribute_contradictions(rec["title"], rec["prediction"])
+            flags = rec.get("contradictions") or []
             if flags and len(rows) < FLAGGED_EXAMPLES:
                 rows.append([name, rec["title"], "; ".join(flags), _cut(rec["prediction"], 200)])
     if not rows:
