@@ -39,7 +39,8 @@ def make_tiny_run(root: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from prodesc import config, train
+    from prodesc import config
+    from prodesc.train import recipe as train
 
     run = root / RUN_NAME
     if (run / "adapter").exists():

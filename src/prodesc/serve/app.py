@@ -19,8 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import importlib.resources
-import inspect
 import ipaddress
 import json
 import logging
@@ -29,27 +27,27 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from prodesc import config as configmod
-from prodesc.batcher import DONE, Batcher, QueueFull
 from prodesc.config import ServeConfig
 from prodesc.errors import ProdescError
+from prodesc.serve.batching import DONE
+from prodesc.serve.schemas import ApiError, ChatMessage, ChatRequest, DescribeRequest
+from prodesc.serve.service import ClientGone, Service, failure, kind
 
 log = logging.getLogger(__name__)
 PUBLIC_PATHS = {"/", "/healthz"}
 KNOWN_PATHS = PUBLIC_PATHS | {"/metrics", "/v1/models", "/v1/describe", "/v1/chat/completions", "/docs",
                               "/openapi.json"}
-MAX_TEMPERATURE = 2.0
 
 
 def serve_cli(run: Path | None, model: str | None, api_key: str | None, config: Path | None,
@@ -80,7 +78,7 @@ def serve_cli(run: Path | None, model: str | None, api_key: str | None, config: 
 
 def create_app(generator: Any, cfg: ServeConfig, api_key: str | None = None) -> FastAPI:
     """The ASGI app around a loaded `Generator` (or anything with `name`, `model`, `cfg`, `describe`, `stream`)."""
-    svc = _Service(generator, cfg, api_key or None)
+    svc = Service(generator, cfg, api_key or None)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -91,76 +89,12 @@ def create_app(generator: Any, cfg: ServeConfig, api_key: str | None = None) -> 
     app.state.prodesc = svc
     app.add_middleware(_Guard, svc=svc)
     app.add_exception_handler(ApiError, _api_error)
-    app.add_exception_handler(_ClientGone, _client_gone)
+    app.add_exception_handler(ClientGone, _client_gone)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _server_error)  # a bug: JSON 500, logged, the server keeps running
     app.include_router(router)
     return app
-
-
-# ---- request bodies ------------------------------------------------------------------------------------------
-
-
-class DescribeRequest(BaseModel):
-    """`POST /v1/describe`. Unset decoding params take the run's `generate:` settings."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    titles: list[str] = Field(description="Product titles, one description each (order kept).")
-    max_new_tokens: int | None = Field(None, description="New tokens at most per description.")
-    temperature: float | None = Field(None, description="0 = greedy; at most 2.")
-    top_p: float | None = Field(None, description="Nucleus sampling, in (0, 1].")
-    model: str | None = Field(None, description="A name from /v1/models (default: the fine-tuned model).")
-
-
-class TextPart(BaseModel):
-    type: str
-    text: str | None = None
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    role: str
-    content: str | list[TextPart] | None = None
-
-
-class ChatRequest(BaseModel):
-    """`POST /v1/chat/completions`: the last user message is the title. Other OpenAI fields are ignored."""
-
-    model_config = ConfigDict(extra="ignore", strict=True)
-    model: str
-    messages: list[ChatMessage]
-    stream: bool = False
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int = 1
-    stream_options: dict[str, Any] | None = None
-
-
-class ApiError(Exception):
-    """An answer with an OpenAI-style error body: `{"error": {"message", "type", "param", "code"}}`."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
-
-
-@dataclass(frozen=True)
-class Params:
-    """Decoding params of a request; only requests with equal params share a generation call."""
-
-    adapter: bool
-    max_new_tokens: int
-    temperature: float
-    top_p: float
 
 
 # ---- routes ----------------------------------------------------------------------------------------------------
@@ -231,7 +165,7 @@ async def chat_completions(request: Request) -> dict[str, Any] | StreamingRespon
     return {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
 
 
-async def _sse(svc: _Service, pieces: asyncio.Queue, head: dict[str, Any], deadline: float,
+async def _sse(svc: Service, pieces: asyncio.Queue, head: dict[str, Any], deadline: float,
                include_usage: bool) -> AsyncIterator[str]:
     """OpenAI chunks: a role delta, one content delta per piece, a finish chunk, (usage), then [DONE]."""
 
@@ -250,8 +184,8 @@ async def _sse(svc: _Service, pieces: asyncio.Queue, head: dict[str, Any], deadl
         if item is DONE:
             break
         if isinstance(item, Exception):
-            err = item if isinstance(item, ApiError) else ApiError(500, _failure(item), "server_error")
-            svc.metrics.errors.labels("/v1/chat/completions", _kind(err.status)).inc()
+            err = item if isinstance(item, ApiError) else ApiError(500, failure(item), "server_error")
+            svc.metrics.errors.labels("/v1/chat/completions", kind(err.status)).inc()
             yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type}})}\n\n"
             break
         if isinstance(item, dict):
@@ -267,167 +201,10 @@ async def _sse(svc: _Service, pieces: asyncio.Queue, head: dict[str, Any], deadl
     yield "data: [DONE]\n\n"
 
 
-# ---- the service: model, queue, metrics ----------------------------------------------------------------------
-
-
-class _Service:
-    """Everything a request needs: the generator behind its batcher, the limits, the metrics, the page."""
-
-    def __init__(self, gen: Any, cfg: ServeConfig, api_key: str | None) -> None:
-        self.gen, self.cfg, self.api_key = gen, cfg, api_key
-        self.name = _public_name(gen.name)
-        has_base = callable(getattr(gen.model, "disable_adapter", None))
-        self.models = {self.name: True, **({f"{self.name}-base": False} if has_base else {})}  # name -> adapter
-        self.started = int(time.time())
-        self.metrics = _Metrics()
-        self.batcher = Batcher(self._run_batch, self._run_stream, max_batch_size=cfg.max_batch_size,
-                               window_s=cfg.batch_window_ms / 1000, queue_size=cfg.queue_size)
-        self.metrics.queue.set_function(lambda: self.batcher.depth)
-        self.page = importlib.resources.files("prodesc").joinpath("static/index.html").read_text("utf-8")
-        self._stream_has_adapter = "adapter" in inspect.signature(gen.stream).parameters
-
-    def params(self, model: str, max_new_tokens: int | None, temperature: float | None, top_p: float | None,
-               tokens_param: str) -> Params:
-        """Check the decoding params against the caps; unset ones take the run's `generate:` values."""
-        if model not in self.models:
-            raise ApiError(404, f"model {model!r} does not exist: use one of {', '.join(self.models)} "
-                           "(GET /v1/models)", param="model", code="model_not_found")
-        d, cap = self.gen.cfg.generate, self.cfg.max_new_tokens_cap
-        tokens = min(d.max_new_tokens, cap) if max_new_tokens is None else max_new_tokens
-        if not 1 <= tokens <= cap:
-            raise ApiError(400, f"{tokens_param}={tokens}: must be between 1 and {cap} (serve.max_new_tokens_cap)",
-                           param=tokens_param)
-        temperature = d.temperature if temperature is None else temperature
-        if not 0 <= temperature <= MAX_TEMPERATURE:
-            raise ApiError(400, f"temperature={temperature}: must be between 0 (greedy) and {MAX_TEMPERATURE}",
-                           param="temperature")
-        top_p = d.top_p if top_p is None else top_p
-        if not 0 < top_p <= 1:
-            raise ApiError(400, f"top_p={top_p}: must be in (0, 1]", param="top_p")
-        return Params(self.models[model], tokens, float(temperature), float(top_p))
-
-    def check_titles(self, titles: list[str], param: str = "titles") -> list[str]:
-        if not titles:
-            raise ApiError(400, f"{param} is empty: send 1 to {self.cfg.max_titles} titles", param=param)
-        if len(titles) > self.cfg.max_titles:
-            raise ApiError(400, f"{len(titles)} titles: at most {self.cfg.max_titles} per request "
-                           "(serve.max_titles); split the request", param=param)
-        for i, title in enumerate(titles):
-            where = f"{param}[{i}]" if param == "titles" else "the last user message"
-            if not title.strip():
-                raise ApiError(400, f"{where} is empty: send a product title", param=param)
-            if len(title) > self.cfg.max_title_chars:
-                raise ApiError(400, f"{where} has {len(title)} characters: at most {self.cfg.max_title_chars} "
-                               "(serve.max_title_chars)", param=param)
-        return [t.strip() for t in titles]
-
-    def submit(self, titles: list[str], params: Params, stream: bool = False) -> asyncio.Future:
-        try:
-            return self.batcher.submit(titles, params, stream=stream)
-        except QueueFull as e:
-            raise ApiError(503, f"server busy: {e}; retry shortly", "overloaded", code="queue_full",
-                           headers={"Retry-After": "1"}) from None
-
-    async def wait(self, request: Request, future: asyncio.Future, deadline: float) -> Any:
-        """The job's result; cancels the job (so it is skipped) when the client leaves or time runs out."""
-        gone = asyncio.ensure_future(_disconnected(request))
-        try:
-            await asyncio.wait({future, gone}, timeout=max(deadline - time.monotonic(), 0.0),
-                               return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        if not future.done():
-            future.cancel()
-            if gone.done() and not gone.cancelled():
-                raise _ClientGone
-            raise ApiError(504, f"no answer within serve.request_timeout_s={self.cfg.request_timeout_s}s: "
-                           "retry, ask fewer tokens, or raise the timeout", "timeout")
-        if future.exception() is not None:
-            raise ApiError(500, _failure(future.exception()), "server_error")
-        return future.result()
-
-    def _run_batch(self, titles: list[str], p: Params) -> list[dict[str, Any]]:
-        """On the model thread: one `describe` call for the whole batch."""
-        t0 = time.perf_counter()
-        records = self.gen.describe(titles, self._decoding(p, len(titles)), adapter=p.adapter)
-        self.metrics.generated(len(titles), self.cfg.max_batch_size, sum(r["n_tokens"] for r in records),
-                               time.perf_counter() - t0)
-        for rec in records:
-            rec["prompt_tokens"] = self._prompt_tokens(rec["title"])
-        return records
-
-    def _run_stream(self, title: str, p: Params, emit: Any) -> None:
-        """On the model thread: push text pieces, then a dict with the token counts and finish reason."""
-        t0, text = time.perf_counter(), []
-        kwargs = {"adapter": p.adapter} if self._stream_has_adapter else {}
-        off = self.gen.model.disable_adapter() if not p.adapter and not kwargs else contextlib.nullcontext()
-        with off:
-            for piece in self.gen.stream(title, self._decoding(p, 1), **kwargs):
-                if piece:
-                    text.append(piece)
-                    emit(piece)
-        n = min(self._count_tokens("".join(text)), p.max_new_tokens)  # re-tokenized text: an estimate
-        self.metrics.generated(1, 1, n, time.perf_counter() - t0)
-        emit({"n_tokens": n, "prompt_tokens": self._prompt_tokens(title),
-              "finish_reason": "length" if n >= p.max_new_tokens else "stop"})
-
-    def _decoding(self, p: Params, n: int) -> Any:
-        return self.gen.cfg.generate.model_copy(update={
-            "max_new_tokens": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p,
-            "batch_size": min(max(n, 1), self.cfg.max_batch_size)})
-
-    def _prompt_tokens(self, title: str) -> int:
-        tok = getattr(self.gen, "tok", None)
-        if tok is None:
-            return 0
-        from prodesc import prompts
-
-        return len(prompts.prompt_ids(tok, title, self.gen.cfg.prompt))
-
-    def _count_tokens(self, text: str) -> int:
-        tok = getattr(self.gen, "tok", None)
-        return len(tok(text, add_special_tokens=False)["input_ids"]) if tok is not None else len(text.split())
-
-
-class _Metrics:
-    """Prometheus metrics in a registry of their own, so several apps can live in one process (tests)."""
-
-    def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
-        self.requests = Counter("prodesc_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"],
-                                registry=r)
-        self.errors = Counter("prodesc_errors", "Error answers by endpoint and kind.", ["endpoint", "kind"],
-                              registry=r)
-        self.latency = Histogram("prodesc_request_latency_seconds", "Request latency (streams: until the end).",
-                                 ["endpoint"], registry=r,
-                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
-        self.calls = Counter("prodesc_generation_calls", "Model generate() calls (a batch of titles each).",
-                             registry=r)
-        self.batch = Histogram("prodesc_batch_size", "Titles per generation call.", registry=r,
-                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-        self.tokens = Counter("prodesc_generated_tokens", "New tokens generated.", registry=r)
-        self.tokens_per_s = Gauge("prodesc_tokens_per_second", "Generated tokens/s of the latest call.", registry=r)
-        self.queue = Gauge("prodesc_queue_depth", "Requests waiting for the model.", registry=r)
-
-    def generated(self, n_titles: int, batch_size: int, tokens: int, seconds: float) -> None:
-        """`describe` splits `n_titles` into calls of `batch_size`: count each call and its size."""
-        for start in range(0, n_titles, batch_size):
-            self.calls.inc()
-            self.batch.observe(min(batch_size, n_titles - start))
-        self.tokens.inc(tokens)
-        self.tokens_per_s.set(tokens / seconds if seconds > 0 else 0.0)
-
-    def request(self, endpoint: str, status: int, seconds: float) -> None:
-        self.requests.labels(endpoint, str(status)).inc()
-        self.latency.labels(endpoint).observe(seconds)
-        if status >= 400:
-            self.errors.labels(endpoint, _kind(status)).inc()
-
-
 class _Guard:
     """ASGI middleware: API key check, body size cap, per-request metrics (endpoint, status, latency)."""
 
-    def __init__(self, app: Any, svc: _Service) -> None:
+    def __init__(self, app: Any, svc: Service) -> None:
         self.app, self.svc = app, svc
         self.max_body = svc.cfg.max_titles * svc.cfg.max_title_chars * 6 + 65536  # \uXXXX escapes: 6 bytes
 
@@ -479,10 +256,6 @@ class _Guard:
         return capped
 
 
-class _ClientGone(Exception):
-    """The client disconnected before its answer: nobody to answer."""
-
-
 # ---- helpers ---------------------------------------------------------------------------------------------------
 
 
@@ -490,7 +263,7 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return exc.response()
 
 
-async def _client_gone(request: Request, exc: _ClientGone) -> Response:
+async def _client_gone(request: Request, exc: ClientGone) -> Response:
     return Response(status_code=499)  # nginx's "client closed request"; nobody reads it, /metrics counts it
 
 
@@ -538,17 +311,11 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return ApiError(exc.status_code, message, kind, headers=exc.headers).response()
 
 
-async def _disconnected(request: Request) -> None:
-    """Returns when the client disconnects (the body was read already, so the next message is the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-def _svc(request: Request) -> _Service:
+def _svc(request: Request) -> Service:
     return request.app.state.prodesc
 
 
-def _svc_of(app: FastAPI) -> _Service:
+def _svc_of(app: FastAPI) -> Service:
     return app.state.prodesc
 
 
@@ -561,21 +328,6 @@ def _last_user_text(messages: list[ChatMessage]) -> str:
     if isinstance(content, list):
         return "".join(part.text or "" for part in content if part.type == "text")
     return content or ""
-
-
-def _failure(exc: BaseException) -> str:
-    log.error("generation failed", exc_info=exc)
-    return f"generation failed: {type(exc).__name__}: {exc}"
-
-
-def _kind(status: int) -> str:
-    kinds = {401: "auth", 499: "client_closed", 503: "overloaded", 504: "timeout"}
-    return kinds.get(status, "invalid_request" if status < 500 else "server_error")
-
-
-def _public_name(name: str) -> str:
-    """A local dir serves under its folder name; Hub ids and embedded names stay as they are."""
-    return Path(name).resolve().name if Path(name).is_dir() else name
 
 
 def _section_overrides(cfg: configmod.ProdescConfig) -> list[str]:
