@@ -42,8 +42,9 @@ def main() -> None:
 
 
 def encode_lengths(data: Path, tokenizer: Path) -> list[int]:
-    from prodesc import clean, models, prompts
+    from prodesc import models, prompts
     from prodesc.config import PromptConfig
+    from prodesc.data import clean
 
     tok = models.load_tokenizer(str(tokenizer))
     records = json.loads(data.read_text())

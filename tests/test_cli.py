@@ -36,10 +36,10 @@ def test_demo_prints_before_after_and_the_eval_table(tiny_run, tiny_data, tmp_pa
 def test_data_prepare_keeps_config_values_unless_a_flag_is_given(tmp_path):
     import yaml
 
-    from prodesc import data
+    from prodesc.data.synth import synth
 
     catalog = tmp_path / "catalog.json.gz"
-    data.synth(300, catalog, seed=0)
+    synth(300, catalog, seed=0)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data:\n  val_fraction: 0.3\n  test_fraction: 0.25\n  strict: true\n  min_content_chars: 5\n")
 

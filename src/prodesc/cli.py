@@ -80,7 +80,7 @@ def data_prepare(
 ) -> None:
     """Clean a catalog and write leak-free train/val/test splits (by title family)."""
     from prodesc import config as cfgmod
-    from prodesc import data
+    from prodesc.data.prepare import prepare
 
     flags = dict(
         title_field=title_field,
@@ -95,7 +95,7 @@ def data_prepare(
     )
     overrides = [f"data.{k}={_yaml(v)}" for k, v in flags.items() if v is not None] + list(set_ or [])
     cfg = _run(cfgmod.load, config, overrides)
-    _run(data.prepare, inputs, out, cfg.data, overwrite=overwrite)
+    _run(prepare, inputs, out, cfg.data, overwrite=overwrite)
 
 
 @data_app.command("synth")
@@ -106,9 +106,9 @@ def data_synth(
     malformed: Annotated[int, typer.Option(help="Number of malformed lines to mix in.")] = 0,
 ) -> None:
     """Write a deterministic synthetic catalog in the exact LF-Amazon trn.json line format."""
-    from prodesc import data
+    from prodesc.data.synth import synth
 
-    _run(data.synth, n, out, seed=seed, malformed=malformed)
+    _run(synth, n, out, seed=seed, malformed=malformed)
 
 
 @app.command("train")
@@ -122,7 +122,7 @@ def train(
     trust_remote_code: Annotated[bool, typer.Option(help="Allow code shipped with a Hub model to run.")] = False,
 ) -> None:
     """Fine-tune a LoRA / QLoRA adapter with TRL's SFTTrainer on the prepared data."""
-    from prodesc import train as trainmod
+    from prodesc.train import recipe as trainmod
 
     overrides = list(set_ or []) + (["model.trust_remote_code=true"] if trust_remote_code else [])
     _run(trainmod.train_cli, config, overrides, data, out, resume=resume, overwrite=overwrite)
@@ -163,7 +163,7 @@ def generate(
     batch_size: Annotated[int | None, typer.Option(help="Titles per generation call.")] = None,
 ) -> None:
     """Describe titles with a fine-tuned run or a plain model (batched, greedy by default)."""
-    from prodesc import generate as genmod
+    from prodesc.generate import generator as genmod
 
     flags = dict(
         max_new_tokens=max_new_tokens,
@@ -209,7 +209,7 @@ def evaluate(
     set_: Sets = None,
 ) -> None:
     """Score fine-tuned vs base vs retrieval on held-out items, with bootstrap intervals and an HTML report."""
-    from prodesc import eval as evalmod
+    from prodesc.eval import evaluate as evalmod
 
     if bool(files) != predictions:
         _run(_fail, "prediction files go with --predictions: prodesc eval --predictions A.jsonl B.jsonl --out DIR")
@@ -245,7 +245,7 @@ def serve(
     set_: Sets = None,
 ) -> None:
     """Serve an OpenAI-compatible API, /v1/describe, /metrics and a page to try the model."""
-    from prodesc import serve as servemod
+    from prodesc.serve import app as servemod
 
     overrides = list(set_ or [])
     if host:
