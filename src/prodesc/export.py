@@ -14,32 +14,23 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 from prodesc import config as configmod
 from prodesc import models
 from prodesc.errors import ProdescError
-from prodesc.manifest import read_manifest
+from prodesc.rundir import atomic_dir, read_manifest, refuse_existing
 
 
 def export(run: Path, out: Path, merge: bool = True, overwrite: bool = False) -> Path:
     """Write `out` atomically: merged checkpoint (default) or adapter + base reference (`merge=False`)."""
     manifest = read_manifest(run)
-    if out.exists() and not overwrite:
-        raise ProdescError(f"export dir {out} already exists: pass --overwrite or choose another --out")
+    refuse_existing(out, overwrite, "export dir")
     base = manifest["base_model"]
     if merge and base.get("quantization") == "nf4":
         _need_cuda()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out, overwrite, "export dir") as tmp:
         (_merge if merge else _copy_adapter)(run, base, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"exported {'merged model' if merge else 'adapter'} to {out}")
     return out
 

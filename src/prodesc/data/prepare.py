@@ -34,10 +34,8 @@ DIR/config.resolved.yaml. Same inputs and options give byte-identical files. DIR
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -58,6 +56,7 @@ from prodesc.data.clean import lossy_ascii_lower
 from prodesc.data.parallel import ordered_map, shared_slots, terminate_as_interrupt, worker_count, worker_pool
 from prodesc.data.readers import Chunk, Source
 from prodesc.errors import ProdescError
+from prodesc.rundir import atomic_dir
 
 __all__ = ["prepare", "DROP_REASONS", "SPLITS"]
 
@@ -74,18 +73,10 @@ def prepare(inputs: list[Path], out: Path, cfg: DataConfig, overwrite: bool = Fa
     started = time.perf_counter()
     out = Path(out)
     sources = [s for p in inputs for s in readers.open_source(Path(p), cfg)]  # every input checked before any work
-    if out.exists() and not overwrite:
-        raise ProdescError(f"output {out} already exists: pass --overwrite to replace it, or pick another --out")
     if cfg.val_fraction + cfg.test_fraction > 1:
         raise ProdescError("data.val_fraction + data.test_fraction > 1: lower them so train keeps a share")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        with terminate_as_interrupt():
-            stats = _prepare_in(tmp, sources, cfg)
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # already gone after a successful rename
+    with atomic_dir(out, overwrite, "output") as tmp, terminate_as_interrupt():
+        stats = _prepare_in(tmp, sources, cfg)
     _print_summary(stats, out, time.perf_counter() - started)
     return stats
 
@@ -377,19 +368,6 @@ def _stats(
         ],
         "config": cfg.model_dump(mode="json"),
     }
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished tmp dir to out; an old out is moved aside first and deleted only after."""
-    if not (out.exists() or out.is_symlink()):
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    try:
-        os.replace(out, old / out.name)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _print_summary(stats: dict, out: Path, seconds: float) -> None:

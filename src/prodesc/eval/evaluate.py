@@ -23,8 +23,8 @@ from prodesc.embedder import load_embedder
 from prodesc.errors import ProdescError
 from prodesc.eval import metrics, report
 from prodesc.generate import Generator
-from prodesc.manifest import train_families
 from prodesc.records import read_split
+from prodesc.rundir import train_families
 
 
 def evaluate_cli(

@@ -19,14 +19,11 @@ import html
 import io
 import json
 import math
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
-from prodesc.errors import ProdescError
 from prodesc.eval.metrics import METRICS
+from prodesc.rundir import atomic_dir
 
 MD_EXAMPLES = 5
 HTML_EXAMPLES = 10
@@ -44,16 +41,8 @@ def write_report(
 ) -> Path:
     """Write the report directory `out` (layout above); an existing one is refused unless overwrite."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise ProdescError(f"output directory {out} already exists: pass --overwrite or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out, overwrite, "report dir") as tmp:
         _write_contents(tmp, scores, systems, diffs or {}, meta or {})
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -68,19 +57,6 @@ def _write_contents(
         (folder / "predictions" / f"{name}.jsonl").write_text("".join(lines), encoding="utf-8")
     (folder / "report.md").write_text(render_markdown(scores, systems, diffs, meta), encoding="utf-8")
     (folder / "report.html").write_text(render_html(scores, systems, diffs, meta), encoding="utf-8")
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        tmp.rename(out)
-        return
-    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-    out.rename(old)
-    tmp.rename(out)
-    if old.is_dir():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
 
 
 # --- Markdown ---

@@ -23,8 +23,8 @@ from prodesc import models, prompts
 from prodesc.config import GenerateConfig, ProdescConfig
 from prodesc.errors import ProdescError
 from prodesc.generate import fast
-from prodesc.manifest import read_manifest
 from prodesc.records import read_split, write_jsonl
+from prodesc.rundir import read_manifest
 
 
 class Generator:

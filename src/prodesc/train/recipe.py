@@ -30,7 +30,7 @@ from prodesc import config as configmod
 from prodesc import dist, models, prompts
 from prodesc.config import ProdescConfig
 from prodesc.errors import ProdescError
-from prodesc.manifest import build_manifest, data_fingerprint
+from prodesc.rundir import build_manifest, data_fingerprint
 
 PEAK_BF16_FLOPS = {
     "H100": 989e12,

@@ -1,0 +1,203 @@
+"""Output directories: written atomically, each with its resolved config; a run's manifest read back by later verbs.
+
+    with atomic_dir(out, overwrite) as tmp:    # build in tmp; `out` becomes the new dir only if the block succeeds
+        ...
+    write_resolved(cfg, tmp)                   # config.resolved.yaml: the settings every output was made with
+
+manifest.json of a run: what was trained, on what, with what, and how it went.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prodesc.errors import ProdescError
+
+if TYPE_CHECKING:
+    from prodesc.config import ProdescConfig
+
+RESOLVED = "config.resolved.yaml"  # beside every output: the settings it was made with
+
+LIBRARIES = (
+    "prodesc",
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "datasets",
+    "accelerate",
+    "bitsandbytes",
+    "liger-kernel",
+)
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, overwrite: bool = False, what: str = "output dir") -> Iterator[Path]:
+    """Build a directory beside `out`, then swap it into place: `out` is either the old output or the whole new one.
+
+    Yields the temporary dir to fill. On an exception inside the block the temporary dir is removed and `out` is
+    untouched. On success an existing `out` (allowed by `overwrite`) is moved aside, the new dir renamed into place
+    and the old one deleted; if that rename fails, the old output is moved back. Temporary dirs left by dead
+    processes (killed runs) for the same `out` are removed first.
+    """
+    out = Path(out)
+    refuse_existing(out, overwrite, what)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    try:
+        yield tmp
+        _swap_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def refuse_existing(out: Path, overwrite: bool, what: str = "output dir") -> None:
+    """A user error when `out` is a file, or an existing dir that `overwrite` does not allow replacing."""
+    if out.exists() and not out.is_dir():
+        raise ProdescError(f"{what} {out} is a file: pass a directory path to --out")
+    if out.exists() and not overwrite:
+        raise ProdescError(f"{what} {out} already exists: pass --overwrite to replace it or choose another --out")
+
+
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Remove `.NAME.tmp-PID-*` / `.NAME.old-PID-*` dirs beside `out` whose process is gone; returns them."""
+    removed = []
+    for p in out.parent.glob(f".{out.name}.*-*-*"):
+        kind, _, rest = p.name[len(out.name) + 2 :].partition("-")
+        pid = rest.partition("-")[0]
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)  # roll back: the old output stays whole
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_resolved(cfg: ProdescConfig, out: Path) -> Path:
+    """Write `out/config.resolved.yaml`: every field, defaults included."""
+    import yaml
+
+    path = Path(out) / RESOLVED
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def build_manifest(base: dict, data: dict, stats: dict) -> dict[str, Any]:
+    return {
+        "base_model": base,
+        "data": data,
+        "training": stats,
+        "versions": {lib: _version(lib) for lib in LIBRARIES},
+        "git_commit": _git_commit(),
+        "hardware": _hardware(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def data_fingerprint(data: Path, families: list[str]) -> dict[str, Any]:
+    """sha256 of each split file, plus the training families (their list sits in train_families.txt.gz)."""
+    digest = hashlib.sha256("\n".join(families).encode()).hexdigest()
+    files = {p.name: _sha256(p) for p in sorted(data.glob("*.parquet"))}
+    return {
+        "dir": str(data.resolve()),
+        "files": files,
+        "train_families": len(families),
+        "train_families_sha256": digest,
+        "train_families_file": "train_families.txt.gz",
+    }
+
+
+def read_manifest(run: Path) -> dict[str, Any]:
+    path = run / "manifest.json"
+    if not path.exists():
+        raise ProdescError(
+            f"{run} is not a finished run (no manifest.json): pass the --out dir of `prodesc train`"
+        )
+    return json.loads(path.read_text())
+
+
+def train_families(run: Path) -> set[str]:
+    path = run / "train_families.txt.gz"
+    if not path.exists():
+        raise ProdescError(
+            f"{path} missing: the run's training families are unknown; re-train or --allow-overlap"
+        )
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return {line.rstrip("\n") for line in f if line.strip()}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _version(lib: str) -> str | None:
+    try:
+        return metadata.version(lib)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _hardware() -> dict[str, Any]:
+    import os
+
+    import torch
+
+    hw: dict[str, Any] = {"platform": platform.platform(), "cpus": os.cpu_count()}
+    if torch.cuda.is_available():
+        hw["gpu"] = torch.cuda.get_device_name()
+        hw["gpu_count"] = torch.cuda.device_count()
+    return hw

@@ -1,0 +1,76 @@
+"""`rundir.atomic_dir`: an output dir is the old one or the whole new one, never a mix, never debris."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prodesc import rundir
+from prodesc.errors import ProdescError
+
+
+def _old_output(tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    return out
+
+
+def test_atomic_dir_replaces_the_old_output_only_on_success(tmp_path):
+    out = _old_output(tmp_path)
+    with rundir.atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+        assert (out / "old.txt").exists()  # nothing visible before the block ends
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_atomic_dir_keeps_the_old_output_when_the_block_fails(tmp_path):
+    out = _old_output(tmp_path)
+    with pytest.raises(RuntimeError), rundir.atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "half.txt").write_text("half")
+        raise RuntimeError("boom")
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_atomic_dir_rolls_the_old_output_back_when_the_final_rename_fails(tmp_path, monkeypatch):
+    out = _old_output(tmp_path)
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if ".tmp-" in str(src):  # the new dir into place: fail it
+            raise OSError(28, "No space left on device")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(rundir.os, "rename", rename)
+    with pytest.raises(OSError), rundir.atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert (out / "old.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_atomic_dir_refuses_an_existing_output_or_a_file(tmp_path):
+    out = _old_output(tmp_path)
+    with pytest.raises(ProdescError, match="already exists: pass --overwrite"), rundir.atomic_dir(out):
+        pass
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ProdescError, match="is a file"), rundir.atomic_dir(tmp_path / "f", overwrite=True):
+        pass
+
+
+def test_atomic_dir_removes_temp_dirs_of_dead_processes(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    stale = tmp_path / f".out.tmp-{pid}-abc123"
+    stale.mkdir()
+    (stale / "big.bin").write_bytes(b"x" * 100)
+    live = tmp_path / f".out.tmp-{os.getppid()}-def456"  # a live process: left alone
+    live.mkdir()
+    with rundir.atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "a").write_text("a")
+    assert not stale.exists() and live.exists()
