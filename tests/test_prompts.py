@@ -50,4 +50,4 @@ def test_portuguese_wording_is_available():
 
 def test_custom_instruction_needs_title_placeholder():
     with pytest.raises(ProdescError, match="must contain"):
-        prompts.user_text("X", PromptConfig(instruction="Describe the product"))
+        prompts.user_text("X", PromptConfig.model_construct(instruction="Describe the product"))

@@ -1,20 +1,30 @@
-"""One validated config: a pydantic model per stage inside `ProdescConfig`.
+"""One validated config: a pydantic model per stage inside `ProdescConfig`, resolved the same way by every verb.
 
-Precedence: defaults < preset/`--config FILE.yaml` < `--set a.b=v` overrides. Every problem (unknown key, with
-the closest valid one; bad type) is collected and raised together as one `ProdescError`.
+    cfg = resolve(base=run / "config.resolved.yaml", config="my.yaml", flags={"generate.top_p": 0.9},
+                  sets=["generate.max_new_tokens=512"], locked=True)
+    cfg = load("configs/tiny.yaml", ["train.max_steps=30", "lora.r=16"])      # = resolve(config=..., sets=...)
 
-    cfg = load("configs/tiny.yaml", ["train.max_steps=30", "lora.r=16"])
-    dump(cfg, run_dir / "config.yaml")
+Precedence: defaults < `base` (a preset, or a run's resolved config) < `config` (only the keys the file sets,
+deep-merged) < `flags` (typed values from the verb's own options) < `sets` (`--set a.b=v`: the text is taken as
+it is for a `str` field, parsed as YAML only where the field is a number, bool, list or mapping). Every problem
+(unknown key, with the closest valid one; bad type; a locked key changed) is collected and raised together as one
+`ProdescError`, one `field: message` line each. `locked=True` (a verb working on a trained run) refuses changes to
+`prompt.*` and `model.*` (the run was trained with them; other values break train/inference parity), except the
+keys in `UNLOCKED` that only say how or where the same model is loaded.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from prodesc.errors import ProdescError
 
@@ -66,6 +76,9 @@ class ModelConfig(_Stage):
         False, description="Run Python code shipped with a Hub model. Off by default."
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    cache_dir: str | None = Field(
+        None, description="Where embedded models are converted once (None: $PRODESC_CACHE, else ~/.cache/prodesc)."
+    )
     tiny_vocab_size: int = Field(
         512, ge=64, description="tiny: vocabulary of the tokenizer trained on the data."
     )
@@ -82,6 +95,13 @@ class PromptConfig(_Stage):
         None,
         description="Optional system prompt; folded into the user turn for templates without a system role.",
     )
+
+    @field_validator("instruction")
+    @classmethod
+    def _has_title(cls, v: str | None) -> str | None:
+        if v is not None and "{title}" not in v:
+            raise ValueError("must contain '{title}' where the product title goes, e.g. 'Describe: {title}'")
+        return v
 
 
 class LoraConfig(_Stage):
@@ -154,6 +174,12 @@ class GenerateConfig(_Stage):
         "answers end; 0 = off. Maps to transformers' exponential_decay_length_penalty."
     )
     batch_size: int = Field(16, ge=1, description="Titles per generation call.")
+    compile: Literal["auto", "off", "force"] | None = Field(
+        None,
+        description="Static cache + compiled decode: auto = on a CUDA GPU with unquantized weights (a first compile "
+        "takes 35-50 s, worth it for long jobs); off; force = the static-cache path even on CPU (tests). "
+        "None: $PRODESC_COMPILE_GENERATE (0 = off, force), else auto.",
+    )
 
 
 class EvalConfig(_Stage):
@@ -197,31 +223,141 @@ class ProdescConfig(_Stage):
     serve: ServeConfig = ServeConfig()
 
 
-def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ProdescConfig:
-    """Defaults < YAML file < `key.sub=value` overrides; every problem reported at once."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        raw = _read_yaml(Path(path))
+LOCKED_ON_RUN = ("prompt", "model")
+UNLOCKED = {"model.trust_remote_code", "model.cache_dir", "model.attn_implementation"}
+
+
+def resolve(
+    base: str | Path | None = None,
+    config: str | Path | None = None,
+    flags: Mapping[str, Any] | None = None,
+    sets: Sequence[str] = (),
+    locked: bool | tuple[str, ...] = False,
+) -> ProdescConfig:
+    """defaults < base < config (keys it sets) < flags (None = not given) < sets; every problem reported at once."""
+    raw = _read_yaml(Path(base)) if base is not None else {}
     problems: list[str] = []
-    for item in overrides:
-        key, sep, value = item.partition("=")
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if config is not None:
+        layers.append((f"{config}: ", _read_yaml(Path(config))))
+    tree: dict[str, Any] = {}
+    for key, value in (flags or {}).items():
+        if value is not None:
+            _set_dotted(tree, key, value)
+    layers.append(("", tree))
+    tree = {}
+    for item in sets:
+        key, sep, text = item.partition("=")
         if not sep or not key.strip():
             problems.append(f"--set {item!r}: expected key.sub=value, e.g. train.max_steps=100")
             continue
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
-    problems += _unknown_keys(raw, ProdescConfig)
+        _set_dotted(tree, key.strip(), _typed(key.strip(), text))
+    layers.append(("", tree))
+    problems += _unknown_keys(raw, ProdescConfig, where=f"{base}: " if base is not None else "")
+    for where, layer in layers:
+        problems += _unknown_keys(layer, ProdescConfig, where=where)
+        if locked:
+            problems += _locked_changes(raw, layer, LOCKED_ON_RUN if locked is True else locked)
+        raw = _deep_merge(raw, layer)
     if not problems:
         try:
-            return ProdescConfig.model_validate(raw)
+            return _fill_from_env(ProdescConfig.model_validate(raw))
         except ValidationError as e:
             problems += [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
-    where = f" in {path}" if path else ""
-    raise ProdescError(f"invalid config{where}:\n  " + "\n  ".join(problems))
+    raise ProdescError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ProdescConfig:
+    """Defaults < YAML file < `key.sub=value` overrides (`resolve(config=path, sets=overrides)`)."""
+    return resolve(config=path, sets=overrides)
 
 
 def dump(cfg: ProdescConfig, path: str | Path) -> None:
     """Write the fully resolved config (every field, defaults included) as YAML."""
     Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def changed_keys(old: ProdescConfig, new: ProdescConfig) -> list[str]:
+    """Dotted keys whose value differs between two configs (e.g. a run's and its resume's)."""
+    a, b = _flat(old.model_dump(mode="json")), _flat(new.model_dump(mode="json"))
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def _typed(key: str, text: str) -> Any:
+    """A `--set` value by its field's type: text as it is for str fields, YAML for the rest, '' = None."""
+    if not text.strip():
+        return None
+    if _is_text(_annotation(key)):
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # pydantic names the type it wanted
+
+
+def _annotation(key: str) -> Any:
+    model: Any = ProdescConfig
+    annotation: Any = None
+    for part in key.split("."):
+        fields = getattr(model, "model_fields", {})
+        if part not in fields:
+            return None
+        annotation = model = fields[part].annotation
+    return annotation
+
+
+def _is_text(annotation: Any) -> bool:
+    """str, Literal of str, or either | None."""
+    if annotation is str:
+        return True
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is Literal:
+        return all(isinstance(a, str) for a in args)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        return bool(rest) and all(_is_text(a) for a in rest)
+    return False
+
+
+def _locked_changes(run: dict[str, Any], layer: dict[str, Any], sections: tuple[str, ...]) -> list[str]:
+    flat_run, problems = _flat(run), []
+    for key, value in _flat(layer).items():
+        if key.split(".")[0] in sections and key not in UNLOCKED and flat_run.get(key, value) != value:
+            problems.append(
+                f"{key}: the run was trained with {flat_run.get(key)!r}; changing it breaks train/inference "
+                "parity: drop the setting, or train a new run with it"
+            )
+    return problems
+
+
+def _fill_from_env(cfg: ProdescConfig) -> ProdescConfig:
+    """Settings environment variables may give; the resolved config records the value used."""
+    if cfg.model.cache_dir is None:
+        cfg.model.cache_dir = os.environ.get("PRODESC_CACHE") or str(Path.home() / ".cache" / "prodesc")
+    if cfg.generate.compile is None:
+        env = os.environ.get("PRODESC_COMPILE_GENERATE", "auto")
+        cfg.generate.compile = {"0": "off", "off": "off", "force": "force"}.get(env, "auto")
+    return cfg
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for key, value in b.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -248,16 +384,16 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _unknown_keys(raw: dict[str, Any], model: type[BaseModel], prefix: str = "") -> list[str]:
+def _unknown_keys(raw: dict[str, Any], model: type[BaseModel], prefix: str = "", where: str = "") -> list[str]:
     problems = []
     fields = model.model_fields
     for key, value in raw.items():
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid: {', '.join(fields)}"
-            problems.append(f"{prefix}{key}: unknown key{hint}")
+            problems.append(f"{where}{prefix}{key}: unknown key{hint}")
             continue
         sub = fields[key].annotation
         if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
-            problems += _unknown_keys(value, sub, f"{prefix}{key}.")
+            problems += _unknown_keys(value, sub, f"{prefix}{key}.", where)
     return problems
