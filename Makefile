@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(BIN)/prodesc data prepare $(DEMO)/catalog.json.gz --out $(DEMO)/data --overwrite
 	$(BIN)/prodesc train --config configs/smollm2-135m.yaml --data $(DEMO)/data --out $(DEMO)/run --overwrite \
 	    --set train.max_steps=8 --set train.eval_steps=8 --set train.save_steps=8 --set train.max_eval_samples=16
-	$(BIN)/python -m prodesc.demo --run $(DEMO)/run --data $(DEMO)/data --out $(DEMO)/report
+	$(BIN)/prodesc demo --run $(DEMO)/run --data $(DEMO)/data --out $(DEMO)/report
 
 test: $(STAMP) browser
 	$(BIN)/ruff check src tests bench

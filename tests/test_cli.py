@@ -1,3 +1,4 @@
+import typer
 from typer.testing import CliRunner
 
 from prodesc.cli import app
@@ -5,16 +6,25 @@ from prodesc.cli import app
 runner = CliRunner()
 
 
+def _commands(args: list[str]) -> list[str]:
+    """The command names of a typer --help screen, in order."""
+    group = typer.main.get_command(app)
+    for name in args:
+        group = group.commands[name]
+    return sorted(group.commands)
+
+
 def test_help_lists_every_verb():
     res = runner.invoke(app, ["--help"])
     assert res.exit_code == 0
-    for verb in ("data", "train", "export", "generate", "eval", "serve"):
+    assert _commands([]) == ["data", "demo", "eval", "export", "generate", "serve", "train"]
+    for verb in _commands([]):
         assert verb in res.output
 
 
 def test_data_help_lists_prepare_and_synth():
     res = runner.invoke(app, ["data", "--help"])
-    assert res.exit_code == 0 and "prepare" in res.output and "synth" in res.output
+    assert res.exit_code == 0 and _commands(["data"]) == ["prepare", "synth"]
 
 
 def test_user_error_exits_1_without_traceback(tmp_path):

@@ -31,6 +31,7 @@ def test_eval_scores_three_systems_and_writes_the_report(tiny_run, tiny_data, tm
     )
     assert res.exit_code == 0, res.output
     assert {p.name for p in out.iterdir()} == {
+        "config.resolved.yaml",
         "metrics.json",
         "paired_diffs.json",
         "predictions",
@@ -49,7 +50,7 @@ def test_eval_scores_three_systems_and_writes_the_report(tiny_run, tiny_data, tm
 
 
 def test_leak_guard_refuses_trained_families(tiny_run, tiny_data, tmp_path):
-    cfg = load(tiny_run / "config.yaml", ["eval.limit=3"])
+    cfg = load(tiny_run / "config.resolved.yaml", ["eval.limit=3"])
     with pytest.raises(ProdescError, match="--allow-overlap"):
         evalmod.evaluate(tiny_run, tiny_data, "train", tmp_path / "r", cfg)
 

@@ -54,6 +54,24 @@ def varlen_attention_forward(module: Any, query: Any, key: Any, value: Any, atte
     return out.unsqueeze(0), None
 
 
+def attention_for(cfg_attn: str | None, mode: str, quantized: bool) -> str | None:
+    """The attention implementation to load an inference model with, chosen once at load: the fast path decodes
+    through `sdpa_varlen` (SDPA's math, but GQA decode steps without copying the KV cache 4x)."""
+    import torch
+
+    if cfg_attn not in (None, "sdpa") or mode == "off" or quantized or not torch.cuda.is_available():
+        return cfg_attn
+    return register_varlen_attention()
+
+
+def batch_bucket(n: int, cap: int) -> int:
+    """Batch size to pad `n` prompts to: the next power of two, at most `cap` (fewer shapes to compile)."""
+    b = 1
+    while b < n:
+        b *= 2
+    return min(b, max(cap, n))
+
+
 def _is_gqa_decode(query: Any, key: Any, attention_mask: Any) -> bool:
     """One new token per row, fewer key/value heads than query heads, a mask shared by all heads (or none)."""
     return (query.shape[2] == 1 and key.shape[1] < query.shape[1] and query.shape[1] % key.shape[1] == 0

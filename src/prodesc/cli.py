@@ -6,6 +6,7 @@ prodesc train --config configs/smollm2-135m.yaml --data demo/data --out demo/run
 prodesc generate --run demo/run "Girls Ballet Tutu Neon Pink"
 prodesc eval --run demo/run --data demo/data --out demo/report
 prodesc serve --run demo/run
+prodesc demo --run demo/run --data demo/data --out demo/report
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def data_prepare(
     from prodesc import config as cfgmod
     from prodesc.data.prepare import prepare
 
-    flags = dict(
+    flags = _flags(
+        "data",
         title_field=title_field,
         content_field=content_field,
         id_field=id_field,
@@ -93,8 +95,7 @@ def data_prepare(
         strict=strict,
         workers=workers,
     )
-    overrides = [f"data.{k}={_yaml(v)}" for k, v in flags.items() if v is not None] + list(set_ or [])
-    cfg = _run(cfgmod.load, config, overrides)
+    cfg = _run(cfgmod.resolve, config=config, flags=flags, sets=set_ or [])
     _run(prepare, inputs, out, cfg.data, overwrite=overwrite)
 
 
@@ -124,8 +125,8 @@ def train(
     """Fine-tune a LoRA / QLoRA adapter with TRL's SFTTrainer on the prepared data."""
     from prodesc.train import recipe as trainmod
 
-    overrides = list(set_ or []) + (["model.trust_remote_code=true"] if trust_remote_code else [])
-    _run(trainmod.train_cli, config, overrides, data, out, resume=resume, overwrite=overwrite)
+    flags = {"model.trust_remote_code": True} if trust_remote_code else {}
+    _run(trainmod.train_cli, data, out, config, flags, set_ or [], resume=resume, overwrite=overwrite)
 
 
 @app.command("export")
@@ -165,14 +166,14 @@ def generate(
     """Describe titles with a fine-tuned run or a plain model (batched, greedy by default)."""
     from prodesc.generate import generator as genmod
 
-    flags = dict(
+    flags = _flags(
+        "generate",
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
         repetition_penalty=repetition_penalty,
         batch_size=batch_size,
     )
-    overrides = [f"generate.{k}={v}" for k, v in flags.items() if v is not None] + list(set_ or [])
     _run(
         genmod.generate_cli,
         titles=titles or [],
@@ -185,7 +186,8 @@ def generate(
         limit=limit,
         out=out,
         config=config,
-        overrides=overrides,
+        flags=flags,
+        sets=set_ or [],
     )
 
 
@@ -213,11 +215,7 @@ def evaluate(
 
     if bool(files) != predictions:
         _run(_fail, "prediction files go with --predictions: prodesc eval --predictions A.jsonl B.jsonl --out DIR")
-    overrides = list(set_ or [])
-    if limit is not None:
-        overrides.append(f"eval.limit={limit}")
-    if systems:
-        overrides.append(f"eval.systems=[{systems}]")
+    flags = _flags("eval", limit=limit, systems=[s.strip() for s in systems.split(",")] if systems else None)
     _run(
         evalmod.evaluate_cli,
         out=out,
@@ -228,7 +226,8 @@ def evaluate(
         allow_overlap=allow_overlap,
         overwrite=overwrite,
         config=config,
-        overrides=overrides,
+        flags=flags,
+        sets=set_ or [],
     )
 
 
@@ -247,22 +246,30 @@ def serve(
     """Serve an OpenAI-compatible API, /v1/describe, /metrics and a page to try the model."""
     from prodesc.serve import app as servemod
 
-    overrides = list(set_ or [])
-    if host:
-        overrides.append(f"serve.host={host}")
-    if port:
-        overrides.append(f"serve.port={port}")
-    _run(servemod.serve_cli, run=run, model=model, api_key=api_key, config=config, overrides=overrides)
+    flags = _flags("serve", host=host, port=port)
+    _run(servemod.serve_cli, run=run, model=model, api_key=api_key, config=config, flags=flags, sets=set_ or [])
+
+
+@app.command("demo")
+def demo(
+    run: Annotated[Path, typer.Option(help="Run directory of `prodesc train` (make demo: demo/run).")],
+    data: Annotated[Path, typer.Option(help="Its prepared data dir.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report directory (replaced).")],
+    limit: Annotated[int, typer.Option(help="Held-out items scored.")] = 12,
+) -> None:
+    """Before vs after on a few held-out titles, then the eval table (the end of `make demo`)."""
+    from prodesc import demo as demomod
+
+    _run(demomod.main, run, data, out, limit)
 
 
 def _fail(message: str) -> None:
     raise ProdescError(message)
 
 
-def _yaml(v: Any) -> str:
-    import json
-
-    return json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
+def _flags(section: str, **values: Any) -> dict[str, Any]:
+    """The verb's own options as typed `section.key` settings; options left out (None) set nothing."""
+    return {f"{section}.{k}": v for k, v in values.items() if v is not None}
 
 
 if __name__ == "__main__":  # pragma: no cover

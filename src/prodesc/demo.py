@@ -1,25 +1,22 @@
-"""The end of `make demo`: before-vs-after examples and the eval table of the demo run.
+"""`prodesc demo`, the end of `make demo`: before-vs-after examples and the eval table of the demo run.
 
-python -m prodesc.demo --run demo/run --data demo/data --out demo/report
+    prodesc demo --run demo/run --data demo/data --out demo/report
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import textwrap
 from pathlib import Path
 
-from prodesc import config as configmod
+from prodesc import rundir
 from prodesc.eval.evaluate import evaluate, print_table
 
 
 def main(run: Path, data: Path, out: Path, limit: int = 12, max_new_tokens: int = 128) -> None:
     """Score base vs fine-tuned vs retrieval on `limit` test items; print 3 examples side by side, then the table."""
-    cfg = configmod.load(
-        run / "config.yaml",
-        [f"eval.limit={limit}", f"generate.max_new_tokens={max_new_tokens}", "eval.bootstrap_samples=200"],
-    )
+    flags = {"eval.limit": limit, "generate.max_new_tokens": max_new_tokens, "eval.bootstrap_samples": 200}
+    cfg = rundir.settings(run, flags=flags)
     scores = evaluate(run, data, "test", out, cfg, overwrite=True)
     preds = {s: _read(out / "predictions" / f"{s}.jsonl") for s in ("base", "finetuned")}
     print("\n=== before (base) vs after (fine-tuned), first 3 test titles ===")
@@ -39,13 +36,3 @@ def _read(path: Path) -> list[dict]:
 def _block(label: str, text: str) -> str:
     body = textwrap.shorten(text or "(empty)", width=300, placeholder=" ...")
     return textwrap.fill(body, width=100, initial_indent=f"  {label:>9}: ", subsequent_indent=" " * 13)
-
-
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", type=Path, required=True)
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--limit", type=int, default=12)
-    a = p.parse_args()
-    main(a.run, a.data, a.out, a.limit)

@@ -16,8 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
-from prodesc import config as configmod
-from prodesc import models
+from prodesc import models, rundir
 from prodesc.errors import ProdescError
 from prodesc.rundir import atomic_dir, read_manifest, refuse_existing
 
@@ -39,7 +38,7 @@ def _merge(run: Path, base: dict, tmp: Path) -> None:
     import torch
     from peft import PeftModel
 
-    cfg = configmod.load(run / "config.yaml")
+    cfg = rundir.settings(run)
     path = str(run / base["path"]) if base.get("path") else None
     if base.get("quantization") == "nf4":
         cfg.model.quantization = "nf4"

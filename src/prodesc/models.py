@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from prodesc import dist
+from prodesc import attention, dist
 from prodesc.config import ModelConfig
 from prodesc.errors import ProdescError
 from prodesc.rundir import atomic_dir
@@ -35,10 +35,10 @@ CHATML_TEMPLATE = (
 )
 
 
-def resolve(name: str) -> str:
+def resolve(name: str, cache: str | None = None) -> str:
     """Model reference → a local dir or Hub id that `from_pretrained` takes (converting the GGUF if needed)."""
     if name in EMBEDDED:
-        return str(embedded_checkpoint(name))
+        return str(embedded_checkpoint(name, cache))
     if name.startswith("embedded:"):
         raise ProdescError(f"unknown embedded model {name!r}: choose one of {', '.join(EMBEDDED)}")
     if name == "tiny":
@@ -48,12 +48,15 @@ def resolve(name: str) -> str:
     return name
 
 
-def load(cfg: ModelConfig, path: str | None = None, for_training: bool = False) -> tuple[Any, Any]:
-    """Model + tokenizer (pad fixed) for `cfg`, from `path` when given (a run's saved base)."""
+def load(
+    cfg: ModelConfig, path: str | None = None, for_training: bool = False, decode: str = "off"
+) -> tuple[Any, Any]:
+    """Model + tokenizer (pad fixed) for `cfg`, from `path` when given (a run's saved base). `decode` is
+    `generate.compile` for inference models: the attention implementation that path needs is chosen here, once."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    src = path or resolve(cfg.name)
+    src = path or resolve(cfg.name, cfg.cache_dir)
     tok = load_tokenizer(src, cfg)
     quant = choose_quantization(cfg, src)
     kwargs: dict[str, Any] = dict(
@@ -62,12 +65,13 @@ def load(cfg: ModelConfig, path: str | None = None, for_training: bool = False) 
         revision=cfg.revision,
         use_safetensors=True,
     )
-    if cfg.attn_implementation:
-        if cfg.attn_implementation == "sdpa_varlen":  # prodesc's own: packed sequences via the varlen kernel
-            from prodesc import attention
-
+    attn = cfg.attn_implementation
+    if not for_training:
+        attn = attention.attention_for(attn, decode, quantized=quant == "nf4")
+    if attn:
+        if attn == attention.VARLEN:  # prodesc's own: packed sequences via the varlen kernel
             attention.register_varlen_attention()
-        kwargs["attn_implementation"] = cfg.attn_implementation
+        kwargs["attn_implementation"] = attn
     if quant == "nf4":
         kwargs["quantization_config"] = _nf4_config()
         if dist.fsdp_enabled() and kwargs["dtype"] != torch.bfloat16:
@@ -165,10 +169,10 @@ def estimate_params(src: str, cfg: ModelConfig) -> int:
     return n_layers * (attn + 3 * h * inter) + emb
 
 
-def embedded_checkpoint(name: str) -> Path:
+def embedded_checkpoint(name: str, cache: str | None = None) -> Path:
     """Plain HF checkpoint converted once from the embedded GGUF (atomic: temp dir, then rename)."""
     package, gguf_file, cache_name = EMBEDDED[name]
-    target = cache_dir() / cache_name
+    target = cache_dir(cache) / cache_name
     if (target / "model.safetensors").exists():
         return target
     spec = importlib.util.find_spec(package)
@@ -183,8 +187,9 @@ def embedded_checkpoint(name: str) -> Path:
     return target
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("PRODESC_CACHE", Path.home() / ".cache" / "prodesc"))
+def cache_dir(cache: str | None = None) -> Path:
+    """`model.cache_dir` (the resolved config fills it from $PRODESC_CACHE or ~/.cache/prodesc)."""
+    return Path(cache or os.environ.get("PRODESC_CACHE") or Path.home() / ".cache" / "prodesc")
 
 
 def build_tiny(texts: list[str], cfg: ModelConfig, out: Path) -> Path:

@@ -113,6 +113,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def run_config(run: Path) -> Path:
+    """A run's resolved config: config.resolved.yaml (runs before it: config.yaml)."""
+    for name in (RESOLVED, "config.yaml"):
+        if (run / name).is_file():
+            return run / name
+    raise ProdescError(f"{run} is not a run dir (no {RESOLVED}): pass the --out dir of a finished `prodesc train`")
+
+
+def settings(
+    run: Path | None, config: Path | None = None, flags: dict[str, Any] | None = None, sets: list[str] | None = None
+) -> ProdescConfig:
+    """The one resolution of a verb that works on a run (or on defaults without one): the run's resolved config <
+    --config < flags < --set, with `prompt.*`/`model.*` locked on a run."""
+    from prodesc.config import resolve
+
+    base = run_config(run) if run is not None else None
+    return resolve(base=base, config=config, flags=flags, sets=sets or (), locked=run is not None)
+
+
 def write_resolved(cfg: ProdescConfig, out: Path) -> Path:
     """Write `out/config.resolved.yaml`: every field, defaults included."""
     import yaml

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from prodesc import config as configmod
+from prodesc import rundir
 from prodesc.config import EvalConfig, ProdescConfig
 from prodesc.embedder import load_embedder
 from prodesc.errors import ProdescError
@@ -35,20 +35,20 @@ def evaluate_cli(
     predictions: list[Path],
     allow_overlap: bool,
     overwrite: bool,
-    config: Path | None,
-    overrides: list[str],
+    config: Path | None = None,
+    flags: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
 ) -> dict:
-    """The `prodesc eval` verb."""
+    """The `prodesc eval` verb: settings and arguments checked before any model loads."""
     if predictions:
         if run or data:
             raise ProdescError("--predictions scores files on their own: drop --run/--data")
-        cfg = configmod.load(config, overrides)
-        return score_files(predictions, out, cfg.eval, overwrite=overwrite)
+        cfg = rundir.settings(None, config, flags, sets)
+        return score_files(predictions, out, cfg.eval, overwrite=overwrite, settings=cfg)
     if run is None or data is None:
         raise ProdescError("pass --run RUN_DIR and --data DIR (or --predictions FILE.jsonl ...)")
-    if out.exists() and not overwrite:
-        raise ProdescError(f"report dir {out} already exists: pass --overwrite or choose another --out")
-    cfg = configmod.load(config or run / "config.yaml", overrides)
+    rundir.refuse_existing(out, overwrite, "report dir")
+    cfg = rundir.settings(run, config, flags, sets)
     return evaluate(run, data, split, out, cfg, allow_overlap=allow_overlap, overwrite=overwrite)
 
 
@@ -74,13 +74,15 @@ def evaluate(
         "decoding": cfg.generate.model_dump(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    report.write_report(out, scores, systems, diffs, meta, overwrite=overwrite)
+    report.write_report(out, scores, systems, diffs, meta, overwrite=overwrite, cfg=cfg)
     print_table(scores)
     print(f"report: {out / 'report.html'}")
     return scores
 
 
-def score_files(files: list[Path], out: Path, cfg: EvalConfig, overwrite: bool = False) -> dict:
+def score_files(
+    files: list[Path], out: Path, cfg: EvalConfig, overwrite: bool = False, settings: ProdescConfig | None = None
+) -> dict:
     """`prodesc eval --predictions A.jsonl B.jsonl`: score JSONL files (system = file stem), write a report.
 
     Files that hold different items are aligned on the items they share (same title, same occurrence of
@@ -110,7 +112,7 @@ def score_files(files: list[Path], out: Path, cfg: EvalConfig, overwrite: bool =
         "bootstrap": f"{cfg.bootstrap_samples} resamples, seed {cfg.seed}",
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
-    report.write_report(out, scores, systems, diffs, meta=meta, overwrite=overwrite)
+    report.write_report(out, scores, systems, diffs, meta=meta, overwrite=overwrite, cfg=settings)
     return scores
 
 
@@ -132,8 +134,7 @@ def _predict(run: Path, data: Path, items: list[dict], cfg: ProdescConfig) -> di
     wanted = cfg.eval.systems
     if "finetuned" in wanted or "base" in wanted:
         # merge=False keeps the adapter separable, so `base` reuses the same weights with it switched off
-        gen = Generator.from_run(run, merge=False)
-        gen.cfg = cfg
+        gen = Generator.from_run(run, cfg, merge=False)
         for name, adapter in (("finetuned", True), ("base", False)):
             if name in wanted:
                 print(f"generating {len(titles)} descriptions with {name}")

@@ -22,8 +22,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from prodesc.config import ProdescConfig
 from prodesc.eval.metrics import METRICS
-from prodesc.rundir import atomic_dir
+from prodesc.rundir import atomic_dir, write_resolved
 
 MD_EXAMPLES = 5
 HTML_EXAMPLES = 10
@@ -38,11 +39,15 @@ def write_report(
     diffs: dict | None = None,
     meta: dict | None = None,
     overwrite: bool = False,
+    cfg: ProdescConfig | None = None,
 ) -> Path:
-    """Write the report directory `out` (layout above); an existing one is refused unless overwrite."""
+    """Write the report directory `out` (layout above, plus config.resolved.yaml when `cfg` is given); an existing
+    one is refused unless overwrite."""
     out = Path(out)
     with atomic_dir(out, overwrite, "report dir") as tmp:
         _write_contents(tmp, scores, systems, diffs or {}, meta or {})
+        if cfg is not None:
+            write_resolved(cfg, tmp)
     return out
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from prodesc import config as configmod
-from prodesc import models, prompts
+from prodesc import models, prompts, rundir
 from prodesc.config import GenerateConfig, ProdescConfig
 from prodesc.errors import ProdescError
 from prodesc.generate import fast
@@ -36,17 +36,16 @@ class Generator:
         self.exempt = sorted({i for i in tokenizer.all_special_ids if i is not None})
 
     @classmethod
-    def from_run(cls, run: Path, overrides: list[str] = (), merge: bool | None = None) -> Generator:
-        """Base model from the run's manifest + its adapter. `merge` folds LoRA into the weights (default: on
-        GPU for unquantized models, where it saves the adapter's extra matmuls on every token)."""
+    def from_run(cls, run: Path, cfg: ProdescConfig | None = None, merge: bool | None = None) -> Generator:
+        """Base model from the run's manifest + its adapter, with the run's resolved settings unless `cfg` is given
+        (resolve it with `rundir.settings`). `merge` folds LoRA into the weights (default: on GPU for unquantized
+        models, where it saves the adapter's extra matmuls on every token)."""
         from peft import PeftModel
 
-        cfg = configmod.load(run / "config.yaml", overrides) if (run / "config.yaml").exists() else None
-        if cfg is None:
-            raise ProdescError(f"{run}/config.yaml missing: pass the --out dir of a finished `prodesc train`")
+        cfg = cfg or rundir.settings(run)
         base = read_manifest(run)["base_model"]
         path = str(run / base["path"]) if base.get("path") else None
-        model, _ = models.load(cfg.model, path=path)
+        model, _ = models.load(cfg.model, path=path, decode=cfg.generate.compile)
         tok = models.load_tokenizer(str(run / "adapter"))
         model = PeftModel.from_pretrained(model, str(run / "adapter"))
         if merge if merge is not None else _gpu_unquantized(model):
@@ -55,15 +54,15 @@ class Generator:
         return cls(model, tok, cfg, name=f"{run.name}")
 
     @classmethod
-    def from_model(cls, name: str, adapter: Path | None = None, overrides: list[str] = ()) -> Generator:
+    def from_model(cls, name: str, adapter: Path | None = None, cfg: ProdescConfig | None = None) -> Generator:
         """A plain model (Hub id, dir, embedded:...) with an optional PEFT adapter dir."""
-        cfg = configmod.load(None, [f"model.name={name}", *overrides])
-        model, tok = models.load(cfg.model)
+        cfg = cfg or configmod.resolve(flags={"model.name": name})
+        if adapter is not None and not (adapter / "adapter_config.json").exists():
+            raise ProdescError(f"{adapter} is not a PEFT adapter dir (no adapter_config.json)")
+        model, tok = models.load(cfg.model, decode=cfg.generate.compile)
         if adapter is not None:
             from peft import PeftModel
 
-            if not (adapter / "adapter_config.json").exists():
-                raise ProdescError(f"{adapter} is not a PEFT adapter dir (no adapter_config.json)")
             model = PeftModel.from_pretrained(model, str(adapter))
         model.eval()
         return cls(model, tok, cfg, name=name)
@@ -110,13 +109,13 @@ class Generator:
 
         import torch
 
-        compiled = fast.fast_generation_enabled(self.model)  # CUDA, unquantized: static cache + compiled decode
+        compiled = fast.fast_generation_enabled(self.model, gen.compile)  # static cache + compiled decode
         fill = fast.batch_bucket(len(titles), gen.batch_size) - len(titles) if compiled else 0
         inputs = self._encode(titles + titles[-1:] * fill)  # a few batch shapes, each compiled once
         width = inputs["input_ids"].shape[1]
         kwargs = self._gen_kwargs(gen, width)
         if compiled:
-            kwargs.update(fast.generation_kwargs(self.model, width, gen.max_new_tokens))
+            kwargs.update(fast.generation_kwargs(self.model, width, gen.max_new_tokens, gen.compile))
         no_adapter = getattr(self.model, "disable_adapter", None)
         ctx = no_adapter() if (not adapter and no_adapter) else contextlib.nullcontext()
         t0 = time.perf_counter()
@@ -189,16 +188,17 @@ def generate_cli(
     split: str,
     limit: int | None,
     out: Path | None,
-    config: Path | None,
-    overrides: list[str],
+    config: Path | None = None,
+    flags: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """The `prodesc generate` verb: check the arguments, load once, describe, print or write JSONL."""
+    """The `prodesc generate` verb: check the arguments and settings, load once, describe, print or write JSONL."""
     items = _items(titles, input, data, split, limit)
     if (run is None) == (model is None):
         raise ProdescError("pass exactly one of --run RUN_DIR or --model MODEL")
-    if config is not None:
-        overrides = [*_as_overrides(configmod.load(config)), *overrides]
-    gen = Generator.from_run(run, overrides) if run else Generator.from_model(model, adapter, overrides)
+    flags = {**(flags or {}), **({"model.name": model} if model else {})}
+    cfg = rundir.settings(run, config, flags, sets)
+    gen = Generator.from_run(run, cfg) if run else Generator.from_model(model, adapter, cfg)
     records = gen.describe([it["title"] for it in items], progress=out is not None)
     for rec, it in zip(records, items, strict=True):
         if it.get("reference") is not None:
@@ -256,10 +256,6 @@ def _read_input(path: Path) -> list[dict[str, Any]]:
     if not items:
         raise ProdescError(f"{path} holds no titles")
     return items
-
-
-def _as_overrides(cfg: ProdescConfig) -> list[str]:
-    return [f"generate.{k}={json.dumps(v)}" for k, v in cfg.generate.model_dump().items()]
 
 
 def _gpu_unquantized(model: Any) -> bool:

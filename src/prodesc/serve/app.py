@@ -37,7 +37,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
-from prodesc import config as configmod
+from prodesc import rundir
 from prodesc.config import ServeConfig
 from prodesc.errors import ProdescError
 from prodesc.serve.batching import DONE
@@ -50,8 +50,8 @@ KNOWN_PATHS = PUBLIC_PATHS | {"/metrics", "/v1/models", "/v1/describe", "/v1/cha
                               "/openapi.json"}
 
 
-def serve_cli(run: Path | None, model: str | None, api_key: str | None, config: Path | None,
-              overrides: list[str]) -> None:
+def serve_cli(run: Path | None, model: str | None, api_key: str | None, config: Path | None = None,
+              flags: dict[str, Any] | None = None, sets: list[str] | None = None) -> None:
     """The `prodesc serve` verb: check the settings and the port, load the model once, run uvicorn."""
     import uvicorn
 
@@ -59,14 +59,11 @@ def serve_cli(run: Path | None, model: str | None, api_key: str | None, config: 
 
     if (run is None) == (model is None):
         raise ProdescError("pass exactly one of --run RUN_DIR or --model MODEL_OR_MERGED_DIR")
-    if config is not None:
-        overrides = [*_section_overrides(configmod.load(config)), *overrides]
-    run_config = run / "config.yaml" if run is not None and (run / "config.yaml").exists() else None
-    early = configmod.load(run_config, overrides).serve  # every --set checked before the model loads
-    _check_port(early.host, early.port)
+    settings = rundir.settings(run, config, {**(flags or {}), **({"model.name": model} if model else {})}, sets)
+    _check_port(settings.serve.host, settings.serve.port)  # every setting and the port checked before the model loads
     # Unmerged on purpose: `<name>-base` needs the adapter switchable. For throughput, see vLLM in the README.
-    gen = Generator.from_run(run, overrides, merge=False) if run else Generator.from_model(model, None, overrides)
-    cfg, api_key = gen.cfg.serve, api_key or None
+    gen = Generator.from_run(run, settings, merge=False) if run else Generator.from_model(model, None, settings)
+    cfg, api_key = settings.serve, api_key or None
     if api_key is None and not _is_loopback(cfg.host):
         print(f"warning: serving on {cfg.host} without --api-key: anyone who can reach it can use the model",
               file=sys.stderr)
@@ -328,11 +325,6 @@ def _last_user_text(messages: list[ChatMessage]) -> str:
     if isinstance(content, list):
         return "".join(part.text or "" for part in content if part.type == "text")
     return content or ""
-
-
-def _section_overrides(cfg: configmod.ProdescConfig) -> list[str]:
-    return [f"{section}.{key}={json.dumps(value)}" for section in ("serve", "generate")
-            for key, value in getattr(cfg, section).model_dump().items()]
 
 
 def _check_port(host: str, port: int) -> None:
