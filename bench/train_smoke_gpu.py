@@ -5,7 +5,7 @@
 
 Runs the preset's code path unchanged (nf4 weights through bitsandbytes, LoRA, packing, Liger, checkpointing)
 through `prodesc.train.recipe.train` on the random-init Mistral-7B-shaped model, then checks the run dir (adapter,
-config.yaml, manifest.json with tokens/s) and prints prodesc's own throughput numbers (its Throughput callback:
+config.resolved.yaml, manifest.json with tokens/s) and prints prodesc's own throughput numbers (its Throughput callback:
 all steps after the first) and the peak GPU memory.
 """
 
@@ -53,7 +53,7 @@ def main() -> None:
     manifest = json.loads((run / "manifest.json").read_text())
     stats = manifest["training"]
     listing = sorted(p.name for p in run.iterdir())
-    missing = {"adapter", "config.yaml", "manifest.json", "metrics.jsonl"} - set(listing)
+    missing = {"adapter", "config.resolved.yaml", "manifest.json", "metrics.jsonl"} - set(listing)
     summary = {
         "preset": a.preset, "steps": stats["global_step"], "tokens_per_s": stats.get("tokens_per_s"),
         "peak_gpu_gib": stats.get("peak_gpu_gib"), "mfu": stats.get("mfu"),

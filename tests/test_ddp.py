@@ -73,7 +73,7 @@ def test_ddp_only_rank_zero_writes_the_run_dir(runs):
         "adapter",
         "base",
         "checkpoints",
-        "config.yaml",
+        "config.resolved.yaml",
         "logs",
         "manifest.json",
         "metrics.jsonl",

@@ -22,7 +22,7 @@ def test_tiny_run_dir_is_self_describing(tiny_run):
     assert {
         "adapter",
         "base",
-        "config.yaml",
+        "config.resolved.yaml",
         "manifest.json",
         "metrics.jsonl",
         "logs",

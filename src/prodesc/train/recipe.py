@@ -6,7 +6,7 @@
 RUN_DIR after a run:
     adapter/            PEFT adapter + tokenizer (the best checkpoint by val loss)
     base/               the base model, only for `tiny` runs (random init lives nowhere else)
-    config.yaml         the fully resolved config
+    config.resolved.yaml  the fully resolved config (config.resume-N.yaml beside it: a resume's changed settings)
     manifest.json       base model reference, versions, data fingerprint, hardware, losses, tokens/s
     train_families.txt.gz  families of the training records, so eval can refuse overlapping test items
     metrics.jsonl, logs/ (TensorBoard), checkpoints/
@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from prodesc import config as configmod
-from prodesc import dist, models, prompts
+from prodesc import dist, models, prompts, rundir
 from prodesc.config import ProdescConfig
 from prodesc.errors import ProdescError
 from prodesc.rundir import build_manifest, data_fingerprint
+from prodesc.train import checks
 
 PEAK_BF16_FLOPS = {
     "H100": 989e12,
@@ -42,27 +43,44 @@ PEAK_BF16_FLOPS = {
 }
 
 
+RESUME_LOCKED = ("model", "prompt", "lora")  # a checkpoint only resumes into the model, prompt and adapter it had
+
+
 def train_cli(
-    config: Path | None,
-    overrides: list[str],
+    data: Path,
+    out: Path,
+    config: Path | None = None,
+    flags: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Resolve the settings (a resumed run starts from its own resolved config) and train."""
+    changed: list[str] = []
+    if resume and any((out / name).is_file() for name in (rundir.RESOLVED, "config.yaml")):
+        base = rundir.run_config(out)
+        cfg = configmod.resolve(base, config, flags, sets or (), locked=RESUME_LOCKED)
+        changed = configmod.changed_keys(configmod.resolve(base), cfg)
+    else:
+        cfg = configmod.resolve(config=config, flags=flags, sets=sets or ())
+    return train(cfg, data, out, resume=resume, overwrite=overwrite, changed=changed)
+
+
+def train(
+    cfg: ProdescConfig,
     data: Path,
     out: Path,
     resume: bool = False,
     overwrite: bool = False,
+    changed: list[str] | None = None,
 ) -> Path:
-    """Resolve the config (a resumed run reuses its own config.yaml) and train."""
-    if resume and config is None and (out / "config.yaml").exists():
-        config = out / "config.yaml"
-    return train(configmod.load(config, overrides), data, out, resume=resume, overwrite=overwrite)
-
-
-def train(cfg: ProdescConfig, data: Path, out: Path, resume: bool = False, overwrite: bool = False) -> Path:
     """Fine-tune `cfg.model` on `data/train.parquet`, validating on `data/val.parquet`; return the run dir."""
     dist.state()  # under a launcher: join the process group and pin this rank's GPU before any model loads
-    checkpoint = _check(cfg, data, out, resume, overwrite)
-    rows = {split: _read_split(data, split) for split in ("train", "val")}
-    if dist.is_main():
-        configmod.dump(cfg, out / "config.yaml")  # first, so --resume finds the same settings after a crash
+    rows = {split: _read_split(data, split) for split in ("train", "val") if (data / f"{split}.parquet").is_file()}
+    problems = checks.find_problems(cfg, data, out, resume, overwrite, rows)
+    if problems:  # every rank reaches the same verdict before rank 0 touches the run dir
+        raise ProdescError("cannot train:\n  " + "\n  ".join(problems))
+    checkpoint = _prepare_run_dir(cfg, out, resume, changed or [])
     started = time.time()
     model, tok, base_ref = _setup_model(cfg, rows["train"], out)
     train_ds, val_ds, lengths = _setup_data(tok, cfg, rows)
@@ -76,39 +94,24 @@ def train(cfg: ProdescConfig, data: Path, out: Path, resume: bool = False, overw
     return out
 
 
-def _check(cfg: ProdescConfig, data: Path, out: Path, resume: bool, overwrite: bool) -> str | None:
-    """Every user mistake we can see before a model loads; returns the checkpoint to resume from."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    for split in ("train", "val"):
-        if not (data / f"{split}.parquet").exists():
-            raise ProdescError(f"{data / (split + '.parquet')} not found: run `prodesc data prepare ... --out {data}`")
-    t = cfg.train
-    if t.early_stopping_patience is not None and t.save_steps % t.eval_steps:
-        raise ProdescError(
-            f"train.save_steps ({t.save_steps}) must be a multiple of train.eval_steps "
-            f"({t.eval_steps}) to keep the best checkpoint: set train.save_steps={t.eval_steps}"
-        )
-    if cfg.model.name == "tiny" and cfg.model.quantization == "nf4":
-        raise ProdescError("model.quantization=nf4 makes no sense for the tiny model: set model.quantization=none")
-    # Every rank reads the run dir and reaches the same verdict (so all raise, or none) before rank 0 changes it.
-    last, replace = None, False
-    if resume:
-        ckpt_dir = out / "checkpoints"
-        last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-        if last is None:
-            raise ProdescError(f"--resume: no checkpoint in {ckpt_dir}: train without --resume first")
-    else:
-        replace = out.exists() and any(out.iterdir())
-        if replace and not overwrite:
-            raise ProdescError(f"run dir {out} already exists: pass --overwrite to replace it or --resume to continue")
+def _prepare_run_dir(cfg: ProdescConfig, out: Path, resume: bool, changed: list[str]) -> str | None:
+    """Create (or keep, on --resume) the run dir and write its settings first, so a crashed run resumes with them.
+    A resume with changed settings keeps the original config.resolved.yaml and writes the new one beside it."""
+    last = checks.last_checkpoint(out) if resume else None
     dist.barrier()
     if dist.is_main():
-        if last:
-            print(f"resuming from {last}")
-        if replace:
+        if not resume and out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
+        if last:
+            print(f"resuming from {last}")
+        if changed:
+            n = 1 + sum(1 for _ in out.glob("config.resume-*.yaml"))
+            configmod.dump(cfg, out / f"config.resume-{n}.yaml")
+            print(f"warning: resuming with changed settings: {', '.join(changed)} (the run's original settings stay "
+                  f"in {rundir.run_config(out).name}, these are in config.resume-{n}.yaml)")
+        elif not resume:
+            rundir.write_resolved(cfg, out)
     dist.barrier()
     return last
 
@@ -117,10 +120,7 @@ def _read_split(data: Path, split: str) -> list[dict[str, str]]:
     import pyarrow.parquet as pq
 
     table = pq.read_table(data / f"{split}.parquet", columns=["uid", "title", "content", "family"])
-    rows = table.to_pylist()
-    if split == "train" and not rows:
-        raise ProdescError(f"{data}/train.parquet is empty: prepare more data or lower --val/--test-fraction")
-    return rows
+    return table.to_pylist()
 
 
 def _setup_model(cfg: ProdescConfig, train_rows: list[dict], out: Path) -> tuple[Any, Any, dict]:
@@ -217,8 +217,6 @@ def _sft_args(cfg: ProdescConfig, out: Path, has_val: bool, model: Any) -> dict[
 
     t = cfg.train
     cuda = torch.cuda.is_available()
-    if t.liger and not cuda:
-        raise ProdescError("train.liger=true needs a CUDA GPU (Triton kernels): set train.liger=false on CPU")
     bf16 = cuda and model.dtype == torch.bfloat16 or getattr(model, "is_loaded_in_4bit", False)
     return dict(
         output_dir=str(out / "checkpoints"),
@@ -305,7 +303,7 @@ def _save_adapter(trainer: Any, tok: Any, out: Path) -> None:
     trainer.save_model(str(out / "adapter"))
     if dist.is_main():
         tok.save_pretrained(out / "adapter")
-        (out / "adapter" / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.yaml records the args
+        (out / "adapter" / "training_args.bin").unlink(missing_ok=True)  # a pickle; the resolved config has it
 
 
 def _run_stats(trainer: Any, watch: dict, lengths: dict, cfg: ProdescConfig, model: Any, wall: float) -> dict:
