@@ -1,4 +1,8 @@
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -101,3 +105,49 @@ def test_stop_boost_ends_runaway_answers(gen):
     boosted = gen.describe(["Mog's Kittens"], GenerateConfig(max_new_tokens=200, stop_boost_after=20))[0]
     assert not free["stopped_by_eos"] and free["n_tokens"] == 200  # the tiny model never stops by itself
     assert boosted["stopped_by_eos"] and boosted["n_tokens"] < 200
+
+
+def _titles(tmp_path, n: int):
+    f = tmp_path / "titles.txt"
+    f.write_text("".join(f"Product number {i} in Red, {i % 7 + 1} Pack\n" for i in range(n)))
+    return f
+
+
+def _generate(run, titles, out, *more):
+    cmd = [sys.executable, "-m", "prodesc.cli", "generate", "--run", str(run), "--input", str(titles),
+           "--out", str(out), "--max-new-tokens", "12", "--set", "generate.write_every=8", *more]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_generate_to_file_resumes_after_kill_without_repeating_or_losing_a_line(tiny_run, tmp_path):
+    titles = _titles(tmp_path, 240)
+    whole = tmp_path / "whole.jsonl"
+    assert _generate(tiny_run, titles, whole).wait(timeout=300) == 0
+    out = tmp_path / "out.jsonl"
+    proc = _generate(tiny_run, titles, out)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 16):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = out.read_text().count("\n")
+    assert 16 <= written < 240, "the kill should land mid-run"
+    with out.open("a") as f:
+        f.write('{"title": "Product number')  # a line cut by the kill
+    resumed = _generate(tiny_run, titles, out, "--resume")
+    log = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, log
+    assert f"{written} predictions already written" in log and "titles/s, ETA" in log
+    def lines(path):  # every field but the wall time
+        return [{k: v for k, v in json.loads(x).items() if k != "latency_ms"} for x in path.read_text().splitlines()]
+
+    assert lines(out) == lines(whole)
+
+
+def test_generate_refuses_an_existing_out_without_resume_and_a_foreign_file(tiny_run, tmp_path):
+    titles, out = _titles(tmp_path, 3), tmp_path / "o.jsonl"
+    out.write_text('{"title": "something else", "prediction": "x"}\n')
+    with pytest.raises(ProdescError, match="already exists: pass --resume"):
+        generate_cli([], tiny_run, None, None, titles, None, "test", None, out)
+    with pytest.raises(ProdescError, match="o.jsonl:1 is for 'something else'"):
+        generate_cli([], tiny_run, None, None, titles, None, "test", None, out, resume=True)

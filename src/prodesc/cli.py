@@ -162,8 +162,10 @@ def generate(
         float | None, typer.Option(help="Repetition penalty (special tokens exempt).")
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Titles per generation call.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted --out file (same input).")] = False,
 ) -> None:
-    """Describe titles with a fine-tuned run or a plain model (batched, greedy by default)."""
+    """Describe titles with a fine-tuned run or a plain model (batched, greedy by default; --out is written as it
+    goes, with rate and ETA on stderr)."""
     from prodesc.generate import generator as genmod
 
     flags = _flags(
@@ -188,6 +190,7 @@ def generate(
         config=config,
         flags=flags,
         sets=set_ or [],
+        resume=resume,
     )
 
 

@@ -174,6 +174,9 @@ class GenerateConfig(_Stage):
         "answers end; 0 = off. Maps to transformers' exponential_decay_length_penalty."
     )
     batch_size: int = Field(16, ge=1, description="Titles per generation call.")
+    write_every: int = Field(
+        1024, ge=1, description="generate --out: titles generated (sorted by length) between appends to the file."
+    )
     compile: Literal["auto", "off", "force"] | None = Field(
         None,
         description="Static cache + compiled decode: auto = on a CUDA GPU with unquantized weights (a first compile "

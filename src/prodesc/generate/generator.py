@@ -11,7 +11,6 @@ batch wastes little padding, greedy unless temperature > 0, and stop at EOS. Eac
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Iterator
@@ -22,8 +21,7 @@ from prodesc import config as configmod
 from prodesc import models, prompts, rundir
 from prodesc.config import GenerateConfig, ProdescConfig
 from prodesc.errors import ProdescError
-from prodesc.generate import fast
-from prodesc.records import read_split, write_jsonl
+from prodesc.generate import fast, stream
 from prodesc.rundir import read_manifest
 
 
@@ -191,71 +189,33 @@ def generate_cli(
     config: Path | None = None,
     flags: dict[str, Any] | None = None,
     sets: list[str] | None = None,
-) -> list[dict[str, Any]]:
-    """The `prodesc generate` verb: check the arguments and settings, load once, describe, print or write JSONL."""
-    items = _items(titles, input, data, split, limit)
+    resume: bool = False,
+) -> int:
+    """The `prodesc generate` verb: check the arguments, settings and items, load once, then describe: TITLE
+    arguments to the terminal; `--input`/`--data` a chunk at a time to `--out` (stream.py), or the terminal."""
+    if sum(bool(x) for x in (titles, input, data)) != 1:
+        raise ProdescError("give titles in exactly one way: TITLE arguments, --input FILE, or --data DIR --split")
     if (run is None) == (model is None):
         raise ProdescError("pass exactly one of --run RUN_DIR or --model MODEL")
+    if resume and out is None:
+        raise ProdescError("--resume continues an --out file: pass --out FILE")
+    if titles:
+        if any(not t.strip() for t in titles):
+            raise ProdescError("an empty TITLE argument: give a product title")
+        items, total = (lambda: iter([{"title": t} for t in titles[:limit]])), len(titles[:limit])
+    else:
+        items, total = stream.item_source(input, data, split, limit)
     flags = {**(flags or {}), **({"model.name": model} if model else {})}
     cfg = rundir.settings(run, config, flags, sets)
+    done = stream.resume_point(out, items, resume) if out is not None else 0
     gen = Generator.from_run(run, cfg) if run else Generator.from_model(model, adapter, cfg)
-    records = gen.describe([it["title"] for it in items], progress=out is not None)
-    for rec, it in zip(records, items, strict=True):
-        if it.get("reference") is not None:
-            rec["reference"] = it["reference"]
     if out is not None:
-        write_jsonl(records, out)
-        print(f"wrote {len(records)} predictions to {out}")
-    if titles or out is None:
-        for rec in records:
-            print(f"\n# {rec['title']}\n{rec['prediction']}")
-    return records
-
-
-def _items(
-    titles: list[str], input: Path | None, data: Path | None, split: str, limit: int | None
-) -> list[dict[str, Any]]:
-    sources = sum(bool(x) for x in (titles, input, data))
-    if sources != 1:
-        raise ProdescError(
-            "give titles in exactly one way: TITLE arguments, --input FILE, or --data DIR --split"
-        )
-    if titles:
-        items = [{"title": t} for t in titles]
-    elif input is not None:
-        items = _read_input(input)
-    else:
-        items = [{"title": r["title"], "reference": r["content"]} for r in read_split(data, split)]
-    items = items[:limit] if limit else items
-    empty = [i for i, it in enumerate(items) if not str(it["title"]).strip()]
-    if empty:
-        raise ProdescError(f"empty title at item {empty[0] + 1}: remove it or give a title")
-    return items
-
-
-def _read_input(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        raise ProdescError(f"input file not found: {path}")
-    items = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if path.suffix != ".jsonl":
-                items.append({"title": line.strip()})
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                raise ProdescError(
-                    f"{path}:{n}: not valid JSON; one object per line with a 'title'"
-                ) from None
-            if "title" not in obj:
-                raise ProdescError(f"{path}:{n}: no 'title' field; one object per line with a 'title'")
-            items.append({"title": obj["title"], "reference": obj.get("reference", obj.get("content"))})
-    if not items:
-        raise ProdescError(f"{path} holds no titles")
-    return items
+        n = stream.generate_to_file(gen.describe, items, total, out, chunk=cfg.generate.write_every, done=done)
+        print(f"{out}: {n} predictions")
+        return n
+    for rec in gen.describe([x["title"] for x in items()], progress=total > 1):
+        print(f"\n# {rec['title']}\n{rec['prediction']}")
+    return total
 
 
 def _gpu_unquantized(model: Any) -> bool:
