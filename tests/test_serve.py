@@ -310,6 +310,7 @@ def test_page_is_one_self_contained_html_file(server: Server) -> None:
     r = httpx.get(server.url + "/")
     assert r.headers["content-type"].startswith("text/html")
     assert "/v1/chat/completions" in r.text and "getReader" in r.text
+    assert '"Content-Type": "application/json"' in r.text  # what a key-less server requires of its POSTs
     assert "src=\"http" not in r.text and "href=\"http" not in r.text  # no external assets
 
 
@@ -811,3 +812,18 @@ def test_a_real_stream_whose_client_leaves_stops_generating(server: Server) -> N
     generated = server.metric("prodesc_generated_tokens_total") - before - 1
     assert after.status_code == 200 and waited < 5
     assert generated < 100, f"{generated} tokens generated for a client that left after its first piece"
+
+
+def test_a_stream_past_its_deadline_ends_with_a_timeout_event_not_a_finish() -> None:
+    async def scenario(http, app, gen):
+        gen.tokens, gen.tick = 10_000, 0.001
+        body = {"model": "fake", "stream": True, "messages": [{"role": "user", "content": "Red Mug"}]}
+        r = await http.post("/v1/chat/completions", json=body)
+        gen.tokens, gen.tick = 3, 0.0
+        return r, await http.post("/v1/describe", json={"titles": ["B"]}), gen.produced
+
+    r, after, produced = in_process(scenario, request_timeout_s=0.4)
+    events = [e.removeprefix("data: ") for e in r.text.split("\n\n") if e]
+    assert json.loads(events[-2])["error"]["type"] == "timeout" and events[-1] == "[DONE]"
+    assert not any('"finish_reason": "' in e for e in events)  # never handed over as if complete
+    assert after.status_code == 200 and produced < 2000
