@@ -151,3 +151,60 @@ def test_generate_refuses_an_existing_out_without_resume_and_a_foreign_file(tiny
         generate_cli([], tiny_run, None, None, titles, None, "test", None, out)
     with pytest.raises(ProdescError, match="o.jsonl:1 is for 'something else'"):
         generate_cli([], tiny_run, None, None, titles, None, "test", None, out, resume=True)
+
+
+def test_stop_ends_the_stopped_rows_after_one_token_and_leaves_the_others(gen):
+    titles = ["Mog's Kittens", "Girls Ballet Tutu Neon Pink"]
+    cfg = GenerateConfig(max_new_tokens=40, batch_size=2)
+    alone = gen.describe(titles[1:], cfg)[0]
+    stopped, kept = gen.describe(titles, cfg, stop=lambda i: i == 0)
+    assert stopped["n_tokens"] == 1  # asked after every token: the first token is the last
+    assert kept["prediction"] == alone["prediction"] and kept["n_tokens"] == alone["n_tokens"] == 40
+
+
+def test_stop_asked_mid_answer_ends_the_whole_call_within_a_token(gen):
+    asked = []
+
+    def stop(i: int) -> bool:
+        asked.append(i)
+        return len(asked) > 10  # two rows: about five tokens each, then every row stops
+
+    recs = gen.describe(["Mog's Kittens", "Red Mug"], GenerateConfig(max_new_tokens=200, batch_size=2), stop=stop)
+    assert all(4 <= r["n_tokens"] <= 7 for r in recs), [r["n_tokens"] for r in recs]
+
+
+def test_stream_stops_when_asked(gen):
+    cfg = GenerateConfig(max_new_tokens=200)
+    full = list(gen.stream("Mog's Kittens", cfg))
+    asked = []
+    cut = list(gen.stream("Mog's Kittens", cfg, stop=lambda: asked.append(1) or len(asked) > 5))
+    assert len(asked) <= 7 and len("".join(cut)) < len("".join(full)) / 4
+
+
+@pytest.mark.timeout(60)
+def test_closing_a_stream_early_stops_and_joins_its_generation_thread(gen):
+    import threading
+
+    before = threading.active_count()
+    pieces = gen.stream("Mog's Kittens", GenerateConfig(max_new_tokens=1000))
+    next(pieces)
+    pieces.close()  # the server's reader gave up: the model must be free when close() returns
+    assert threading.active_count() == before
+
+
+@pytest.mark.timeout(60)
+def test_a_failing_stream_raises_instead_of_hanging(gen, monkeypatch):
+    def broken(**kwargs):
+        raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+
+    monkeypatch.setattr(gen.model, "generate", broken)
+    with pytest.raises(RuntimeError, match="probability tensor"):
+        list(gen.stream("Mog's Kittens", GenerateConfig(max_new_tokens=8)))
+
+
+@pytest.mark.timeout(60)
+def test_a_temperature_too_small_to_sample_decodes_greedily(gen):
+    greedy = gen.describe(["Mog's Kittens"], GenerateConfig(max_new_tokens=12))[0]["prediction"]
+    tiny = GenerateConfig(max_new_tokens=12, temperature=1e-300)
+    assert gen.describe(["Mog's Kittens"], tiny)[0]["prediction"] == greedy
+    assert "".join(gen.stream("Mog's Kittens", tiny)).strip() == greedy  # this stream used to hang for good

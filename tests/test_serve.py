@@ -310,6 +310,7 @@ def test_page_is_one_self_contained_html_file(server: Server) -> None:
     r = httpx.get(server.url + "/")
     assert r.headers["content-type"].startswith("text/html")
     assert "/v1/chat/completions" in r.text and "getReader" in r.text
+    assert '"Content-Type": "application/json"' in r.text  # what a key-less server requires of its POSTs
     assert "src=\"http" not in r.text and "href=\"http" not in r.text  # no external assets
 
 
@@ -320,7 +321,7 @@ def test_a_plain_model_dir_serves_one_model_without_base(tiny_run: Path) -> None
 
     async def main():
         transport = httpx.ASGITransport(app=create_app(gen, ServeConfig()))
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=30) as http:
             models = (await http.get("/v1/models")).json()
             body = {"model": "base", "max_tokens": 4, "messages": [{"role": "user", "content": "Red Mug"}]}
             return models, await http.post("/v1/chat/completions", json=body)
@@ -374,7 +375,8 @@ class FakeModel:
 
 
 class FakeGenerator:
-    """Instant answers unless `gate` is cleared; records every describe call."""
+    """Instant 3-token answers unless `gate` is cleared (then it blocks, deaf to `stop`, like a hung forward pass);
+    `tokens` and `tick` make slow, long answers that, like the real one, end rows once `stop` says so."""
 
     name = "fake"
 
@@ -383,31 +385,47 @@ class FakeGenerator:
         self.calls: list[tuple[list[str], float, bool]] = []
         self.gate, self.entered, self.fail = threading.Event(), threading.Event(), False
         self.gate.set()
+        self.tokens, self.tick, self.produced = 3, 0.0, 0  # tokens per answer, seconds per token, tokens made
 
-    def describe(self, titles, gen, progress=False, adapter=True):
+    def describe(self, titles, gen, progress=False, adapter=True, stop=None):
         self.calls.append((list(titles), gen.temperature, adapter))
         self.entered.set()
         self.gate.wait(10)
         if self.fail:
             raise RuntimeError("CUDA out of memory (fake)")
+        counts = [0] * len(titles)
+        for _ in range(self.tokens):
+            live = [i for i in range(len(titles)) if not (stop and stop(i))]
+            if not live:
+                break
+            for i in live:
+                counts[i] += 1
+            self.produced += len(live)
+            time.sleep(self.tick)
         tag = "tuned" if adapter else "base"
-        return [{"title": t, "prediction": f"{tag}: {t}", "n_tokens": 3, "stopped_by_eos": True, "latency_ms": 1.0}
-                for t in titles]
+        return [{"title": t, "prediction": f"{tag}: {t}", "n_tokens": n, "stopped_by_eos": True, "latency_ms": 1.0}
+                for t, n in zip(titles, counts, strict=True)]
 
-    def stream(self, title, gen):
+    def stream(self, title, gen, stop=None):
         tag = "tuned" if self.model.adapter_on else "base"
-        yield from [f"{tag}:", "", f" {title}"]
+        pieces = [f"{tag}:", "", f" {title}"] + [" more"] * (self.tokens - 3)
+        for piece in pieces:
+            if stop is not None and stop():
+                return
+            self.produced += 1
+            yield piece
+            time.sleep(self.tick)
 
 
-def in_process(scenario, **serve: object):
+def in_process(scenario, api_key: str | None = None, **serve: object):
     """Run `scenario(client, app, gen)` against create_app(FakeGenerator) through httpx's ASGI transport."""
     gen = FakeGenerator()
     cfg = ServeConfig(**{"batch_window_ms": 0, **serve})
-    app = create_app(gen, cfg)
+    app = create_app(gen, cfg, api_key)
 
     async def main():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=30) as http:
             try:
                 return await scenario(http, app, gen)
             finally:
@@ -471,7 +489,8 @@ def test_client_that_disconnects_frees_its_slot_and_is_never_generated() -> None
 
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
                  "scheme": "http", "path": "/v1/describe", "raw_path": b"/v1/describe", "query_string": b"",
-                 "root_path": "", "headers": [(b"host", b"test")], "client": ("127.0.0.1", 5000),
+                 "root_path": "", "client": ("127.0.0.1", 5000),
+                 "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")],
                  "server": ("test", 80)}
         second = asyncio.create_task(app(scope, receive, send))
         await until(lambda: app.state.prodesc.batcher.depth == 1)
@@ -551,9 +570,260 @@ def test_body_over_the_size_cap_gets_413() -> None:
 def test_two_apps_in_one_process_keep_separate_metrics() -> None:
     async def scenario(http, app, gen):
         other = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(FakeGenerator(), ServeConfig())),
-                                  base_url="http://other")
+                                  base_url="http://localhost")
         await http.post("/v1/describe", json={"titles": ["A"]})
         async with other:
             return (await other.get("/metrics")).text
 
     assert "prodesc_generation_calls_total 0.0" in in_process(scenario)
+
+
+# ---- hardening (issue 13): no jam, no work for nobody, no open door, no 500 -------------------------------------
+
+
+def test_a_timed_out_request_stops_its_generation_so_the_next_one_is_served() -> None:
+    async def scenario(http, app, gen):
+        gen.tokens, gen.tick = 10_000, 0.001  # ~10 s of generation, far past the 0.5 s deadline
+        late = await http.post("/v1/describe", json={"titles": ["A"]})
+        gen.tokens, gen.tick = 3, 0.0
+        after = await http.post("/v1/describe", json={"titles": ["B"]})  # waits for A's call to give the thread back
+        return late, after, gen.produced, (await http.get("/metrics")).text
+
+    late, after, produced, metrics = in_process(scenario, request_timeout_s=0.5)
+    assert late.status_code == 504 and late.json()["error"]["type"] == "timeout"
+    assert after.status_code == 200, after.text
+    assert produced < 2000  # stopped within a few tokens of the deadline, not after 10,000
+    assert "prodesc_delivered_tokens_total 3.0" in metrics  # B's answer; A's tokens were generated for nobody
+    generated = next(float(line.split()[-1]) for line in metrics.splitlines()
+                     if line.startswith("prodesc_generated_tokens_total"))
+    assert generated > 3
+
+
+def _asgi_call(app, path: str, body: dict, hang_up: asyncio.Event, sent: list):
+    """Call the app as uvicorn does, with a client that hangs up when `hang_up` is set."""
+    messages = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        await hang_up.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 80),
+             "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")]}
+    return asyncio.create_task(app(scope, receive, send))
+
+
+def test_a_stream_whose_client_leaves_stops_within_a_few_tokens() -> None:
+    async def scenario(http, app, gen):
+        gen.tokens, gen.tick = 10_000, 0.002  # ~20 s of streaming
+        hang_up, sent = asyncio.Event(), []
+        body = {"model": "fake", "stream": True, "messages": [{"role": "user", "content": "Red Mug"}]}
+        call = _asgi_call(app, "/v1/chat/completions", body, hang_up, sent)
+        await until(lambda: any(b" more" in m.get("body", b"") for m in sent))
+        hang_up.set()
+        at_hang_up = gen.produced
+        await asyncio.wait_for(call, 5)
+        gen.tokens, gen.tick = 3, 0.0
+        after = await http.post("/v1/describe", json={"titles": ["B"]})  # served once the stream let go
+        return after, gen.produced - 3 - at_hang_up
+
+    after, extra = in_process(scenario, request_timeout_s=3)
+    assert after.status_code == 200, after.text
+    assert extra <= 10, f"{extra} tokens generated after the client left"
+
+
+def test_healthz_answers_503_while_the_model_thread_is_stuck_and_recovers() -> None:
+    async def scenario(http, app, gen):
+        gen.gate.clear()  # a call deaf to stop: a hung forward pass
+        late = await http.post("/v1/describe", json={"titles": ["A"]})
+        await until(lambda: app.state.prodesc.batcher.overdue() > 0.3)
+        stuck = await http.get("/healthz")
+        gen.gate.set()
+        await until(lambda: app.state.prodesc.batcher.overdue() == 0)
+        return late, stuck, await http.get("/healthz")
+
+    late, stuck, healthy = in_process(scenario, request_timeout_s=0.2, stuck_after_s=0.3)
+    assert late.status_code == 504
+    assert stuck.status_code == 503 and stuck.json()["status"] == "stuck"
+    assert "serve.stuck_after_s" in stuck.json()["detail"]
+    assert healthy.status_code == 200 and healthy.json()["status"] == "ok"
+
+
+def test_decoding_params_reach_the_model_normalised() -> None:
+    async def scenario(http, app, gen):
+        tiny = {"titles": ["A"], "temperature": 1e-300, "top_p": 0.5}
+        chat = {"model": "fake", "temperature": 5e-324, "messages": [{"role": "user", "content": "B"}]}
+        answers = await asyncio.gather(http.post("/v1/describe", json=tiny),
+                                       http.post("/v1/chat/completions", json=chat),
+                                       http.post("/v1/describe", json={"titles": ["C"], "temperature": 0}))
+        return answers, gen.calls
+
+    answers, calls = in_process(scenario, batch_window_ms=200)
+    assert [r.status_code for r in answers] == [200, 200, 200]
+    assert [(sorted(titles), temperature) for titles, temperature, _ in calls] == [(["A", "B", "C"], 0.0)]
+
+
+HOSTILE = {
+    "NaN temperature": (b'{"titles": ["Mug"], "temperature": NaN}', "NaN is not a JSON number"),
+    "Infinity top_p": (b'{"titles": ["Mug"], "top_p": Infinity}', "Infinity is not a JSON number"),
+    "overflowing temperature": (b'{"titles": ["Mug"], "temperature": 1e999}', "finite number"),
+    "nested past the recursion limit": (b'{"titles": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nests deeper"),
+    "nested past the depth cap": (b'{"titles": ' + b"[" * 40 + b"]" * 40 + b"}", "nests deeper"),
+    "lone surrogate title": (b'{"titles": ["Mug \\ud800"]}', "lone surrogate"),
+    "lone surrogate key": (b'{"titles": ["Mug"], "\\udfff": 1}', "lone surrogate"),
+    "lone surrogate chat": (b'{"model": "fake", "messages": [{"role": "user", "content": "\\ud800"}]}',
+                            "lone surrogate"),
+    "huge integer": (b'{"titles": ["Mug"], "max_new_tokens": ' + b"9" * 5000 + b"}", "not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("raw,message", HOSTILE.values(), ids=HOSTILE.keys())
+def test_hostile_bodies_get_400_with_an_openai_error_never_500(raw: bytes, message: str) -> None:
+    path = "/v1/chat/completions" if b"messages" in raw else "/v1/describe"
+
+    async def scenario(http, app, gen):
+        return await http.post(path, content=raw, headers={"Content-Type": "application/json"}), gen.calls
+
+    r, calls = in_process(scenario, max_titles=2000, max_title_chars=100)
+    assert r.status_code == 400, r.text
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert message in r.json()["error"]["message"]
+    assert calls == []
+
+
+LOOPBACK_HOSTS = ["127.0.0.1", "127.0.0.1:8000", "localhost", "LOCALHOST:8000", "[::1]:8000"]
+FOREIGN_HOSTS = ["evil.example", "evil.example:8000", "localhost.evil.example", "127.0.0.1.nip.io", ""]
+
+
+def test_a_keyless_loopback_server_answers_only_loopback_host_names() -> None:
+    async def scenario(http, app, gen):
+        out = {}
+        for host in LOOPBACK_HOSTS + FOREIGN_HOSTS:
+            for path in ("/", "/healthz", "/v1/models"):
+                out[host, path] = (await http.get(path, headers={"Host": host})).status_code
+            out[host, "describe"] = (await http.post("/v1/describe", json={"titles": ["A"]},
+                                                     headers={"Host": host})).status_code
+        return out
+
+    statuses = in_process(scenario)
+    assert {k: v for k, v in statuses.items() if k[0] in LOOPBACK_HOSTS} == {
+        (h, p): 200 for h in LOOPBACK_HOSTS for p in ("/", "/healthz", "/v1/models", "describe")}
+    assert set(v for k, v in statuses.items() if k[0] in FOREIGN_HOSTS) == {421}
+
+
+@pytest.mark.parametrize("api_key,host,status", [("k", None, 401), (None, "0.0.0.0", 200)])
+def test_host_names_are_not_checked_with_a_key_or_off_loopback(api_key, host, status) -> None:
+    async def scenario(http, app, gen):
+        return await http.get("/v1/models", headers={"Host": "evil.example"})
+
+    r = in_process(scenario, api_key, **({"host": host} if host else {}))
+    assert r.status_code == status
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", None, "application/jsonp"])
+def test_a_keyless_server_takes_only_json_bodies(content_type) -> None:
+    async def scenario(http, app, gen):
+        headers = {"Content-Type": content_type} if content_type else {}
+        refused = await http.post("/v1/describe", content=b'{"titles": ["A"]}', headers=headers)
+        charset = await http.post("/v1/describe", content=b'{"titles": ["A"]}',
+                                  headers={"Content-Type": "application/json; charset=utf-8"})
+        return refused, charset, gen.calls
+
+    refused, charset, calls = in_process(scenario)
+    assert refused.status_code == 415
+    assert "Content-Type: application/json" in refused.json()["error"]["message"]
+    assert charset.status_code == 200 and len(calls) == 1  # the refused one never reached the model
+
+
+def test_cors_headers_only_for_configured_origins() -> None:
+    preflight = {"Origin": "https://shop.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type"}
+
+    async def scenario(http, app, gen):
+        return (await http.options("/v1/describe", headers=preflight),
+                await http.post("/v1/describe", json={"titles": ["A"]}, headers={"Origin": "https://shop.example"}),
+                await http.post("/v1/describe", json={"titles": ["A"]}, headers={"Origin": "https://evil.example"}))
+
+    closed = in_process(scenario)
+    assert all("access-control-allow-origin" not in r.headers for r in closed)
+    opened = in_process(scenario, cors_origins=["https://shop.example"])
+    assert opened[0].status_code == 200
+    assert opened[0].headers["access-control-allow-origin"] == "https://shop.example"
+    assert opened[1].headers["access-control-allow-origin"] == "https://shop.example"
+    assert "access-control-allow-origin" not in opened[2].headers
+
+
+@pytest.mark.parametrize("how", ["flag", "env", "blank flag"])
+def test_an_empty_api_key_refuses_to_start(how: str, tmp_path: Path) -> None:
+    args, env = ["serve", "--run", str(tmp_path)], {}
+    if how == "env":
+        env["PRODESC_API_KEY"] = ""
+    else:
+        args += ["--api-key", "" if how == "flag" else "  "]
+    r = CliRunner().invoke(cli_app, args, env=env)
+    assert r.exit_code == 1
+    assert "empty API key" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_create_app_refuses_an_empty_api_key() -> None:
+    from prodesc.errors import ProdescError
+
+    with pytest.raises(ProdescError, match="empty API key"):
+        create_app(FakeGenerator(), ServeConfig(), "")
+
+
+def test_the_stream_that_jammed_the_server_is_answered_greedily(server: Server) -> None:
+    """Issue 13's one-line jam: a streamed temperature of 1e-300 held the model thread for good."""
+    body = {"model": RUN_NAME, "stream": True, "temperature": 1e-300, "max_tokens": 16,
+            "messages": [{"role": "user", "content": "Red Mug"}]}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=server.auth(), timeout=30) as r:
+        events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert r.status_code == 200 and events[-1] == "[DONE]"
+    text = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1])
+    greedy = server.post("/v1/describe", {"titles": ["Red Mug"], "max_new_tokens": 16, "temperature": 0}).json()
+    assert text.strip() == greedy["descriptions"][0]["description"]
+    assert server.post("/v1/describe", {"titles": ["Red Mug"], "temperature": 1e-300}).status_code == 200
+    assert httpx.get(server.url + "/healthz").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("raw", [b'{"titles": ["Mug \\ud800"]}', b'{"titles": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+                                 b'{"titles": ["Mug"], "temperature": NaN}'], ids=["surrogate", "nested", "NaN"])
+def test_hostile_bodies_get_400_from_the_real_server(server: Server, raw: bytes) -> None:
+    r = httpx.post(server.url + "/v1/describe", content=raw, headers=server.auth(), timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_real_stream_whose_client_leaves_stops_generating(server: Server) -> None:
+    before = server.metric("prodesc_generated_tokens_total")
+    body = {"model": f"{RUN_NAME}-base", "stream": True, "max_tokens": 1024,  # ~1000 tokens unless stopped
+            "messages": [{"role": "user", "content": "zzz qq"}]}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=server.auth(), timeout=30) as r:
+        next(line for line in r.iter_lines() if '"content": "' in line and '"content": ""' not in line)
+    t0 = time.monotonic()
+    after = server.post("/v1/describe", {"titles": ["Blue Lamp"], "max_new_tokens": 1})  # queued behind the stream
+    waited = time.monotonic() - t0
+    generated = server.metric("prodesc_generated_tokens_total") - before - 1
+    assert after.status_code == 200 and waited < 5
+    assert generated < 100, f"{generated} tokens generated for a client that left after its first piece"
+
+
+def test_a_stream_past_its_deadline_ends_with_a_timeout_event_not_a_finish() -> None:
+    async def scenario(http, app, gen):
+        gen.tokens, gen.tick = 10_000, 0.001
+        body = {"model": "fake", "stream": True, "messages": [{"role": "user", "content": "Red Mug"}]}
+        r = await http.post("/v1/chat/completions", json=body)
+        gen.tokens, gen.tick = 3, 0.0
+        return r, await http.post("/v1/describe", json={"titles": ["B"]}), gen.produced
+
+    r, after, produced = in_process(scenario, request_timeout_s=0.4)
+    events = [e.removeprefix("data: ") for e in r.text.split("\n\n") if e]
+    assert json.loads(events[-2])["error"]["type"] == "timeout" and events[-1] == "[DONE]"
+    assert not any('"finish_reason": "' in e for e in events)  # never handed over as if complete
+    assert after.status_code == 200 and produced < 2000

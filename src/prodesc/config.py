@@ -159,14 +159,24 @@ class TrainConfig(_Stage):
     max_eval_samples: int | None = Field(256, description="Cap on val examples scored at each eval.")
 
 
+# Below this, sampling is greedy in all but name, and near 1e-37 logits / temperature overflow float32 to inf and
+# sampling fails (a NaN distribution): such temperatures decode greedily.
+MIN_SAMPLING_TEMPERATURE = 1e-3
+
+
 class GenerateConfig(_Stage):
     """Decoding defaults for generate, eval and serve."""
 
     max_new_tokens: int = Field(256, ge=1, description="New tokens at most per answer.")
-    temperature: float = Field(0.0, ge=0, description="0 = greedy.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (with temperature > 0).")
+    temperature: float = Field(
+        0.0, ge=0, allow_inf_nan=False,
+        description=f"0 = greedy (so is anything below {MIN_SAMPLING_TEMPERATURE}).",
+    )
+    top_p: float = Field(
+        1.0, gt=0, le=1, allow_inf_nan=False, description="Nucleus sampling (with temperature > 0)."
+    )
     repetition_penalty: float = Field(
-        1.0, ge=1, description="Penalty on repeated tokens; special tokens exempt."
+        1.0, ge=1, allow_inf_nan=False, description="Penalty on repeated tokens; special tokens exempt."
     )
     no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid repeating n-grams of this size (0 = off).")
     stop_boost_after: int = Field(
@@ -213,6 +223,15 @@ class ServeConfig(_Stage):
     max_titles: int = Field(64, ge=1, description="Titles per /v1/describe request at most.")
     max_title_chars: int = Field(1000, ge=1, description="Characters per title at most.")
     max_new_tokens_cap: int = Field(1024, ge=1, description="Largest max_new_tokens a client may ask for.")
+    stuck_after_s: float = Field(
+        30.0, gt=0, description="The model thread is stuck when a generation call runs this long past its latest "
+        "request's deadline (calls stop within a token of it, so only a hung forward pass gets there): "
+        "/healthz then answers 503.",
+    )
+    cors_origins: list[str] = Field(
+        [], description="Origins whose pages may call the API from a browser (CORS), e.g. "
+        "['https://shop.example']; empty: no CORS headers, so other sites' pages cannot read answers.",
+    )
 
 
 class ProdescConfig(_Stage):

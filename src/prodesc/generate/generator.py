@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from prodesc import config as configmod
 from prodesc import models, prompts, rundir
-from prodesc.config import GenerateConfig, ProdescConfig
+from prodesc.config import MIN_SAMPLING_TEMPERATURE, GenerateConfig, ProdescConfig
 from prodesc.errors import ProdescError
 from prodesc.generate import fast, stream
 from prodesc.rundir import read_manifest
@@ -71,38 +71,52 @@ class Generator:
         gen: GenerateConfig | None = None,
         progress: bool = False,
         adapter: bool = True,
+        stop: Callable[[int], bool] | None = None,
     ) -> list[dict[str, Any]]:
-        """Generate a description per title (order kept). `adapter=False` runs the base model of a PEFT model."""
+        """Generate a description per title (order kept). `adapter=False` runs the base model of a PEFT model.
+        `stop(i)`, asked after every token, ends title i's answer early (the server: its client left)."""
         gen = gen or self.cfg.generate
         order = sorted(range(len(titles)), key=lambda i: -len(titles[i]))  # similar lengths share a batch
         results: dict[int, dict[str, Any]] = {}
         bar = _progress(len(titles), progress)
         for start in range(0, len(order), gen.batch_size):
             idx = order[start : start + gen.batch_size]
-            for i, rec in zip(idx, self._batch([titles[i] for i in idx], gen, adapter), strict=True):
+            for i, rec in zip(idx, self._batch([titles[i] for i in idx], gen, adapter, stop, idx), strict=True):
                 results[i] = rec
             bar.update(len(idx))
         bar.close()
         return [results[i] for i in range(len(titles))]
 
-    def stream(self, title: str, gen: GenerateConfig | None = None, adapter: bool = True) -> Iterator[str]:
+    def stream(self, title: str, gen: GenerateConfig | None = None, adapter: bool = True,
+               stop: Callable[[], bool] | None = None) -> Iterator[str]:
         """Yield the description of one title piece by piece (for the server's streaming answers).
-        `adapter=False` streams the base model's answer of a PEFT model."""
-        from threading import Thread
+        `adapter=False` streams the base model's answer of a PEFT model; `stop()`, asked after every token, ends
+        it early. Generation runs in a thread that never outlives this iterator: closing the iterator stops it
+        within a token and waits for it, so the model is free for the next caller, and its error is re-raised."""
+        from threading import Event, Thread
 
         from transformers import TextIteratorStreamer
 
         gen = gen or self.cfg.generate
+        closed = Event()
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
         inputs = self._encode([title])
-        kwargs = dict(**inputs, **self._gen_kwargs(gen, inputs["input_ids"].shape[1]), streamer=streamer)
-        kwargs["use_adapter"] = adapter
-        thread = Thread(target=self._run_generate, kwargs=kwargs, daemon=True)
+        width = inputs["input_ids"].shape[1]
+        ended = (lambda _: closed.is_set() or stop()) if stop is not None else (lambda _: closed.is_set())
+        kwargs = dict(**inputs, **self._gen_kwargs(gen, width, ended, [0]), streamer=streamer)
+        failed: list[BaseException] = []
+        thread = Thread(target=self._generate_into, args=(streamer, failed, adapter, kwargs), daemon=True)
         thread.start()
-        yield from streamer
-        thread.join()
+        try:
+            yield from streamer
+        finally:
+            closed.set()
+            thread.join()
+        if failed:
+            raise failed[0]
 
-    def _batch(self, titles: list[str], gen: GenerateConfig, adapter: bool) -> list[dict[str, Any]]:
+    def _batch(self, titles: list[str], gen: GenerateConfig, adapter: bool,
+               stop: Callable[[int], bool] | None, rows: list[int]) -> list[dict[str, Any]]:
         import contextlib
 
         import torch
@@ -111,7 +125,7 @@ class Generator:
         fill = fast.batch_bucket(len(titles), gen.batch_size) - len(titles) if compiled else 0
         inputs = self._encode(titles + titles[-1:] * fill)  # a few batch shapes, each compiled once
         width = inputs["input_ids"].shape[1]
-        kwargs = self._gen_kwargs(gen, width)
+        kwargs = self._gen_kwargs(gen, width, stop, rows + rows[-1:] * fill)
         if compiled:
             kwargs.update(fast.generation_kwargs(self.model, width, gen.max_new_tokens, gen.compile))
         no_adapter = getattr(self.model, "disable_adapter", None)
@@ -127,17 +141,23 @@ class Generator:
         batch = self.tok.pad({"input_ids": ids}, padding=True, return_tensors="pt")
         return {k: v.to(self.model.device) for k, v in batch.items()}
 
-    def _gen_kwargs(self, gen: GenerateConfig, prompt_width: int) -> dict[str, Any]:
-        from transformers import LogitsProcessorList
+    def _gen_kwargs(self, gen: GenerateConfig, prompt_width: int, stop: Callable[[int], bool] | None = None,
+                    rows: list[int] = ()) -> dict[str, Any]:
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
+        sample = gen.temperature >= MIN_SAMPLING_TEMPERATURE  # smaller ones overflow to a NaN distribution
         kw: dict[str, Any] = dict(
             max_new_tokens=gen.max_new_tokens,
             pad_token_id=self.tok.pad_token_id,
             eos_token_id=self.tok.eos_token_id,
-            do_sample=gen.temperature > 0,
+            do_sample=sample,
         )
-        if gen.temperature > 0:
+        if sample:
             kw.update(temperature=gen.temperature, top_p=gen.top_p)
+        if stop is not None:
+            from prodesc.generate.processors import StopRows
+
+            kw["stopping_criteria"] = StoppingCriteriaList([StopRows(stop, rows)])
         if gen.no_repeat_ngram_size:
             kw["no_repeat_ngram_size"] = gen.no_repeat_ngram_size
         if gen.stop_boost_after:
@@ -150,15 +170,22 @@ class Generator:
             )
         return kw
 
-    def _run_generate(self, use_adapter: bool = True, **kwargs: Any) -> None:
+    def _generate_into(self, streamer: Any, failed: list[BaseException], adapter: bool,
+                       kwargs: dict[str, Any]) -> None:
+        """The stream's generation thread. On an error it ends the stream itself (generate only ends it on
+        success), so the reader is never left waiting for text that will not come."""
         import contextlib
 
         import torch
 
         no_adapter = getattr(self.model, "disable_adapter", None)
-        ctx = no_adapter() if (not use_adapter and no_adapter) else contextlib.nullcontext()
-        with ctx, torch.inference_mode():
-            self.model.generate(**kwargs)
+        ctx = no_adapter() if (not adapter and no_adapter) else contextlib.nullcontext()
+        try:
+            with ctx, torch.inference_mode():
+                self.model.generate(**kwargs)
+        except BaseException as e:  # noqa: BLE001 - handed to the reader, which re-raises it
+            failed.append(e)
+            streamer.end()
 
     def _record(self, title: str, new_ids: list[int], ms: float) -> dict[str, Any]:
         eos, pad = self.tok.eos_token_id, self.tok.pad_token_id

@@ -1,10 +1,11 @@
-"""Logits processors for decoding."""
+"""Logits processors and stopping criteria for decoding."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from transformers import LogitsProcessor
+from transformers import LogitsProcessor, StoppingCriteria
 
 
 class AnswerRepetitionPenalty(LogitsProcessor):
@@ -31,3 +32,21 @@ class AnswerRepetitionPenalty(LogitsProcessor):
             ex = torch.tensor(self.exempt, device=scores.device)
             out[:, ex] = scores[:, ex]
         return out
+
+
+class StopRows(StoppingCriteria):
+    """Ends the rows whose answers nobody wants any more (the server's client left or its deadline passed).
+
+    `stop(i)` is asked after every new token for each row's title index `rows[row]`; a stopped row only gets
+    padding from then on, and `generate` returns once every row has stopped, so a call nobody waits for ends
+    within a token instead of running to `max_new_tokens`.
+    """
+
+    def __init__(self, stop: Callable[[int], bool], rows: Sequence[int]) -> None:
+        self.stop, self.rows = stop, list(rows)
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        done = [bool(self.stop(i)) for i in self.rows]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)

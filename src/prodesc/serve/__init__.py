@@ -3,9 +3,9 @@
     prodesc serve --run runs/smol        # app.serve_cli
     app = create_app(generator, cfg.serve, api_key=None)
 
-Inside: `app` (routes, middleware, error answers, the verb), `service` (owns the model: limits, metrics, page),
-`schemas` (request bodies, the error type, decoding params), `batching` (the queue and the model thread),
-`static/` (the page).
+Inside: `app` (routes, error answers, the verb), `guard` (the middleware: Host, key, body size and type),
+`service` (owns the model: limits, metrics, health, page), `schemas` (reading request bodies safely, the error
+type, decoding params), `batching` (the queue, the model thread, deadlines and cancellation), `static/` (the page).
 """
 
 from prodesc.serve.app import create_app

@@ -11,17 +11,18 @@ its own name (the fine-tuned adapter) and `<name>-base` (the same weights with t
 Requests that arrive within `serve.batch_window_ms` with the same decoding params share one generation call
 (batcher.py); one thread owns the model. Streaming answers run one at a time on that thread, between batches.
 A full queue answers 503 with Retry-After, a slow answer 504, bad input 400 with an OpenAI-style error body.
-With `--api-key` (or $PRODESC_API_KEY) every path but `/healthz` and `/` needs `Authorization: Bearer KEY`.
+Every generation stops within a token once its client leaves or its deadline passes (batching.py), and
+`/healthz` answers 503 when the model thread is stuck. With `--api-key` (or $PRODESC_API_KEY) every path but
+`/healthz` and `/` needs `Authorization: Bearer KEY`; without one, guard.py keeps other sites' pages out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import ipaddress
 import json
 import logging
+import os
 import socket
 import sys
 import time
@@ -32,6 +33,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
@@ -40,14 +42,12 @@ from starlette.exceptions import HTTPException
 from prodesc import rundir
 from prodesc.config import ServeConfig
 from prodesc.errors import ProdescError
-from prodesc.serve.batching import DONE
-from prodesc.serve.schemas import ApiError, ChatMessage, ChatRequest, DescribeRequest
+from prodesc.serve.batching import DONE, Expired, Job
+from prodesc.serve.guard import Guard, is_loopback
+from prodesc.serve.schemas import ApiError, ChatMessage, ChatRequest, DescribeRequest, read_json
 from prodesc.serve.service import ClientGone, Service, failure, kind
 
 log = logging.getLogger(__name__)
-PUBLIC_PATHS = {"/", "/healthz"}
-KNOWN_PATHS = PUBLIC_PATHS | {"/metrics", "/v1/models", "/v1/describe", "/v1/chat/completions", "/docs",
-                              "/openapi.json"}
 
 
 def serve_cli(run: Path | None, model: str | None, api_key: str | None, config: Path | None = None,
@@ -59,12 +59,15 @@ def serve_cli(run: Path | None, model: str | None, api_key: str | None, config: 
 
     if (run is None) == (model is None):
         raise ProdescError("pass exactly one of --run RUN_DIR or --model MODEL_OR_MERGED_DIR")
+    if api_key is None and os.environ.get("PRODESC_API_KEY") is not None:
+        api_key = os.environ["PRODESC_API_KEY"]  # typer reads an empty variable as unset: that would be no auth
+    check_api_key(api_key)
     settings = rundir.settings(run, config, {**(flags or {}), **({"model.name": model} if model else {})}, sets)
     _check_port(settings.serve.host, settings.serve.port)  # every setting and the port checked before the model loads
     # Unmerged on purpose: `<name>-base` needs the adapter switchable. For throughput, see vLLM in the README.
     gen = Generator.from_run(run, settings, merge=False) if run else Generator.from_model(model, None, settings)
-    cfg, api_key = settings.serve, api_key or None
-    if api_key is None and not _is_loopback(cfg.host):
+    cfg = settings.serve
+    if api_key is None and not is_loopback(cfg.host):
         print(f"warning: serving on {cfg.host} without --api-key: anyone who can reach it can use the model",
               file=sys.stderr)
     app = create_app(gen, cfg, api_key)
@@ -75,7 +78,8 @@ def serve_cli(run: Path | None, model: str | None, api_key: str | None, config: 
 
 def create_app(generator: Any, cfg: ServeConfig, api_key: str | None = None) -> FastAPI:
     """The ASGI app around a loaded `Generator` (or anything with `name`, `model`, `cfg`, `describe`, `stream`)."""
-    svc = Service(generator, cfg, api_key or None)
+    check_api_key(api_key)
+    svc = Service(generator, cfg, api_key)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -84,7 +88,10 @@ def create_app(generator: Any, cfg: ServeConfig, api_key: str | None = None) -> 
 
     app = FastAPI(title="prodesc", summary="Product descriptions from titles.", lifespan=lifespan)
     app.state.prodesc = svc
-    app.add_middleware(_Guard, svc=svc)
+    app.add_middleware(Guard, svc=svc)
+    if cfg.cors_origins:  # added last, so outermost: preflights are answered before the Guard asks for a key
+        app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(ClientGone, _client_gone)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -92,6 +99,13 @@ def create_app(generator: Any, cfg: ServeConfig, api_key: str | None = None) -> 
     app.add_exception_handler(Exception, _server_error)  # a bug: JSON 500, logged, the server keeps running
     app.include_router(router)
     return app
+
+
+def check_api_key(api_key: str | None) -> None:
+    """None serves without auth; an empty or blank key would too, by accident: refuse it."""
+    if api_key is not None and not api_key.strip():
+        raise ProdescError("empty API key from --api-key or $PRODESC_API_KEY, serve: pass a non-empty key, or "
+                           "unset PRODESC_API_KEY and drop --api-key to serve without auth")
 
 
 # ---- routes ----------------------------------------------------------------------------------------------------
@@ -110,9 +124,11 @@ async def page(request: Request) -> HTMLResponse:
 
 
 @router.get("/healthz")
-async def healthz(request: Request) -> dict[str, Any]:
+async def healthz(request: Request) -> JSONResponse:
     svc = _svc(request)
-    return {"status": "ok", "models": list(svc.models), "queued": svc.batcher.depth}
+    problem = svc.healthy()
+    body = {"status": "stuck" if problem else "ok", "models": list(svc.models), "queued": svc.batcher.depth}
+    return JSONResponse({**body, "detail": problem} if problem else body, status_code=503 if problem else 200)
 
 
 @router.get("/metrics", include_in_schema=False)
@@ -134,7 +150,7 @@ async def describe(request: Request) -> dict[str, Any]:
     name = body.model or svc.name
     params = svc.params(name, body.max_new_tokens, body.temperature, body.top_p, "max_new_tokens")
     titles = svc.check_titles(body.titles)
-    records = await svc.wait(request, svc.submit(titles, params), deadline)
+    records = await svc.wait(request, svc.submit(titles, params, deadline))
     return {"descriptions": [{"title": r["title"], "description": r["prediction"], "n_tokens": r["n_tokens"],
                               "stopped_by_eos": r["stopped_by_eos"]} for r in records], "model": name}
 
@@ -150,16 +166,32 @@ async def chat_completions(request: Request) -> dict[str, Any] | StreamingRespon
     title = svc.check_titles([_last_user_text(body.messages)], param="messages")[0]
     head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body.model}
     if body.stream:
-        pieces = await svc.wait(request, svc.submit([title], params, stream=True), deadline)
+        job = svc.submit([title], params, deadline, stream=True)
+        pieces = await svc.wait(request, job)
         usage = bool((body.stream_options or {}).get("include_usage"))
-        return StreamingResponse(_sse(svc, pieces, head, deadline, usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    [rec] = await svc.wait(request, svc.submit([title], params), deadline)
+        return _JobStream(job, _sse(svc, pieces, head, deadline, usage), media_type="text/event-stream",
+                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    [rec] = await svc.wait(request, svc.submit([title], params, deadline))
     choice = {"index": 0, "message": {"role": "assistant", "content": rec["prediction"]},
               "finish_reason": "stop" if rec["stopped_by_eos"] else "length"}
     prompt = rec.get("prompt_tokens", 0)
     usage = {"prompt_tokens": prompt, "completion_tokens": rec["n_tokens"], "total_tokens": prompt + rec["n_tokens"]}
     return {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
+
+
+class _JobStream(StreamingResponse):
+    """A streamed answer that cancels its job however it ends (done, timed out, or cut off when starlette sees
+    the client leave, possibly while a send is blocked), so the generation stops within a token."""
+
+    def __init__(self, job: Job, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.job = job
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancel()
 
 
 async def _sse(svc: Service, pieces: asyncio.Queue, head: dict[str, Any], deadline: float,
@@ -177,11 +209,11 @@ async def _sse(svc: Service, pieces: asyncio.Queue, head: dict[str, Any], deadli
         try:
             item = await asyncio.wait_for(pieces.get(), max(deadline - time.monotonic(), 0.0))
         except TimeoutError:
-            item = ApiError(504, "stream exceeded serve.request_timeout_s; raise it or ask fewer tokens", "timeout")
+            item = Expired()
         if item is DONE:
             break
         if isinstance(item, Exception):
-            err = item if isinstance(item, ApiError) else ApiError(500, failure(item), "server_error")
+            err = svc.timeout() if isinstance(item, Expired) else ApiError(500, failure(item), "server_error")
             svc.metrics.errors.labels("/v1/chat/completions", kind(err.status)).inc()
             yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type}})}\n\n"
             break
@@ -190,67 +222,13 @@ async def _sse(svc: Service, pieces: asyncio.Queue, head: dict[str, Any], deadli
         else:
             yield chunk({"content": item})
     if info:
+        svc.metrics.delivered.inc(info["n_tokens"])
         yield chunk({}, info["finish_reason"])
     if info and include_usage:
         usage = {"prompt_tokens": info["prompt_tokens"], "completion_tokens": info["n_tokens"],
                  "total_tokens": info["prompt_tokens"] + info["n_tokens"]}
         yield f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [], 'usage': usage})}\n\n"
     yield "data: [DONE]\n\n"
-
-
-class _Guard:
-    """ASGI middleware: API key check, body size cap, per-request metrics (endpoint, status, latency)."""
-
-    def __init__(self, app: Any, svc: Service) -> None:
-        self.app, self.svc = app, svc
-        self.max_body = svc.cfg.max_titles * svc.cfg.max_title_chars * 6 + 65536  # \uXXXX escapes: 6 bytes
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        endpoint = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
-        status, t0 = 500, time.perf_counter()
-
-        async def send_status(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            error = self._refuse(scope, endpoint)
-            if error is not None:
-                return await error.response()(scope, receive, send_status)
-            await self.app(scope, self._capped(receive), send_status)
-        finally:
-            self.svc.metrics.request(endpoint, status, time.perf_counter() - t0)
-
-    def _refuse(self, scope: dict, endpoint: str) -> ApiError | None:
-        headers = dict(scope["headers"])
-        if self.svc.api_key and endpoint not in PUBLIC_PATHS:
-            sent = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(sent, b"Bearer " + self.svc.api_key.encode()):
-                what = "wrong" if sent else "missing"
-                return ApiError(401, f"{what} API key: send 'Authorization: Bearer KEY'", "authentication_error",
-                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        length = headers.get(b"content-length", b"0")
-        if not length.isdigit() or int(length) > self.max_body:
-            return ApiError(413, f"request body over {self.max_body} bytes: send fewer or shorter titles")
-        return None
-
-    def _capped(self, receive: Any) -> Any:
-        """A receive that stops chunked bodies (no Content-Length) at the same cap."""
-        seen = 0
-
-        async def capped() -> dict:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_body:
-                raise HTTPException(413, f"request body over {self.max_body} bytes: send fewer or shorter titles")
-            return message
-
-        return capped
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
@@ -270,13 +248,8 @@ async def _server_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _parse(request: Request, model: type[BaseModel]) -> Any:
-    """The body as `model`: JSON whatever the Content-Type (curl -d sends a form type), every problem listed."""
-    try:
-        data = json.loads(await request.body())
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-        raise ApiError(400, f"request body is not valid JSON ({e}): send a JSON object") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, f"request body is a JSON {type(data).__name__}: send a JSON object")
+    """The body as `model`, every problem listed (the Guard has checked its size and, key-less, its type)."""
+    data = read_json(await request.body())
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -335,10 +308,3 @@ def _check_port(host: str, port: int) -> None:
             s.bind((host, port))
         except OSError as e:
             raise ProdescError(f"cannot listen on {host}:{port}: {e.strerror}: pass another --port or --host") from None
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"

@@ -1,8 +1,9 @@
 """The request queue of `prodesc serve`: requests that arrive together share one generation call.
 
     batcher = Batcher(run_batch, run_stream, max_batch_size=32, window_s=0.02, queue_size=256)
-    records = await batcher.submit(["Red Mug"], params)           # raises QueueFull when the queue is full
-    pieces = await batcher.submit(["Red Mug"], params, stream=True)   # an asyncio.Queue of str, then DONE
+    job = batcher.submit(["Red Mug"], params, deadline)     # raises QueueFull when the queue is full
+    records = await job.future                              # job.cancel() when nobody waits any more
+    pieces = await batcher.submit(["Red Mug"], params, deadline, stream=True).future  # asyncio.Queue: str.., DONE
 
 One asyncio task takes jobs in arrival order and hands them to a single worker thread, the only thread that
 touches the model. For a plain job it waits up to `window_s` after that job arrived (less if `max_batch_size`
@@ -10,14 +11,18 @@ titles with the same decoding params are already queued), then runs every queued
 `run_batch(titles, params)` call. Jobs with other params keep their place for the next round. A streaming job runs
 alone: `run_stream(title, params, emit)` pushes pieces that reach the request through the job's queue.
 
-A job whose future was cancelled (client gone, timeout) before its turn is dropped without generating: that is
-how a disconnected client frees its slot.
+A job cancelled (client gone, timeout) before its turn is dropped without generating: that is how a
+disconnected client frees its slot. Once generating, every job is asked after each token whether it is still
+wanted (`stop` of run_batch/run_stream): a cancelled job, or one past its deadline, stops within a token, and a
+call whose jobs have all stopped returns, so nobody's abandoned answer holds the model thread. A job that reached
+its deadline gets `Expired` instead of a cut-short answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
@@ -29,21 +34,39 @@ log = logging.getLogger(__name__)
 
 DONE = object()  # the last item of a stream's queue (an Exception instead when generation failed)
 
-RunBatch = Callable[[list[str], Any], list[Any]]  # (titles, params) -> one result per title, in order
-RunStream = Callable[[str, Any, Callable[[Any], None]], None]  # (title, params, emit) -> None
+# (titles, params, stop) -> one result per title, in order; stop(i) is True once title i's answer is unwanted
+RunBatch = Callable[[list[str], Any, Callable[[int], bool]], list[Any]]
+RunStream = Callable[[str, Any, Callable[[Any], None], Callable[[], bool]], None]  # (title, params, emit, stop)
 
 
 class QueueFull(Exception):
     """The queue holds `queue_size` jobs already: answer 503 and let the client retry."""
 
 
+class Expired(Exception):
+    """The job's deadline passed before its answer was complete: answer 504."""
+
+
 @dataclass(eq=False)
-class _Job:
+class Job:
+    """A queued request. `future` gives its results (a stream: its queue of pieces, as soon as it starts)."""
+
     titles: list[str]
     params: Hashable
     stream: bool
+    deadline: float  # time.monotonic() by which the answer must be complete
     future: asyncio.Future
     arrived: float = field(default_factory=time.monotonic)
+    # Set from the event loop, read by the model thread after every token: a threading.Event, not the future.
+    gone: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Nobody waits for the answer any more: skip the job, or stop generating it within a token."""
+        self.gone.set()
+        self.future.cancel()
+
+    def wanted(self) -> bool:
+        return not self.gone.is_set() and time.monotonic() < self.deadline
 
 
 class Batcher:
@@ -53,26 +76,31 @@ class Batcher:
                  queue_size: int) -> None:
         self.run_batch, self.run_stream = run_batch, run_stream
         self.max_batch_size, self.window_s, self.queue_size = max_batch_size, window_s, queue_size
-        self._pending: deque[_Job] = deque()
+        self._pending: deque[Job] = deque()
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prodesc-model")
+        self._running: float | None = None  # the latest deadline of the call on the model thread, if any
 
     @property
     def depth(self) -> int:
         """Jobs waiting for the model (the one running is not counted)."""
         return sum(not job.future.done() for job in self._pending)
 
-    def submit(self, titles: list[str], params: Hashable, stream: bool = False) -> asyncio.Future:
-        """Queue a job; the future gives the results (or, for a stream, its queue once it starts)."""
+    def overdue(self) -> float:
+        """Seconds the running generation call has run past its latest job's deadline (0: none, or in time)."""
+        return max(time.monotonic() - self._running, 0.0) if self._running is not None else 0.0
+
+    def submit(self, titles: list[str], params: Hashable, deadline: float, stream: bool = False) -> Job:
+        """Queue a job that must be answered by `deadline` (time.monotonic())."""
         self._start()
         self._drop_cancelled()
         if len(self._pending) >= self.queue_size:
             raise QueueFull(f"{len(self._pending)} requests queued (serve.queue_size={self.queue_size})")
-        job = _Job(list(titles), params, stream, asyncio.get_running_loop().create_future())
+        job = Job(list(titles), params, stream, deadline, asyncio.get_running_loop().create_future())
         self._pending.append(job)
         self._arrived.set()
-        return job.future
+        return job
 
     async def close(self) -> None:
         """Stop taking jobs; the running generation (if any) finishes in its thread."""
@@ -103,7 +131,7 @@ class Batcher:
             except Exception:  # a bug here must not stop the server: log it and serve the next job
                 log.exception("batcher: unexpected error")
 
-    async def _next(self) -> _Job:
+    async def _next(self) -> Job:
         while True:
             self._drop_cancelled()
             if self._pending:
@@ -111,7 +139,7 @@ class Batcher:
             self._arrived.clear()
             await self._arrived.wait()
 
-    async def _collect(self, first: _Job) -> None:
+    async def _collect(self, first: Job) -> None:
         """Wait out the window that opened when `first` arrived, unless a full batch is already queued."""
         deadline = first.arrived + self.window_s
         while self._queued_titles(first.params) < self.max_batch_size:
@@ -124,7 +152,7 @@ class Batcher:
             except TimeoutError:
                 return
 
-    def _take(self, params: Hashable) -> list[_Job]:
+    def _take(self, params: Hashable) -> list[Job]:
         """Remove the live jobs with `params` (up to max_batch_size titles, at least one job) in order."""
         batch, keep, n = [], deque(), 0
         for job in self._pending:
@@ -139,13 +167,17 @@ class Batcher:
         self._pending = keep
         return batch
 
-    async def _batch(self, batch: list[_Job]) -> None:
+    async def _batch(self, batch: list[Job]) -> None:
         if not batch:
             return
         titles = [t for job in batch for t in job.titles]
-        loop = asyncio.get_running_loop()
+        owners = [job for job in batch for _ in job.titles]
+
+        def stop(i: int) -> bool:  # called from the model thread after every token
+            return not owners[i].wanted()
+
         try:
-            results = await loop.run_in_executor(self._executor, self.run_batch, titles, batch[0].params)
+            results = await self._on_model_thread(batch, self.run_batch, titles, batch[0].params, stop)
         except Exception as e:
             for job in batch:
                 if not job.future.done():
@@ -153,11 +185,15 @@ class Batcher:
             return
         start = 0
         for job in batch:
-            if not job.future.done():  # cancelled while generating: the client is gone
+            if job.future.done():  # cancelled while generating: the client is gone
+                pass
+            elif time.monotonic() >= job.deadline:  # its rows were cut short at the deadline
+                job.future.set_exception(Expired())
+            else:
                 job.future.set_result(results[start:start + len(job.titles)])
             start += len(job.titles)
 
-    async def _stream(self, job: _Job) -> None:
+    async def _stream(self, job: Job) -> None:
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         job.future.set_result(pieces)
@@ -165,12 +201,23 @@ class Batcher:
         def emit(item: Any) -> None:  # called from the model thread
             loop.call_soon_threadsafe(pieces.put_nowait, item)
 
+        def stop() -> bool:
+            return not job.wanted()
+
         try:
-            await loop.run_in_executor(self._executor, self.run_stream, job.titles[0], job.params, emit)
+            await self._on_model_thread([job], self.run_stream, job.titles[0], job.params, emit, stop)
         except Exception as e:
             pieces.put_nowait(e)
             return
-        pieces.put_nowait(DONE)  # after every emitted piece: call_soon_threadsafe keeps their order
+        pieces.put_nowait(Expired() if time.monotonic() >= job.deadline else DONE)  # after every emitted piece
+
+    async def _on_model_thread(self, jobs: list[Job], fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn` on the model thread, remembering the call's deadline for `overdue()` (health)."""
+        self._running = max(job.deadline for job in jobs)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            self._running = None
 
     def _queued_titles(self, params: Hashable) -> int:
         return sum(len(j.titles) for j in self._pending if not j.stream and j.params == params

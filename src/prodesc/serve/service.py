@@ -11,6 +11,7 @@ import contextlib
 import importlib.resources
 import inspect
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,8 @@ from typing import Any
 from fastapi import Request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from prodesc.config import ServeConfig
-from prodesc.serve.batching import Batcher, QueueFull
+from prodesc.config import MIN_SAMPLING_TEMPERATURE, ServeConfig
+from prodesc.serve.batching import Batcher, Expired, Job, QueueFull
 from prodesc.serve.schemas import ApiError, Params
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,9 @@ class Service:
 
     def params(self, model: str, max_new_tokens: int | None, temperature: float | None, top_p: float | None,
                tokens_param: str) -> Params:
-        """Check the decoding params against the caps; unset ones take the run's `generate:` values."""
+        """Check the decoding params against the caps; unset ones take the run's `generate:` values. Normalised,
+        so the model only ever sees values it can decode with, and equal decodings share a batch: a temperature
+        too small to sample is greedy, and greedy decoding ignores top_p."""
         if model not in self.models:
             raise ApiError(404, f"model {model!r} does not exist: use one of {', '.join(self.models)} "
                            "(GET /v1/models)", param="model", code="model_not_found")
@@ -54,12 +57,14 @@ class Service:
             raise ApiError(400, f"{tokens_param}={tokens}: must be between 1 and {cap} (serve.max_new_tokens_cap)",
                            param=tokens_param)
         temperature = d.temperature if temperature is None else temperature
-        if not 0 <= temperature <= MAX_TEMPERATURE:
+        if not (math.isfinite(temperature) and 0 <= temperature <= MAX_TEMPERATURE):  # NaN fails no comparison
             raise ApiError(400, f"temperature={temperature}: must be between 0 (greedy) and {MAX_TEMPERATURE}",
                            param="temperature")
         top_p = d.top_p if top_p is None else top_p
-        if not 0 < top_p <= 1:
+        if not (math.isfinite(top_p) and 0 < top_p <= 1):
             raise ApiError(400, f"top_p={top_p}: must be in (0, 1]", param="top_p")
+        if temperature < MIN_SAMPLING_TEMPERATURE:
+            temperature, top_p = 0.0, 1.0
         return Params(self.models[model], tokens, float(temperature), float(top_p))
 
     def check_titles(self, titles: list[str], param: str = "titles") -> list[str]:
@@ -77,55 +82,75 @@ class Service:
                                "(serve.max_title_chars)", param=param)
         return [t.strip() for t in titles]
 
-    def submit(self, titles: list[str], params: Params, stream: bool = False) -> asyncio.Future:
+    def submit(self, titles: list[str], params: Params, deadline: float, stream: bool = False) -> Job:
         try:
-            return self.batcher.submit(titles, params, stream=stream)
+            return self.batcher.submit(titles, params, deadline, stream=stream)
         except QueueFull as e:
             raise ApiError(503, f"server busy: {e}; retry shortly", "overloaded", code="queue_full",
                            headers={"Retry-After": "1"}) from None
 
-    async def wait(self, request: Request, future: asyncio.Future, deadline: float) -> Any:
-        """The job's result; cancels the job (so it is skipped) when the client leaves or time runs out."""
-        gone = asyncio.ensure_future(disconnected(request))
+    async def wait(self, request: Request, job: Job) -> Any:
+        """The job's result; cancels the job (skipped, or stopped within a token) when the client leaves or time
+        runs out."""
+        future, gone = job.future, asyncio.ensure_future(disconnected(request))
         try:
-            await asyncio.wait({future, gone}, timeout=max(deadline - time.monotonic(), 0.0),
+            await asyncio.wait({future, gone}, timeout=max(job.deadline - time.monotonic(), 0.0),
                                return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
         if not future.done():
-            future.cancel()
+            job.cancel()
             if gone.done() and not gone.cancelled():
                 raise ClientGone
-            raise ApiError(504, f"no answer within serve.request_timeout_s={self.cfg.request_timeout_s}s: "
-                           "retry, ask fewer tokens, or raise the timeout", "timeout")
+            raise self.timeout()
+        if isinstance(future.exception(), Expired):
+            raise self.timeout()
         if future.exception() is not None:
             raise ApiError(500, failure(future.exception()), "server_error")
+        if not job.stream:
+            self.metrics.delivered.inc(sum(r["n_tokens"] for r in future.result()))
         return future.result()
 
-    def _run_batch(self, titles: list[str], p: Params) -> list[dict[str, Any]]:
-        """On the model thread: one `describe` call for the whole batch."""
+    def timeout(self) -> ApiError:
+        return ApiError(504, f"no answer within serve.request_timeout_s={self.cfg.request_timeout_s}s: retry, ask "
+                        "fewer tokens, or raise the timeout", "timeout")
+
+    def healthy(self) -> str | None:
+        """None, or why the server cannot answer: the model thread is stuck in a call long past its deadline."""
+        overdue = self.batcher.overdue()
+        if overdue > self.cfg.stuck_after_s:
+            return (f"model thread stuck: a generation call is {overdue:.0f}s past its deadline "
+                    f"(serve.stuck_after_s={self.cfg.stuck_after_s}); restart the server")
+        return None
+
+    def _run_batch(self, titles: list[str], p: Params, stop: Any) -> list[dict[str, Any]]:
+        """On the model thread: one `describe` call for the whole batch; `stop(i)` ends title i's rows early."""
         t0 = time.perf_counter()
-        records = self.gen.describe(titles, self._decoding(p, len(titles)), adapter=p.adapter)
+        records = self.gen.describe(titles, self._decoding(p, len(titles)), adapter=p.adapter, stop=stop)
         self.metrics.generated(len(titles), self.cfg.max_batch_size, sum(r["n_tokens"] for r in records),
                                time.perf_counter() - t0)
         for rec in records:
             rec["prompt_tokens"] = self._prompt_tokens(rec["title"])
         return records
 
-    def _run_stream(self, title: str, p: Params, emit: Any) -> None:
-        """On the model thread: push text pieces, then a dict with the token counts and finish reason."""
+    def _run_stream(self, title: str, p: Params, emit: Any, stop: Any) -> None:
+        """On the model thread: push text pieces, then a dict with the token counts and finish reason.
+        `stop()` ends generation early (the client left or the deadline passed): no final dict then."""
         t0, text = time.perf_counter(), []
         kwargs = {"adapter": p.adapter} if self._stream_has_adapter else {}
         off = self.gen.model.disable_adapter() if not p.adapter and not kwargs else contextlib.nullcontext()
-        with off:
-            for piece in self.gen.stream(title, self._decoding(p, 1), **kwargs):
-                if piece:
-                    text.append(piece)
-                    emit(piece)
-        n = min(self._count_tokens("".join(text)), p.max_new_tokens)  # re-tokenized text: an estimate
-        self.metrics.generated(1, 1, n, time.perf_counter() - t0)
-        emit({"n_tokens": n, "prompt_tokens": self._prompt_tokens(title),
-              "finish_reason": "length" if n >= p.max_new_tokens else "stop"})
+        try:
+            with off:
+                for piece in self.gen.stream(title, self._decoding(p, 1), stop=stop, **kwargs):
+                    if piece:
+                        text.append(piece)
+                        emit(piece)
+        finally:  # tokens generated count even when nobody read them
+            n = min(self._count_tokens("".join(text)), p.max_new_tokens)  # re-tokenized text: an estimate
+            self.metrics.generated(1, 1, n, time.perf_counter() - t0)
+        if not stop():
+            emit({"n_tokens": n, "prompt_tokens": self._prompt_tokens(title),
+                  "finish_reason": "length" if n >= p.max_new_tokens else "stop"})
 
     def _decoding(self, p: Params, n: int) -> Any:
         return self.gen.cfg.generate.model_copy(update={
@@ -162,6 +187,8 @@ class Metrics:
         self.batch = Histogram("prodesc_batch_size", "Titles per generation call.", registry=r,
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.tokens = Counter("prodesc_generated_tokens", "New tokens generated.", registry=r)
+        self.delivered = Counter("prodesc_delivered_tokens", "New tokens in answers handed over whole (the rest of "
+                                 "generated went to clients that left or timed out).", registry=r)
         self.tokens_per_s = Gauge("prodesc_tokens_per_second", "Generated tokens/s of the latest call.", registry=r)
         self.queue = Gauge("prodesc_queue_depth", "Requests waiting for the model.", registry=r)
 
