@@ -74,6 +74,12 @@ def data_prepare(
         bool | None, typer.Option(help="Fail on the first malformed line (file:line), don't skip (default off).")
     ] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes (default 0 = 1 per core, at most 8).")] = None,
+    near_dup: Annotated[
+        bool | None, typer.Option(help="Join near-duplicate contents into one family (default on).")
+    ] = None,
+    near_dup_threshold: Annotated[
+        float | None, typer.Option(help="Similarity (word pairs, 0.2-1) from which contents join (default 0.4).")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out directory.")] = False,
     config: ConfigOpt = None,
     set_: Sets = None,
@@ -92,6 +98,8 @@ def data_prepare(
         lossy_ascii_lower=lossy_ascii_lower,
         strict=strict,
         workers=workers,
+        near_dup=near_dup,
+        near_dup_threshold=near_dup_threshold,
     )
     overrides = [f"data.{k}={_yaml(v)}" for k, v in flags.items() if v is not None] + list(set_ or [])
     cfg = _run(cfgmod.load, config, overrides)
@@ -161,6 +169,9 @@ def generate(
         float | None, typer.Option(help="Repetition penalty (special tokens exempt).")
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Titles per generation call.")] = None,
+    allow_overlap: Annotated[
+        bool, typer.Option(help="With --run and --data: describe even items the run trained on.")
+    ] = False,
 ) -> None:
     """Describe titles with a fine-tuned run or a plain model (batched, greedy by default)."""
     from prodesc.generate import generator as genmod
@@ -186,6 +197,7 @@ def generate(
         out=out,
         config=config,
         overrides=overrides,
+        allow_overlap=allow_overlap,
     )
 
 
@@ -203,7 +215,9 @@ def evaluate(
         bool, typer.Option("--predictions", help="Score the prediction JSONL FILES instead of a run.")
     ] = False,
     systems: Annotated[str | None, typer.Option(help="Comma list of finetuned,base,retrieval.")] = None,
-    allow_overlap: Annotated[bool, typer.Option(help="Score even if test families were trained on.")] = False,
+    allow_overlap: Annotated[
+        bool, typer.Option(help="Score even items whose family key, content or near-duplicate the run trained on.")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out directory.")] = False,
     config: ConfigOpt = None,
     set_: Sets = None,

@@ -21,6 +21,7 @@ from typing import Any
 from prodesc import config as configmod
 from prodesc import models, prompts
 from prodesc.config import GenerateConfig, ProdescConfig
+from prodesc.data.overlap import check_overlap
 from prodesc.errors import ProdescError
 from prodesc.generate import fast
 from prodesc.records import read_split, write_jsonl
@@ -191,11 +192,14 @@ def generate_cli(
     out: Path | None,
     config: Path | None,
     overrides: list[str],
+    allow_overlap: bool = False,
 ) -> list[dict[str, Any]]:
     """The `prodesc generate` verb: check the arguments, load once, describe, print or write JSONL."""
     items = _items(titles, input, data, split, limit)
     if (run is None) == (model is None):
         raise ProdescError("pass exactly one of --run RUN_DIR or --model MODEL")
+    if data is not None and run is not None:  # a split of prepared data: were these items trained on?
+        check_overlap(run, [{"title": it["title"], "content": it["reference"]} for it in items], allow_overlap)
     if config is not None:
         overrides = [*_as_overrides(configmod.load(config)), *overrides]
     gen = Generator.from_run(run, overrides) if run else Generator.from_model(model, adapter, overrides)
