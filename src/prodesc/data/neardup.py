@@ -127,6 +127,16 @@ def similar_pairs(sig: np.ndarray, threshold: float) -> tuple[np.ndarray, np.nda
     return i[ok], j[ok], sim[ok]
 
 
+def equal_pairs(chash: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (first row, other row) of rows with the same non-zero content hash: each to its group's first."""
+    has = np.flatnonzero(chash)
+    order = has[np.argsort(chash[has], kind="stable")]
+    keys = chash[order]
+    new = np.concatenate([[True], keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, bool)
+    head = order[np.flatnonzero(new)][np.cumsum(new) - 1]
+    return head[~new].astype(np.int64), order[~new].astype(np.int64)
+
+
 def band_keys(sig: np.ndarray, band: int, rows: int) -> np.ndarray:
     """uint64 key of each row's band `band` (its `rows` 16-bit minima side by side; rows <= 4)."""
     key = np.zeros(len(sig), np.uint64)

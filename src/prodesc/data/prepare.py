@@ -125,6 +125,7 @@ class _Scan:
     clen: Any = None  # int32: content chars
     sig: Any = None  # uint16 [n, neardup.NUM_PERM]: MinHash of the content (near_dup only)
     shingles: Any = None  # int32: word pairs in the content (near_dup only)
+    nhash: Any = None  # uint64: the content's normalised word sequence, 0 without words (near_dup only)
 
 
 def _scan(sources: list[Source], cfg: DataConfig, work: Path) -> _Scan:
@@ -157,23 +158,24 @@ def _scan(sources: list[Source], cfg: DataConfig, work: Path) -> _Scan:
         setattr(scan, name, np.concatenate([t.column(name).to_numpy() for t in tables] or [np.zeros(0, dtype)]))
     if cfg.near_dup:
         del tables  # signatures are the big columns: read them one part at a time
-        scan.sig, scan.shingles = _read_signatures(scan.parts)
+        scan.sig, scan.shingles, scan.nhash = _read_signatures(scan.parts)
     return scan
 
 
-def _read_signatures(parts: list[tuple[Path, int]]) -> tuple[np.ndarray, np.ndarray]:
+def _read_signatures(parts: list[tuple[Path, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     sig = np.empty((sum(n for _, n in parts), neardup.NUM_PERM), np.uint16)
-    shingles = np.empty(len(sig), np.int32)
+    shingles, nhash = np.empty(len(sig), np.int32), np.empty(len(sig), np.uint64)
     row = 0
     for part, n in parts:
-        table = _read_part(part, ["nd_sig", "nd_shingles"])
+        table = _read_part(part, ["nd_sig", "nd_shingles", "nd_hash"])
         column = table.column("nd_sig").combine_chunks()
         width = neardup.NUM_PERM
         values = np.frombuffer(column.buffers()[1], np.uint16, n * width, column.offset * 2 * width)
         sig[row : row + n] = values.reshape(n, width)
         shingles[row : row + n] = table.column("nd_shingles").to_numpy()
+        nhash[row : row + n] = table.column("nd_hash").to_numpy()
         row += n
-    return sig, shingles
+    return sig, shingles, nhash
 
 
 def _read_part(part: Path, columns: list[str]) -> pa.Table:
@@ -232,6 +234,7 @@ def _process_chunk(task: tuple[Chunk, tuple[int, bool, bool, bytes, bool], Path]
             width = 2 * neardup.NUM_PERM
             sig = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(sk.sig.tobytes())])
             table = table.append_column("nd_sig", sig).append_column("nd_shingles", pa.array(sk.shingles))
+            table = table.append_column("nd_hash", pa.array(sk.chash))
         with pa.OSFile(str(part), "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
             writer.write_table(table)
     return {"read": read, "counts": counts, "malformed_at": bad[:_MAX_LOCATIONS], "part": part, "n": n}
@@ -293,7 +296,13 @@ def _near_dup(scan: _Scan, keep: np.ndarray, rep: np.ndarray, cfg: DataConfig) -
     sig, scan.sig = scan.sig[kept[eligible]], None  # the full matrix is not needed again
     i, j, sim = neardup.similar_pairs(sig, cfg.near_dup_threshold)
     del sig
-    i, j = eligible[i], eligible[j]  # still sorted by (i, j): eligible is increasing
+    # Contents equal up to case, punctuation and spacing (any length: as the leak guard reads "same content")
+    same_i, same_j = neardup.equal_pairs(scan.nhash[kept])
+    i, j = np.concatenate([eligible[i], same_i]), np.concatenate([eligible[j], same_j])
+    sim = np.concatenate([sim, np.ones(len(same_i))])
+    order = np.lexsort((j, i))
+    first = np.concatenate([[True], (np.diff(i[order]) != 0) | (np.diff(j[order]) != 0)]) if len(i) else order > 0
+    i, j, sim = i[order][first], j[order][first], sim[order][first]
     new_rep, merged, skipped = neardup.merge_families(rep, i, j, cfg.near_dup_max_family)
     across = rep[i] != rep[j]  # pairs the title-key and same-content rules had left in two families
     return {"rep": new_rep, "compared": len(eligible), "i": i[across], "j": j[across], "sim": sim[across],
