@@ -22,6 +22,10 @@ are one family when their titles have the same family key (`clean.family_key`: l
 or size words, no punctuation or trailing numbers), or when their cleaned contents are identical (series
 blurbs), transitively (union-find). A family is named by the key of its first record, and goes to test when
 blake2b(split_salt, family) / 2**64 < test_fraction, to val when below test_fraction + val_fraction, else train.
+With data.near_dup (default), families are also joined when their contents are near-duplicates (`neardup`:
+MinHash over word pairs, signatures made in pass 1 by the workers, LSH bands and verification in the parent) or
+equal up to case and punctuation, never past data.near_dup_max_family records; stats.json["near_dup"] counts
+them and shows 10 pairs, stats.json["families"]["largest_families"] the 5 largest families.
 
 Two passes: (1) stream the inputs in chunks (`readers`; on large inputs 2 worker processes, which get the blocks
 through shared memory, `parallel`), clean whole columns (`columns`: Arrow kernels where they give clean.py's
