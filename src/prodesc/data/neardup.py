@@ -76,8 +76,11 @@ def sketch(content: pa.Array) -> Sketch:
         hv = _fmix32(shingle)
         a, b = permutations()
         out = np.empty((len(has), NUM_PERM), np.uint32)
+        buf = np.empty_like(hv)
         for p in range(NUM_PERM):  # one pass per permutation, over every shingle of the chunk: ~1 ns each
-            out[:, p] = np.minimum.reduceat(hv * a[p] + b[p], first)
+            np.multiply(hv, a[p], out=buf)
+            np.add(buf, b[p], out=buf)
+            out[:, p] = np.minimum.reduceat(buf, first)
         sig[has] = out
     return Sketch((sig & np.uint32(0xFFFF)).astype(np.uint16), shingles, chash)
 
