@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import random
+import re
 import zipfile
 from pathlib import Path
 
@@ -722,3 +724,108 @@ def test_split_files_do_not_depend_on_how_parts_were_cut(tmp_path: Path) -> None
         written.append(path.read_bytes())
     assert pq.read_table(tmp_path / "parts-37.parquet").equals(table)
     assert written[0] == written[1] == written[2]
+
+
+# ------------------------------------------------------------------------------------ near-duplicate families
+
+_EDIT_WORDS = ["amazing", "classic", "premium", "handy", "vintage", "modern", "gentle", "bold"]
+_ADDED = [
+    "Makes a wonderful gift for friends and family on any occasion.",
+    "Order today and enjoy free shipping on your first purchase.",
+    "Our support team is happy to answer any question you may have.",
+]
+
+
+def _edited_copy(text: str, rng: random.Random) -> str:
+    """A few words changed, then a sentence added or cut: the issue's acceptance edit."""
+    words = text.split(" ")
+    for _ in range(3):
+        words[rng.randrange(len(words))] = rng.choice(_EDIT_WORDS)
+    sentences = re.split(r"(?<=[.!?]) ", " ".join(words))
+    if len(sentences) > 2 and rng.random() < 0.5:
+        del sentences[rng.randrange(len(sentences))]
+    else:
+        sentences.insert(rng.randrange(len(sentences) + 1), rng.choice(_ADDED))
+    return " ".join(sentences)
+
+
+def _real_with_copies(shared_dir: Path, tmp_path: Path, copies: int, seed: int) -> tuple[Path, list[tuple[str, str]]]:
+    """The real 400 records plus `copies` edited copies (of contents >= 200 chars) under made-up titles."""
+    records = json.loads((shared_dir / "data" / "lf_amazon_first400.json").read_text(encoding="utf-8"))
+    rows = [_rec(f"r{i:03d}", r["instruction"], clean_text(r["output"])) for i, r in enumerate(records)]
+    rng = random.Random(seed)
+    originals = rng.sample([r for r in rows if len(r["content"]) >= 200], copies)
+    pairs = []
+    for k, orig in enumerate(originals):
+        title = f"Zq{k}x {rng.choice(['Garden Hose', 'Desk Lamp', 'Yoga Mat', 'Tea Kettle'])} Model {k}"
+        rows.append(_rec(f"c{k:03d}", title, _edited_copy(orig["content"], rng)))
+        pairs.append((orig["uid"], f"c{k:03d}"))
+    return _jsonl(tmp_path / "catalog.jsonl", rows), pairs
+
+
+def _family_of(out: Path) -> dict[str, str]:
+    return {r["uid"]: r["family"] for r in _rows(out)}
+
+
+def test_edited_copies_under_unrelated_titles_join_their_original(shared_dir: Path, tmp_path: Path) -> None:
+    catalog, pairs = _real_with_copies(shared_dir, tmp_path, 20, seed=14)
+    prepare([catalog], tmp_path / "with", DataConfig())
+    family = _family_of(tmp_path / "with")
+    assert sum(family[orig] == family[copy] for orig, copy in pairs) >= 19
+    # Unrelated records are not merged: the real records' families are those of the real file prepared alone,
+    # and no family holds two copies (of different originals).
+    real = json.loads((shared_dir / "data" / "lf_amazon_first400.json").read_text(encoding="utf-8"))
+    real_rows = [_rec(f"r{i:03d}", r["instruction"], r["output"]) for i, r in enumerate(real)]
+    alone = _jsonl(tmp_path / "alone.jsonl", real_rows)
+    prepare([alone], tmp_path / "alone", DataConfig())
+    base = _family_of(tmp_path / "alone")
+    groups = lambda fam: sorted(sorted(u for u in fam if fam[u] == f and u in base) for f in set(fam.values()))  # noqa: E731
+    assert [g for g in groups(family) if g] == groups(base)
+    copy_families = [family[c] for _, c in pairs]
+    assert len(set(copy_families)) == len(copy_families)
+
+
+def test_near_dup_stats_report_pairs_merges_largest_families_and_examples(shared_dir: Path, tmp_path: Path) -> None:
+    catalog, _ = _real_with_copies(shared_dir, tmp_path, 20, seed=3)
+    stats = prepare([catalog], tmp_path / "out", DataConfig())
+    nd = stats["near_dup"]
+    assert nd["pairs_found"] >= nd["pairs_across_families"] >= nd["families_merged"] >= 19
+    assert (nd["permutations"], nd["bands"], nd["rows_per_band"], nd["threshold"]) == (128, 42, 3, 0.4)
+    assert len(nd["examples"]) == 10 and all(e["similarity"] >= 0.4 for e in nd["examples"])
+    sims = [e["similarity"] for e in nd["examples"]]
+    assert sims == sorted(sims) and {"uid", "title", "content"} <= set(nd["examples"][0]["a"])
+    largest = stats["families"]["largest_families"]
+    assert largest[0]["records"] == stats["families"]["largest"] and largest[0]["title"]
+    assert stats["families"]["total"] == sum(s["families"] for s in stats["splits"].values())
+    off = prepare([catalog], tmp_path / "off", DataConfig(near_dup=False))
+    assert "near_dup" not in off and off["families"]["total"] - stats["families"]["total"] == nd["families_merged"]
+
+
+def test_boilerplate_does_not_chain_unrelated_records(tmp_path: Path) -> None:
+    rng = random.Random(5)
+    vocab = [f"word{i}" for i in range(3000)]
+    boiler = "This product ships in recyclable packaging and comes with our satisfaction guarantee for every buyer."
+    rows = [
+        _rec(f"{i}", f"Product {i} {rng.choice(vocab)}", boiler + " " + " ".join(rng.choices(vocab, k=4)))
+        for i in range(40)
+    ]
+    rows += [_rec(f"s{i}", f"Short {i} {rng.choice(vocab)}", f"See the Paperback edition {i}.") for i in range(30)]
+    catalog = _jsonl(tmp_path / "c.jsonl", rows)
+    stats = prepare([catalog], tmp_path / "capped", DataConfig(near_dup_max_family=5))
+    assert stats["families"]["largest"] <= 5 and stats["near_dup"]["pairs_skipped_by_max_family"] > 0
+    assert stats["near_dup"]["records_compared"] == 40  # the short ones (< 100 chars) stay out of the pass
+    free = prepare([catalog], tmp_path / "free", DataConfig())
+    assert free["families"]["largest"] == 40  # without the cap they are one family (boilerplate is most of their text)
+
+
+def test_near_dup_options_on_the_command_line(tmp_path: Path) -> None:
+    catalog = _jsonl(tmp_path / "c.jsonl", [_rec("1", "A", "x " * 80), _rec("2", "B", "x " * 80 + "y")])
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["data", "prepare", str(catalog), "--out", str(out), "--near-dup-threshold", "0.9"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "stats.json").read_text())["near_dup"]["threshold"] == 0.9
+    res = CliRunner().invoke(app, ["data", "prepare", str(catalog), "--out", str(out), "--overwrite", "--no-near-dup"])
+    assert res.exit_code == 0 and "near_dup" not in json.loads((out / "stats.json").read_text())
+    bad = ["data", "prepare", str(catalog), "--out", str(tmp_path / "o2"), "--near-dup-threshold", "0.1"]
+    res = CliRunner().invoke(app, bad)
+    assert res.exit_code == 1 and "near_dup_threshold" in res.output and "Traceback" not in res.output

@@ -78,6 +78,7 @@ def test_ddp_only_rank_zero_writes_the_run_dir(runs):
         "manifest.json",
         "metrics.jsonl",
         "train_families.txt.gz",
+        "train_index.npz",
     }
     steps = [r["step"] for r in _log(run) if "loss" in r]
     assert steps == sorted(set(steps)), "one metrics line per log step, not one per rank"

@@ -49,10 +49,11 @@ def test_eval_scores_three_systems_and_writes_the_report(tiny_run, tiny_data, tm
     ]
 
 
-def test_leak_guard_refuses_trained_families(tiny_run, tiny_data, tmp_path):
+def test_leak_guard_refuses_trained_items_with_count_and_examples(tiny_run, tiny_data, tmp_path):
     cfg = load(tiny_run / "config.resolved.yaml", ["eval.limit=3"])
-    with pytest.raises(ProdescError, match="--allow-overlap"):
+    with pytest.raises(ProdescError, match=r"^3 of 3 evaluated items overlap .*--allow-overlap$") as err:
         evalmod.evaluate(tiny_run, tiny_data, "train", tmp_path / "r", cfg)
+    assert str(err.value).count(" ~ training ") == 3 and not (tmp_path / "r").exists()
 
 
 def test_existing_report_dir_is_refused(tiny_run, tiny_data, tmp_path):

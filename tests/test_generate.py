@@ -208,3 +208,17 @@ def test_a_temperature_too_small_to_sample_decodes_greedily(gen):
     tiny = GenerateConfig(max_new_tokens=12, temperature=1e-300)
     assert gen.describe(["Mog's Kittens"], tiny)[0]["prediction"] == greedy
     assert "".join(gen.stream("Mog's Kittens", tiny)).strip() == greedy  # this stream used to hang for good
+
+
+def test_generate_from_trained_items_is_refused_before_loading(tiny_run, tiny_data, monkeypatch):
+    monkeypatch.setattr(Generator, "from_run", lambda *a, **k: pytest.fail("loaded a model before the leak guard"))
+    with pytest.raises(ProdescError, match=r"of 3 evaluated items overlap .*--allow-overlap"):
+        generate_cli([], tiny_run, None, None, None, tiny_data, "train", 3, None, None, [])
+
+
+def test_cli_generate_allow_overlap_describes_trained_items(tiny_run, tiny_data):
+    args = ["generate", "--run", str(tiny_run), "--data", str(tiny_data), "--split", "train", "--limit", "2"]
+    res = CliRunner().invoke(app, [*args, "--max-new-tokens", "4"])
+    assert res.exit_code == 1 and "2 of 2 evaluated items overlap" in res.output
+    res = CliRunner().invoke(app, [*args, "--max-new-tokens", "4", "--allow-overlap"])
+    assert res.exit_code == 0 and "warning: 2 of 2 evaluated items overlap" in res.output

@@ -28,6 +28,7 @@ def test_tiny_run_dir_is_self_describing(tiny_run):
         "logs",
         "checkpoints",
         "train_families.txt.gz",
+        "train_index.npz",
     } <= names
     assert (tiny_run / "adapter" / "adapter_model.safetensors").exists()
     assert not list(tiny_run.rglob("adapter/*.bin")), "no pickle files in the adapter"

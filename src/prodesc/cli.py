@@ -75,6 +75,12 @@ def data_prepare(
         bool | None, typer.Option(help="Fail on the first malformed line (file:line), don't skip (default off).")
     ] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes (default 0 = 1 per core, at most 8).")] = None,
+    near_dup: Annotated[
+        bool | None, typer.Option(help="Join near-duplicate contents into one family (default on).")
+    ] = None,
+    near_dup_threshold: Annotated[
+        float | None, typer.Option(help="Similarity (word pairs, 0.2-1) from which contents join (default 0.4).")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out directory.")] = False,
     config: ConfigOpt = None,
     set_: Sets = None,
@@ -94,6 +100,8 @@ def data_prepare(
         lossy_ascii_lower=lossy_ascii_lower,
         strict=strict,
         workers=workers,
+        near_dup=near_dup,
+        near_dup_threshold=near_dup_threshold,
     )
     cfg = _run(cfgmod.resolve, config=config, flags=flags, sets=set_ or [])
     _run(prepare, inputs, out, cfg.data, overwrite=overwrite)
@@ -163,6 +171,9 @@ def generate(
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Titles per generation call.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted --out file (same input).")] = False,
+    allow_overlap: Annotated[
+        bool, typer.Option(help="With --run and --data: describe even items the run trained on.")
+    ] = False,
 ) -> None:
     """Describe titles with a fine-tuned run or a plain model (batched, greedy by default; --out is written as it
     goes, with rate and ETA on stderr)."""
@@ -191,6 +202,7 @@ def generate(
         flags=flags,
         sets=set_ or [],
         resume=resume,
+        allow_overlap=allow_overlap,
     )
 
 
@@ -208,7 +220,9 @@ def evaluate(
         bool, typer.Option("--predictions", help="Score the prediction JSONL FILES instead of a run.")
     ] = False,
     systems: Annotated[str | None, typer.Option(help="Comma list of finetuned,base,retrieval.")] = None,
-    allow_overlap: Annotated[bool, typer.Option(help="Score even if test families were trained on.")] = False,
+    allow_overlap: Annotated[
+        bool, typer.Option(help="Score even items whose family key, content or near-duplicate the run trained on.")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out directory.")] = False,
     config: ConfigOpt = None,
     set_: Sets = None,

@@ -53,6 +53,18 @@ class DataConfig(_Stage):
     workers: int = Field(
         0, ge=0, description="Worker processes for large inputs (0: one per CPU core, at most 8; 1: none)."
     )
+    near_dup: bool = Field(
+        True, description="Also join records with near-duplicate contents into one family (MinHash LSH, word pairs)."
+    )
+    near_dup_threshold: float = Field(
+        0.4, ge=0.2, le=1.0, description="Estimated Jaccard similarity of word pairs from which contents are joined."
+    )
+    near_dup_min_chars: int = Field(
+        100, ge=1, description="Contents shorter than this stay out of the near-duplicate pass (boilerplate)."
+    )
+    near_dup_max_family: int = Field(
+        1000, ge=2, description="A near-duplicate pair never grows a family past this many records."
+    )
 
 
 class ModelConfig(_Stage):

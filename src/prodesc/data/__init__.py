@@ -5,5 +5,11 @@ in the LF-Amazon line format (`synth`).
     prodesc data synth --n 2000 --out catalog.json.gz  # prodesc.data.synth.synth
 
 Inside: `readers` (formats, streams, Arrow/line JSON readers), `clean` (one record's text; the family key),
-`columns` (the same cleaning over Arrow columns), `parallel` (worker pool, shared memory), word tables (*.yaml).
+`columns` (the same cleaning over Arrow columns), `neardup` (MinHash signatures, LSH pairs, capped family merges),
+`parallel` (worker pool, shared memory), word tables (*.yaml). Used by other stages: `overlap` (the leak guard:
+train writes RUN_DIR/train_index.npz, eval and generate --data check items against it).
 """
+
+from prodesc.data.overlap import check_overlap, write_index
+
+__all__ = ["check_overlap", "write_index"]

@@ -22,6 +22,10 @@ are one family when their titles have the same family key (`clean.family_key`: l
 or size words, no punctuation or trailing numbers), or when their cleaned contents are identical (series
 blurbs), transitively (union-find). A family is named by the key of its first record, and goes to test when
 blake2b(split_salt, family) / 2**64 < test_fraction, to val when below test_fraction + val_fraction, else train.
+With data.near_dup (default), families are also joined when their contents are near-duplicates (`neardup`:
+MinHash over word pairs, signatures made in pass 1 by the workers, LSH bands and verification in the parent) or
+equal up to case and punctuation, never past data.near_dup_max_family records; stats.json["near_dup"] counts
+them and shows 10 pairs, stats.json["families"]["largest_families"] the 5 largest families.
 
 Two passes: (1) stream the inputs in chunks (`readers`; on large inputs 2 worker processes, which get the blocks
 through shared memory, `parallel`), clean whole columns (`columns`: Arrow kernels where they give clean.py's
@@ -51,7 +55,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from prodesc.config import DataConfig
-from prodesc.data import columns, readers
+from prodesc.data import columns, neardup, readers
 from prodesc.data.clean import lossy_ascii_lower
 from prodesc.data.parallel import ordered_map, shared_slots, terminate_as_interrupt, worker_count, worker_pool
 from prodesc.data.readers import Chunk, Source
@@ -91,9 +95,15 @@ def _prepare_in(tmp: Path, sources: list[Source], cfg: DataConfig) -> dict[str, 
             f"{_fmt_counts(scan.counts)}): check --title-field/--content-field or lower --min-content-chars"
         )
     rep = _families(scan.fkey[keep], scan.chash[keep])
+    near = _near_dup(scan, keep, rep, cfg) if cfg.near_dup else None
+    if near is not None:
+        rep = near.pop("rep")
     splits = _write_splits(scan, keep, rep, cfg, tmp)
-    shutil.rmtree(tmp / "work")
     stats = _stats(sources, scan, keep, splits, rep, cfg)
+    stats["families"]["largest_families"] = _largest(scan, keep, rep)
+    if near is not None:
+        stats["near_dup"] = _near_dup_stats(scan, keep, near, cfg)
+    shutil.rmtree(tmp / "work")
     (tmp / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     dumped = yaml.safe_dump({"data": cfg.model_dump(mode="json")}, sort_keys=False)
     (tmp / "config.resolved.yaml").write_text(dumped, encoding="utf-8")
@@ -117,6 +127,9 @@ class _Scan:
     fkey: Any = None  # uint64: blake2b(split_salt, family_key); of the family's first record, it picks the split
     tlen: Any = None  # int32: title chars
     clen: Any = None  # int32: content chars
+    sig: Any = None  # uint16 [n, neardup.NUM_PERM]: MinHash of the content (near_dup only)
+    shingles: Any = None  # int32: word pairs in the content (near_dup only)
+    nhash: Any = None  # uint64: the content's normalised word sequence, 0 without words (near_dup only)
 
 
 def _scan(sources: list[Source], cfg: DataConfig, work: Path) -> _Scan:
@@ -125,7 +138,7 @@ def _scan(sources: list[Source], cfg: DataConfig, work: Path) -> _Scan:
 
     work.mkdir()
     total = sum(s.path.stat().st_size for s in sources)
-    opts = (cfg.min_content_chars, cfg.lossy_ascii_lower, cfg.strict, cfg.split_salt.encode() + b"\0")
+    opts = (cfg.min_content_chars, cfg.lossy_ascii_lower, cfg.strict, cfg.split_salt.encode() + b"\0", cfg.near_dup)
     scan, workers = _Scan(), worker_count(total, cfg.workers)
     in_flight = 2 * workers
     with (
@@ -147,16 +160,35 @@ def _scan(sources: list[Source], cfg: DataConfig, work: Path) -> _Scan:
     tables = [_read_part(part, _HASH_COLUMNS) for part, _ in scan.parts]
     for name, dtype in zip(_HASH_COLUMNS, (np.uint64,) * 4 + (np.int32,) * 2, strict=True):
         setattr(scan, name, np.concatenate([t.column(name).to_numpy() for t in tables] or [np.zeros(0, dtype)]))
+    if cfg.near_dup:
+        del tables  # signatures are the big columns: read them one part at a time
+        scan.sig, scan.shingles, scan.nhash = _read_signatures(scan.parts)
     return scan
+
+
+def _read_signatures(parts: list[tuple[Path, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    sig = np.empty((sum(n for _, n in parts), neardup.NUM_PERM), np.uint16)
+    shingles, nhash = np.empty(len(sig), np.int32), np.empty(len(sig), np.uint64)
+    row = 0
+    for part, n in parts:
+        table = _read_part(part, ["nd_sig", "nd_shingles", "nd_hash"])
+        column = table.column("nd_sig").combine_chunks()
+        width = neardup.NUM_PERM
+        values = np.frombuffer(column.buffers()[1], np.uint16, n * width, column.offset * 2 * width)
+        sig[row : row + n] = values.reshape(n, width)
+        shingles[row : row + n] = table.column("nd_shingles").to_numpy()
+        nhash[row : row + n] = table.column("nd_hash").to_numpy()
+        row += n
+    return sig, shingles, nhash
 
 
 def _read_part(part: Path, columns: list[str]) -> pa.Table:
     return pa.ipc.open_file(pa.memory_map(str(part))).read_all().select(columns)
 
 
-def _process_chunk(task: tuple[Chunk, tuple[int, bool, bool, bytes], Path]) -> dict[str, Any]:
+def _process_chunk(task: tuple[Chunk, tuple[int, bool, bool, bytes, bool], Path]) -> dict[str, Any]:
     """Worker: clean one chunk, write its valid records to an Arrow file, return counts (hashes stay in the file)."""
-    chunk, (min_chars, lossy, strict, salt), part = task
+    chunk, (min_chars, lossy, strict, salt, near_dup), part = task
     raw, read, bad = readers.raw_records(chunk, strict)
     raw = {name: raw.column(name).combine_chunks() for name in raw.column_names}
     counts = dict.fromkeys(DROP_REASONS[:4], 0)
@@ -201,6 +233,12 @@ def _process_chunk(task: tuple[Chunk, tuple[int, bool, bool, bytes], Path]) -> d
                 "clen": clen[valid].astype(np.int32),
             }
         )
+        if near_dup:  # MinHash here, in the workers: the pass's main cost, spread over the cores
+            sk = neardup.sketch(content)
+            width = 2 * neardup.NUM_PERM
+            sig = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(sk.sig.tobytes())])
+            table = table.append_column("nd_sig", sig).append_column("nd_shingles", pa.array(sk.shingles))
+            table = table.append_column("nd_hash", pa.array(sk.chash))
         with pa.OSFile(str(part), "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
             writer.write_table(table)
     return {"read": read, "counts": counts, "malformed_at": bad[:_MAX_LOCATIONS], "part": part, "n": n}
@@ -252,6 +290,27 @@ def _families(fkey: np.ndarray, chash: np.ndarray) -> np.ndarray:
     for x in parent:
         root[x] = find(x)
     return key_first[root[key_of]]
+
+
+def _near_dup(scan: _Scan, keep: np.ndarray, rep: np.ndarray, cfg: DataConfig) -> dict[str, Any]:
+    """Verified near-duplicate pairs among kept records with enough content; their families joined (capped)."""
+    kept = np.flatnonzero(keep)
+    long_enough = (scan.clen[kept] >= cfg.near_dup_min_chars) & (scan.shingles[kept] >= neardup.MIN_SHINGLES)
+    eligible = np.flatnonzero(long_enough)  # kept-record numbers
+    sig, scan.sig = scan.sig[kept[eligible]], None  # the full matrix is not needed again
+    i, j, sim = neardup.similar_pairs(sig, cfg.near_dup_threshold)
+    del sig
+    # Contents equal up to case, punctuation and spacing (any length: as the leak guard reads "same content")
+    same_i, same_j = neardup.equal_pairs(scan.nhash[kept])
+    i, j = np.concatenate([eligible[i], same_i]), np.concatenate([eligible[j], same_j])
+    sim = np.concatenate([sim, np.ones(len(same_i))])
+    order = np.lexsort((j, i))
+    first = np.concatenate([[True], (np.diff(i[order]) != 0) | (np.diff(j[order]) != 0)]) if len(i) else order > 0
+    i, j, sim = i[order][first], j[order][first], sim[order][first]
+    new_rep, merged, skipped = neardup.merge_families(rep, i, j, cfg.near_dup_max_family)
+    across = rep[i] != rep[j]  # pairs the title-key and same-content rules had left in two families
+    return {"rep": new_rep, "compared": len(eligible), "i": i[across], "j": j[across], "sim": sim[across],
+            "pairs": len(i), "merged": merged, "skipped": skipped}  # fmt: skip
 
 
 def _write_splits(scan: _Scan, keep: np.ndarray, rep: np.ndarray, cfg: DataConfig, tmp: Path) -> dict:
@@ -368,6 +427,55 @@ def _stats(
         ],
         "config": cfg.model_dump(mode="json"),
     }
+
+
+def _near_dup_stats(scan: _Scan, keep: np.ndarray, near: dict, cfg: DataConfig) -> dict[str, Any]:
+    """The pass's parameters and counts, and 10 pairs it joined, spread from the weakest to the strongest."""
+    bands, rows = neardup.bands_for(cfg.near_dup_threshold)
+    order = np.lexsort((near["j"], near["i"], near["sim"]))
+    picks = order[np.unique(np.linspace(0, len(order) - 1, min(10, len(order))).round().astype(int))]
+    rows_at = _rows_at(scan, keep, [int(x) for p in picks for x in (near["i"][p], near["j"][p])])
+    examples = [
+        {"similarity": round(float(s), 3), "a": rows_at[int(a)], "b": rows_at[int(b)]}
+        for a, b, s in zip(near["i"][picks], near["j"][picks], near["sim"][picks], strict=True)
+    ]
+    return {
+        "shingle": f"{neardup.SHINGLE} words",
+        "permutations": neardup.NUM_PERM,
+        "bands": bands,
+        "rows_per_band": rows,
+        "threshold": cfg.near_dup_threshold,
+        "min_chars": cfg.near_dup_min_chars,
+        "max_family": cfg.near_dup_max_family,
+        "records_compared": near["compared"],
+        "pairs_found": near["pairs"],
+        "pairs_across_families": len(near["i"]),
+        "families_merged": near["merged"],
+        "pairs_skipped_by_max_family": near["skipped"],
+        "examples": examples,
+    }
+
+
+def _largest(scan: _Scan, keep: np.ndarray, rep: np.ndarray, top: int = 5) -> list[dict[str, Any]]:
+    """The `top` largest families: records and their first record's title."""
+    size = np.bincount(rep, minlength=len(rep))
+    firsts = np.argsort(-size, kind="stable")[:top]
+    firsts = firsts[size[firsts] > 0]
+    rows = _rows_at(scan, keep, firsts.tolist())
+    return [{"records": int(size[f]), "title": rows[f]["title"], "uid": rows[f]["uid"]} for f in firsts.tolist()]
+
+
+def _rows_at(scan: _Scan, keep: np.ndarray, wanted: list[int]) -> dict[int, dict[str, str]]:
+    """uid, title and content (cut at 300 chars) of kept records by number, read back from the pass-1 parts."""
+    valid = np.flatnonzero(keep)[np.asarray(wanted, np.int64)] if wanted else np.zeros(0, np.int64)
+    ends = np.cumsum([n for _, n in scan.parts])
+    out: dict[int, dict[str, str]] = {}
+    for k, v in zip(wanted, valid.tolist(), strict=True):
+        p = int(np.searchsorted(ends, v, side="right"))
+        row = _read_part(scan.parts[p][0], ["uid", "title", "content"]).slice(v - (ends[p - 1] if p else 0), 1)
+        uid, title, content = (row.column(c)[0].as_py() for c in ("uid", "title", "content"))
+        out[k] = {"uid": uid, "title": title, "content": content if len(content) <= 300 else content[:299] + "…"}
+    return out
 
 
 def _print_summary(stats: dict, out: Path, seconds: float) -> None:

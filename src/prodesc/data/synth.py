@@ -7,9 +7,14 @@ Shaped like the real file (lf_amazon_first400.json, trn_format_example.jsonl): t
 median of ~35 chars, non-empty content lognormal around ~450 chars, ~44% of lines with empty content (~54% keep
 >= 100 chars), HTML entities in ~18% of lines (`&#8217;`, `&#x2019;`, `&rsquo;`, `&amp;`, `&quot;`, double-escaped
 `&amp;#8217;`), `<br>`/`<p>`/`<b>` tags in ~4%, exact duplicates (~1%), repeated titles (~1.5%), variant families
-(colours, sizes, pack counts, "Vol. N", "[VHS]"), series sharing one blurb, and `malformed` broken lines.
+(colours, sizes, pack counts, "Vol. N", "[VHS]"), series sharing one blurb, near-duplicate contents under unrelated
+titles (~2% of lines: an earlier content with 1-3 words changed and a sentence added or cut; on the real 400, 18
+records have such a partner outside their title family), and `malformed` broken lines.
 Titles and contents are built from the words of one product (`prodesc/data/synth_words.yaml`), so the content
-mentions the category and attributes of its title. Same arguments, same bytes (gzip members with mtime 0).
+mentions the category and attributes of its title. Its template sentences get 3 words (the lead 2) swapped for
+random words of the tables each time, so that unrelated products share word pairs, not whole sentences (median
+best match 0.15 on word pairs among 1,500 contents, 0.04 on the real sample). Same arguments, same bytes (gzip
+members with mtime 0).
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from prodesc.errors import ProdescError
 
 _CHUNK = 50_000  # lines per independently seeded chunk; the bytes don't depend on the worker count
 _EMPTY_CONTENT = 0.44
-_DUPLICATE, _REPEAT_TITLE = 0.01, 0.015
+_DUPLICATE, _REPEAT_TITLE, _NEAR_COPY = 0.01, 0.015, 0.02
+_SWAPS = 3  # words of each template sentence replaced by random ones: see the module docstring
 # Log-chars of the real 400-record sample (3.47, 0.69) and (6.07, 0.99), adjusted so the output matches it:
 # variant suffixes lengthen titles, the lead sentence shortens the low tail of contents.
 _TITLE_LOGNORMAL, _CONTENT_LOGNORMAL = (3.3, 0.75), (6.07, 0.9)
@@ -99,6 +105,9 @@ def _chunk(task: tuple[int, int, int, list[int], bool, Path]) -> Path:
         elif recent and roll < _DUPLICATE + _REPEAT_TITLE:
             book, title, _ = rng.pick(recent)
             lines.append(_line(words, rng, i, book, title, _product(words, rng, 1)[0][2]))
+        elif recent and roll < _DUPLICATE + _REPEAT_TITLE + _NEAR_COPY:  # another product, an edited copy
+            book, title, _ = _product(words, rng, 1)[0]
+            lines.append(_line(words, rng, i, book, title, _near_copy(words, rng, rng.pick(recent)[2])))
         else:
             for record in _product(words, rng, count - len(lines)):
                 lines.append(_line(words, rng, start + len(lines), *record))
@@ -162,12 +171,12 @@ def _content(words: dict, cat: dict, slots: dict, rng: _Rng, sentence: str = "")
     if rng.random() < _EMPTY_CONTENT:
         return ""
     target = min(rng.lognormvariate(*_CONTENT_LOGNORMAL), 8000)
-    parts = [rng.pick(cat["lead"]).format_map(slots)] + ([sentence] if sentence else [])
+    parts = [_swap_words(words, rng, rng.pick(cat["lead"]).format_map(slots), 2)] + ([sentence] if sentence else [])
     length = sum(map(len, parts))
     for template in rng.pick(cat["orders"]):  # one of 64 shuffles of the category's then the generic sentences
         if length >= target:
             break
-        parts.append(template.format_map(slots))
+        parts.append(_swap_words(words, rng, template.format_map(slots), _SWAPS))
         length += len(parts[-1]) + 1
     roll = rng.random()
     if roll < 0.03:  # none in the real first 400, but the full file has some
@@ -175,6 +184,25 @@ def _content(words: dict, cat: dict, slots: dict, rng: _Rng, sentence: str = "")
     if roll < 0.04:
         return f"<b>{parts[0]}</b> " + " ".join(parts[1:])
     return " ".join(parts)
+
+
+def _swap_words(words: dict, rng: _Rng, sentence: str, n: int) -> str:
+    """`sentence` with n of its words (not the first) replaced by random words of the tables."""
+    w = sentence.split(" ")
+    for _ in range(n if len(w) > 3 else 0):
+        w[1 + int(rng.random() * (len(w) - 1))] = rng.pick(words["pool"])
+    return " ".join(w)
+
+
+def _near_copy(words: dict, rng: _Rng, content: str) -> str:
+    """An edited copy: 1-3 words changed, then a sentence cut (when there are 3+) or a generic one added."""
+    content = _swap_words(words, rng, content, rng.randint(1, 3))
+    sentences = content.split(". ")
+    if len(sentences) >= 3 and rng.random() < 0.5:
+        del sentences[1 + int(rng.random() * (len(sentences) - 1))]
+    else:
+        sentences.insert(int(rng.random() * (len(sentences) + 1)), rng.pick(words["plain_generic"]).rstrip("."))
+    return ". ".join(sentences)
 
 
 def _line(words: dict, rng: _Rng, i: int, book: bool, title: str, content: str) -> str:
@@ -217,6 +245,11 @@ def _words() -> dict[str, Any]:
     # "&" first, so the entities written next are not escaped again; str.replace beats str.translate 20x here.
     styles = {s: sorted(_ESCAPES[s].items(), key=lambda kv: kv[0] != "&") for s in _STYLE_WEIGHTS}
     words["style_draw"] = [styles[s] for s, w in _STYLE_WEIGHTS.items() for _ in range(w)]
+    # Words to swap in: every lowercase word of the sentences and slot values
+    text = " ".join([*words["generic"], *(str(v) for c in words["categories"].values() for v in c["sentences"])])
+    text += " " + " ".join(str(v) for c in words["categories"].values() for vs in c["slots"].values() for v in vs)
+    words["pool"] = sorted({w for w in text.split() if w.isalpha() and w.islower()})
+    words["plain_generic"] = [g for g in words["generic"] if "{" not in g]
     words["labels"] = []
     for _ in range(2048):  # ~22 labels on average, like the real file
         ind = sorted(rng.sample(range(1_305_265), max(1, min(200, round(rng.lognormvariate(2.85, 0.6))))))

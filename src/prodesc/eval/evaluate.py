@@ -7,7 +7,8 @@ Systems, all on the same items:
 - finetuned: the run's base model with its adapter;
 - base: the same model with the adapter switched off (the notebook's "before");
 - retrieval: the description of the nearest training title by MiniLM embedding (a trivial system to beat).
-Leak guard: refuses when test families appear in the run's training families (manifest), unless --allow-overlap.
+Leak guard (`data.overlap`): refuses items whose family key, content or near-duplicate content the run trained on
+(RUN_DIR/train_index.npz), unless --allow-overlap.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from typing import Any
 
 from prodesc import rundir
 from prodesc.config import EvalConfig, ProdescConfig
+from prodesc.data import check_overlap
 from prodesc.embedder import load_embedder
 from prodesc.errors import ProdescError
 from prodesc.eval import metrics, report
 from prodesc.generate import Generator
 from prodesc.records import read_split
-from prodesc.rundir import train_families
 
 
 def evaluate_cli(
@@ -63,7 +64,7 @@ def evaluate(
 ) -> dict:
     """Generate with each system on `data/split`, score, write `out`; returns metrics.json's content."""
     items = read_split(data, split, cfg.eval.limit)
-    _leak_guard(run, items, allow_overlap)
+    check_overlap(run, items, allow_overlap)
     systems = _predict(run, data, items, cfg)
     scores, diffs = metrics.score_and_compare(systems, cfg.eval)
     meta = {
@@ -114,18 +115,6 @@ def score_files(
     }
     report.write_report(out, scores, systems, diffs, meta=meta, overwrite=overwrite, cfg=settings)
     return scores
-
-
-def _leak_guard(run: Path, items: list[dict], allow_overlap: bool) -> None:
-    trained = train_families(run)
-    overlap = sorted({it["family"] for it in items} & trained)
-    if overlap and not allow_overlap:
-        raise ProdescError(
-            f"{len(overlap)} of the evaluated families were in the run's training data (e.g. {overlap[0]!r}): "
-            "evaluate on a split prepared together with the training data, or pass --allow-overlap"
-        )
-    if overlap:
-        print(f"warning: {len(overlap)} evaluated families were trained on (--allow-overlap)")
 
 
 def _predict(run: Path, data: Path, items: list[dict], cfg: ProdescConfig) -> dict[str, list[dict]]:

@@ -20,6 +20,7 @@ from typing import Any
 from prodesc import config as configmod
 from prodesc import models, prompts, rundir
 from prodesc.config import MIN_SAMPLING_TEMPERATURE, GenerateConfig, ProdescConfig
+from prodesc.data import check_overlap
 from prodesc.errors import ProdescError
 from prodesc.generate import fast, stream
 from prodesc.rundir import read_manifest
@@ -217,6 +218,7 @@ def generate_cli(
     flags: dict[str, Any] | None = None,
     sets: list[str] | None = None,
     resume: bool = False,
+    allow_overlap: bool = False,
 ) -> int:
     """The `prodesc generate` verb: check the arguments, settings and items, load once, then describe: TITLE
     arguments to the terminal; `--input`/`--data` a chunk at a time to `--out` (stream.py), or the terminal."""
@@ -232,6 +234,8 @@ def generate_cli(
         items, total = (lambda: iter([{"title": t} for t in titles[:limit]])), len(titles[:limit])
     else:
         items, total = stream.item_source(input, data, split, limit)
+    if data is not None and run is not None:  # a split of prepared data: were these items trained on?
+        check_overlap(run, [{"title": x["title"], "content": x["reference"]} for x in items()], allow_overlap)
     flags = {**(flags or {}), **({"model.name": model} if model else {})}
     cfg = rundir.settings(run, config, flags, sets)
     done = stream.resume_point(out, items, resume) if out is not None else 0

@@ -8,7 +8,9 @@ RUN_DIR after a run:
     base/               the base model, only for `tiny` runs (random init lives nowhere else)
     config.resolved.yaml  the fully resolved config (config.resume-N.yaml beside it: a resume's changed settings)
     manifest.json       base model reference, versions, data fingerprint, hardware, losses, tokens/s
-    train_families.txt.gz  families of the training records, so eval can refuse overlapping test items
+    train_families.txt.gz  families of the training records (their names: the manifest's fingerprint)
+    train_index.npz     family key, content hash, near-duplicate signature per training record: eval and
+                        generate --data refuse items the run trained on (data/overlap.py)
     metrics.jsonl, logs/ (TensorBoard), checkpoints/
 
 Several GPUs: the same command under `accelerate launch` (configs/accelerate/: DDP, FSDP-QLoRA); rank 0 alone
@@ -29,6 +31,7 @@ from typing import Any
 from prodesc import config as configmod
 from prodesc import dist, models, prompts, rundir
 from prodesc.config import ProdescConfig
+from prodesc.data import write_index
 from prodesc.errors import ProdescError
 from prodesc.rundir import build_manifest, data_fingerprint
 from prodesc.train import checks
@@ -359,6 +362,7 @@ def _write_run(out: Path, cfg: ProdescConfig, base_ref: dict, data: Path, train_
     families = sorted({r["family"] for r in train_rows})
     with gzip.open(out / "train_families.txt.gz", "wt", encoding="utf-8") as f:
         f.write("\n".join(families) + "\n")
+    write_index(out, train_rows, cfg.data)
     manifest = build_manifest(base_ref, data_fingerprint(data, families), stats)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
