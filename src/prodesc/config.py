@@ -43,6 +43,12 @@ class DataConfig(_Stage):
     workers: int = Field(
         0, ge=0, description="Worker processes for large inputs (0: one per CPU core, at most 8; 1: none)."
     )
+    max_line_bytes: int = Field(
+        8 << 20,
+        ge=1024,
+        description="Longest JSON line, JSON array element or CSV field read (bytes); a longer line is one "
+        "malformed record, skipped without being held in memory.",
+    )
 
 
 class ModelConfig(_Stage):
