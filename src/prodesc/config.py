@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from prodesc.errors import ProdescError
 
@@ -112,7 +113,7 @@ class TrainConfig(_Stage):
     """TRL SFTTrainer arguments we expose (each maps to one SFTConfig argument)."""
 
     epochs: float = Field(1.0, gt=0, description="num_train_epochs.")
-    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs; else >= 1).")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     lr_scheduler: str = Field("cosine", description="lr_scheduler_type.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
@@ -143,6 +144,14 @@ class TrainConfig(_Stage):
     seed: int = Field(0, description="Seed for init, shuffling and dropout.")
     torch_compile: bool = Field(False, description="torch.compile the model (GPU; first steps slower).")
     max_eval_samples: int | None = Field(256, description="Cap on val examples scored at each eval.")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, value: int) -> int:
+        if value == 0 or value < -1:  # 0 is not "no training": it trained one step
+            raise PydanticCustomError("max_steps", "must be -1 (train for train.epochs) or >= 1, got {value}",
+                                      {"value": value})
+        return value
 
 
 class GenerateConfig(_Stage):
