@@ -31,6 +31,10 @@ _state = {"debug": False}
 
 Sets = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: key.sub=value (repeat).")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config or preset (configs/*.yaml).")]
+TrustRemoteCode = Annotated[
+    bool,
+    typer.Option(help="Allow Python code shipped with the model to run (only this flag can; a config file cannot)."),
+]
 
 
 def _run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -119,13 +123,13 @@ def train(
     set_: Sets = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in --out.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow code shipped with a Hub model to run.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Fine-tune a LoRA / QLoRA adapter with TRL's SFTTrainer on the prepared data."""
     from prodesc.train import recipe as trainmod
 
-    overrides = list(set_ or []) + (["model.trust_remote_code=true"] if trust_remote_code else [])
-    _run(trainmod.train_cli, config, overrides, data, out, resume=resume, overwrite=overwrite)
+    opts = dict(resume=resume, overwrite=overwrite, trust_remote_code=trust_remote_code)
+    _run(trainmod.train_cli, config, list(set_ or []), data, out, **opts)
 
 
 @app.command("export")
@@ -134,11 +138,12 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the exported model.")],
     merge: Annotated[bool, typer.Option(help="Merge the adapter into full-precision base weights.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out directory.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Export a run: merged full-precision HF checkpoint (or adapter + base reference with --no-merge)."""
     from prodesc import export as exportmod
 
-    _run(exportmod.export, run, out, merge=merge, overwrite=overwrite)
+    _run(exportmod.export, run, out, merge=merge, overwrite=overwrite, trust_remote_code=trust_remote_code)
 
 
 @app.command("generate")
@@ -161,6 +166,7 @@ def generate(
         float | None, typer.Option(help="Repetition penalty (special tokens exempt).")
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Titles per generation call.")] = None,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Describe titles with a fine-tuned run or a plain model (batched, greedy by default)."""
     from prodesc.generate import generator as genmod
@@ -186,6 +192,7 @@ def generate(
         out=out,
         config=config,
         overrides=overrides,
+        trust_remote_code=trust_remote_code,
     )
 
 
@@ -207,6 +214,7 @@ def evaluate(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out directory.")] = False,
     config: ConfigOpt = None,
     set_: Sets = None,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Score fine-tuned vs base vs retrieval on held-out items, with bootstrap intervals and an HTML report."""
     from prodesc.eval import evaluate as evalmod
@@ -229,6 +237,7 @@ def evaluate(
         overwrite=overwrite,
         config=config,
         overrides=overrides,
+        trust_remote_code=trust_remote_code,
     )
 
 
@@ -243,6 +252,7 @@ def serve(
     ] = None,
     config: ConfigOpt = None,
     set_: Sets = None,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Serve an OpenAI-compatible API, /v1/describe, /metrics and a page to try the model."""
     from prodesc.serve import app as servemod
@@ -252,7 +262,15 @@ def serve(
         overrides.append(f"serve.host={host}")
     if port:
         overrides.append(f"serve.port={port}")
-    _run(servemod.serve_cli, run=run, model=model, api_key=api_key, config=config, overrides=overrides)
+    _run(
+        servemod.serve_cli,
+        run=run,
+        model=model,
+        api_key=api_key,
+        config=config,
+        overrides=overrides,
+        trust_remote_code=trust_remote_code,
+    )
 
 
 def _fail(message: str) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,20 @@ def load(cfg: ModelConfig, path: str | None = None, for_training: bool = False) 
     if for_training:
         model.config.use_cache = False
     return model, tok
+
+
+def allow_remote_code(cfg: ModelConfig, allowed: bool) -> None:
+    """Set `cfg.trust_remote_code` to the loading command's --trust-remote-code flag, whatever a config said.
+
+    A run dir is data that travels: its config.yaml (or a --config file) must not be able to run Python code
+    shipped with a model on the machine that loads it. Only the person typing the command can allow that."""
+    if cfg.trust_remote_code and not allowed:
+        print(
+            "note: model.trust_remote_code from the config is ignored: remote code runs only with "
+            "--trust-remote-code on the command",
+            file=sys.stderr,
+        )
+    cfg.trust_remote_code = allowed
 
 
 def load_tokenizer(src: str, cfg: ModelConfig | None = None) -> Any:

@@ -37,6 +37,7 @@ def evaluate_cli(
     overwrite: bool,
     config: Path | None,
     overrides: list[str],
+    trust_remote_code: bool = False,
 ) -> dict:
     """The `prodesc eval` verb."""
     if predictions:
@@ -49,7 +50,8 @@ def evaluate_cli(
     if out.exists() and not overwrite:
         raise ProdescError(f"report dir {out} already exists: pass --overwrite or choose another --out")
     cfg = configmod.load(config or run / "config.yaml", overrides)
-    return evaluate(run, data, split, out, cfg, allow_overlap=allow_overlap, overwrite=overwrite)
+    opts = dict(allow_overlap=allow_overlap, overwrite=overwrite, trust_remote_code=trust_remote_code)
+    return evaluate(run, data, split, out, cfg, **opts)
 
 
 def evaluate(
@@ -60,11 +62,12 @@ def evaluate(
     cfg: ProdescConfig,
     allow_overlap: bool = False,
     overwrite: bool = False,
+    trust_remote_code: bool = False,
 ) -> dict:
     """Generate with each system on `data/split`, score, write `out`; returns metrics.json's content."""
     items = read_split(data, split, cfg.eval.limit)
     _leak_guard(run, items, allow_overlap)
-    systems = _predict(run, data, items, cfg)
+    systems = _predict(run, data, items, cfg, trust_remote_code)
     scores, diffs = metrics.score_and_compare(systems, cfg.eval)
     meta = {
         "run": str(run),
@@ -126,13 +129,13 @@ def _leak_guard(run: Path, items: list[dict], allow_overlap: bool) -> None:
         print(f"warning: {len(overlap)} evaluated families were trained on (--allow-overlap)")
 
 
-def _predict(run: Path, data: Path, items: list[dict], cfg: ProdescConfig) -> dict[str, list[dict]]:
+def _predict(run: Path, data: Path, items: list[dict], cfg: ProdescConfig, trust: bool) -> dict[str, list[dict]]:
     titles = [it["title"] for it in items]
     systems: dict[str, list[dict]] = {}
     wanted = cfg.eval.systems
     if "finetuned" in wanted or "base" in wanted:
         # merge=False keeps the adapter separable, so `base` reuses the same weights with it switched off
-        gen = Generator.from_run(run, merge=False)
+        gen = Generator.from_run(run, merge=False, trust_remote_code=trust)
         gen.cfg = cfg
         for name, adapter in (("finetuned", True), ("base", False)):
             if name in wanted:

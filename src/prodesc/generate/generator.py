@@ -36,14 +36,18 @@ class Generator:
         self.exempt = sorted({i for i in tokenizer.all_special_ids if i is not None})
 
     @classmethod
-    def from_run(cls, run: Path, overrides: list[str] = (), merge: bool | None = None) -> Generator:
+    def from_run(
+        cls, run: Path, overrides: list[str] = (), merge: bool | None = None, trust_remote_code: bool = False
+    ) -> Generator:
         """Base model from the run's manifest + its adapter. `merge` folds LoRA into the weights (default: on
-        GPU for unquantized models, where it saves the adapter's extra matmuls on every token)."""
+        GPU for unquantized models, where it saves the adapter's extra matmuls on every token). Remote code
+        runs only with `trust_remote_code` (the command's flag), never because the run's config.yaml says so."""
         from peft import PeftModel
 
         cfg = configmod.load(run / "config.yaml", overrides) if (run / "config.yaml").exists() else None
         if cfg is None:
             raise ProdescError(f"{run}/config.yaml missing: pass the --out dir of a finished `prodesc train`")
+        models.allow_remote_code(cfg.model, trust_remote_code)
         base = read_manifest(run)["base_model"]
         path = str(run / base["path"]) if base.get("path") else None
         model, _ = models.load(cfg.model, path=path)
@@ -55,9 +59,12 @@ class Generator:
         return cls(model, tok, cfg, name=f"{run.name}")
 
     @classmethod
-    def from_model(cls, name: str, adapter: Path | None = None, overrides: list[str] = ()) -> Generator:
+    def from_model(
+        cls, name: str, adapter: Path | None = None, overrides: list[str] = (), trust_remote_code: bool = False
+    ) -> Generator:
         """A plain model (Hub id, dir, embedded:...) with an optional PEFT adapter dir."""
         cfg = configmod.load(None, [f"model.name={name}", *overrides])
+        models.allow_remote_code(cfg.model, trust_remote_code)
         model, tok = models.load(cfg.model)
         if adapter is not None:
             from peft import PeftModel
@@ -191,6 +198,7 @@ def generate_cli(
     out: Path | None,
     config: Path | None,
     overrides: list[str],
+    trust_remote_code: bool = False,
 ) -> list[dict[str, Any]]:
     """The `prodesc generate` verb: check the arguments, load once, describe, print or write JSONL."""
     items = _items(titles, input, data, split, limit)
@@ -198,7 +206,10 @@ def generate_cli(
         raise ProdescError("pass exactly one of --run RUN_DIR or --model MODEL")
     if config is not None:
         overrides = [*_as_overrides(configmod.load(config)), *overrides]
-    gen = Generator.from_run(run, overrides) if run else Generator.from_model(model, adapter, overrides)
+    trust = trust_remote_code
+    gen = Generator.from_run(run, overrides, trust_remote_code=trust) if run else Generator.from_model(
+        model, adapter, overrides, trust_remote_code=trust
+    )
     records = gen.describe([it["title"] for it in items], progress=out is not None)
     for rec, it in zip(records, items, strict=True):
         if it.get("reference") is not None:

@@ -51,7 +51,7 @@ KNOWN_PATHS = PUBLIC_PATHS | {"/metrics", "/v1/models", "/v1/describe", "/v1/cha
 
 
 def serve_cli(run: Path | None, model: str | None, api_key: str | None, config: Path | None,
-              overrides: list[str]) -> None:
+              overrides: list[str], trust_remote_code: bool = False) -> None:
     """The `prodesc serve` verb: check the settings and the port, load the model once, run uvicorn."""
     import uvicorn
 
@@ -65,7 +65,9 @@ def serve_cli(run: Path | None, model: str | None, api_key: str | None, config: 
     early = configmod.load(run_config, overrides).serve  # every --set checked before the model loads
     _check_port(early.host, early.port)
     # Unmerged on purpose: `<name>-base` needs the adapter switchable. For throughput, see vLLM in the README.
-    gen = Generator.from_run(run, overrides, merge=False) if run else Generator.from_model(model, None, overrides)
+    trust = trust_remote_code
+    gen = (Generator.from_run(run, overrides, merge=False, trust_remote_code=trust) if run
+           else Generator.from_model(model, None, overrides, trust_remote_code=trust))
     cfg, api_key = gen.cfg.serve, api_key or None
     if api_key is None and not _is_loopback(cfg.host):
         print(f"warning: serving on {cfg.host} without --api-key: anyone who can reach it can use the model",

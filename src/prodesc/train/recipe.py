@@ -51,11 +51,15 @@ def train_cli(
     out: Path,
     resume: bool = False,
     overwrite: bool = False,
+    trust_remote_code: bool = False,
 ) -> Path:
-    """Resolve the config (a resumed run reuses its own config.yaml) and train."""
+    """Resolve the config (a resumed run reuses its own config.yaml) and train. Remote code runs only with
+    `trust_remote_code` (the command's flag), whatever the config file says."""
     if resume and config is None and (out / "config.yaml").exists():
         config = out / "config.yaml"
-    return train(configmod.load(config, overrides), data, out, resume=resume, overwrite=overwrite)
+    cfg = configmod.load(config, overrides)
+    models.allow_remote_code(cfg.model, trust_remote_code)
+    return train(cfg, data, out, resume=resume, overwrite=overwrite)
 
 
 def train(cfg: ProdescConfig, data: Path, out: Path, resume: bool = False, overwrite: bool = False) -> Path:
