@@ -21,7 +21,6 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import re
 import shutil
 import time
 from pathlib import Path
@@ -32,8 +31,8 @@ from prodesc import dist, models, prompts
 from prodesc.config import ProdescConfig
 from prodesc.errors import ProdescError
 from prodesc.rundir import build_manifest, data_fingerprint
+from prodesc.train.checkpoints import resumable
 
-_CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # transformers' PREFIX_CHECKPOINT_DIR + step, as get_last_checkpoint
 PEAK_BF16_FLOPS = {
     "H100": 989e12,
     "H200": 989e12,
@@ -98,7 +97,7 @@ def _check(cfg: ProdescConfig, data: Path, out: Path, resume: bool, overwrite: b
     # Every rank reads the run dir and reaches the same verdict (so all raise, or none) before rank 0 changes it.
     last, damaged, replace = None, [], False
     if resume:
-        last, damaged = _resumable(out / "checkpoints")
+        last, damaged = resumable(out / "checkpoints")
     else:
         replace = out.exists() and any(out.iterdir())
         if replace and not overwrite:
@@ -117,64 +116,6 @@ def _check(cfg: ProdescConfig, data: Path, out: Path, resume: bool, overwrite: b
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     return last
-
-
-def _resumable(ckpt_dir: Path) -> tuple[str, list[tuple[Path, str]]]:
-    """The newest whole checkpoint (transformers' get_last_checkpoint takes the newest, whole or not), and the
-    damaged ones after it with what is wrong: a run killed while saving leaves a half-written last checkpoint."""
-    steps = {int(m[1]): p for p in ckpt_dir.glob("checkpoint-*") if (m := _CHECKPOINT.fullmatch(p.name)) and p.is_dir()}
-    if not steps:
-        raise ProdescError(f"--resume: no checkpoint in {ckpt_dir}: train without --resume first")
-    damaged = []
-    for step in sorted(steps, reverse=True):
-        problem = _checkpoint_problem(steps[step])
-        if problem is None:
-            return str(steps[step]), damaged
-        damaged.append((steps[step], problem))
-    newest, problem = damaged[0]
-    raise ProdescError(
-        f"--resume: no whole checkpoint in {ckpt_dir} ({newest.name}: {problem}"
-        + (f"; {len(damaged) - 1} older ones damaged too" if len(damaged) > 1 else "")
-        + "): start again with --overwrite"
-    )
-
-
-def _checkpoint_problem(path: Path) -> str | None:
-    """What makes a checkpoint unusable, found without loading it, or None. The Trainer writes trainer_state.json
-    last; weights are safetensors (header + data: the size must add up); optimizer, scheduler and RNG states are
-    torch zip archives, whose directory sits at the end (a truncated one has none)."""
-    import zipfile
-
-    try:
-        json.loads((path / "trainer_state.json").read_text())
-    except FileNotFoundError:
-        return "no trainer_state.json (the save was cut short)"
-    except (OSError, ValueError):
-        return "trainer_state.json is damaged"
-    weights = list(path.glob("*.safetensors"))
-    if not weights and not list(path.glob("pytorch_model_fsdp*")):
-        return "no model weights"
-    for f in weights:
-        if (problem := _safetensors_problem(f)) is not None:
-            return problem
-    for f in [*path.glob("*.pt"), *path.glob("*.pth")]:
-        try:
-            zipfile.ZipFile(f).close()
-        except (OSError, zipfile.BadZipFile):
-            return f"{f.name} is truncated or damaged"
-    return None
-
-
-def _safetensors_problem(path: Path) -> str | None:
-    size = path.stat().st_size
-    try:
-        with path.open("rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n)) if 8 + n <= size else None
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return f"{path.name} has a damaged header"
-    return None if 8 + n + end == size else f"{path.name} is truncated ({size:,} of {8 + n + end:,} bytes)"
 
 
 def _read_split(data: Path, split: str) -> list[dict[str, str]]:
