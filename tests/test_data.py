@@ -5,8 +5,13 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
 import random
 import re
+import signal
+import subprocess
+import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -106,6 +111,13 @@ def test_clean_text_nfkc_controls_and_whitespace() -> None:
     assert clean_text("\ufb01ne\u00a0print\u2003x") == "fine print x"  # NFKC: ligature, odd spaces
     assert clean_text("  a\x00b\t\tc\n\nd\x7f  ") == "a b c d"
     assert clean_text("soft\u00adhyphen zero\u200bwidth \ud800lone") == "softhyphen zerowidth lone"
+
+
+def test_clean_text_removes_bidirectional_controls() -> None:
+    # "Trojan Source": U+202E shows "txt.exe" as "exe.txt"; every Bidi_Control character goes
+    assert clean_text("invoice\u202etxt.exe") == "invoicetxt.exe"
+    bidi = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+    assert clean_text(f"a{bidi}b {bidi} c") == "ab c"
 
 
 def test_lossy_ascii_lower_is_the_notebooks() -> None:
@@ -279,6 +291,60 @@ def test_failed_write_leaves_no_output_and_no_temp_dir(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_sigkill_leaves_no_worker_behind_and_the_next_run_removes_its_temp_dir(tmp_path: Path) -> None:
+    # lines that need clean.py in Python: slow enough (~17 MB) to be killed mid-run
+    lines = "".join(
+        json.dumps(_rec(str(i), f"Caf\u00e9 &amp;#8217; Mug {i}", f"Tr\u00e8s &lt;b&gt; bien &#8211; {i} " * 3)) + "\n"
+        for i in range(5000)
+    )
+    src = tmp_path / "slow.jsonl"
+    src.write_text(lines * 20, encoding="utf-8")
+    cmd = [sys.executable, "-m", "prodesc.cli", "data", "prepare", str(src), "--out", str(tmp_path / "out")]
+    proc = subprocess.Popen([*cmd, "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(tmp_path.glob(".out.tmp-*/work/part-*.arrow")):
+            time.sleep(0.02)
+        workers = _children(proc.pid)
+        assert len(workers) == 2 and proc.poll() is None, "not caught mid-run"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 10
+        while time.time() < deadline and any(_running(w) for w in workers):
+            time.sleep(0.05)
+        assert not [w for w in workers if _running(w)], "workers outlived their parent"
+    finally:  # a failure must not leave processes behind either
+        for pid in [proc.pid, *workers]:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    assert [p.name.split("-")[1] for p in tmp_path.glob(".out.tmp-*")] == [str(proc.pid)]  # the debris
+    prepare([_jsonl(tmp_path / "small.jsonl", [_rec("1", "A", "x")])], tmp_path / "out", DataConfig())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "slow.jsonl", "small.jsonl"]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie may wait for a PID 1 that never reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_existing_out_is_refused_unless_overwrite(tmp_path: Path) -> None:
     src = _jsonl(tmp_path / "trn.json", [_rec("1", "A", "x")])
     out = tmp_path / "out"
@@ -314,6 +380,109 @@ def test_strict_fails_naming_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(ProdescError, match=rf"{src}:2: malformed"):
         prepare([src], tmp_path / "out", DataConfig(strict=True))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["trn.json"]
+
+
+def test_null_line_at_a_block_start_is_a_counted_malformed_line(tmp_path: Path) -> None:
+    # pyarrow's JSON reader crashed the process (SIGSEGV, exit 139) on a top-level null as a block's first row;
+    # a subprocess, so that a regression fails this test instead of killing the test run
+    src = tmp_path / "x.jsonl"
+    src.write_text('null\n{"uid":"1","title":"T","content":"C"}\n')
+    res = subprocess.run(
+        [sys.executable, "-m", "prodesc.cli", "data", "prepare", str(src), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    stats = json.loads((tmp_path / "o" / "stats.json").read_text())
+    assert stats["kept"] == 1 and stats["malformed"] == {"count": 1, "first": [f"{src}:1"]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "x.jsonl"]
+
+
+def test_line_longer_than_max_line_bytes_is_one_malformed_line_read_in_bounded_memory(tmp_path: Path) -> None:
+    import tracemalloc
+
+    bomb = b'{"uid": "bomb", "title": "' + b"A" * (64 << 20) + b'", "content": "c"}\n'  # 64 MiB, 64 KiB gzipped
+    good = [json.dumps(_rec(str(i), f"Lamp {i}", "A lamp.")).encode() + b"\n" for i in range(3)]
+    src = tmp_path / "bomb.jsonl.gz"
+    src.write_bytes(gzip.compress(bomb + good[0] + bomb + b"".join(good[1:]), compresslevel=1))
+    del bomb
+    cfg = DataConfig(max_line_bytes=1 << 20)
+    tracemalloc.start()
+    try:
+        sources = readers.open_source(src, cfg)  # field names: the first line is the bomb, read past
+        chunks = [(c.first_no, c.rows, c.n_lines) for c in readers.chunks(sources, _NoBar())]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sources[0].fields == ("title", "content", "uid")
+    assert peak < 8 << 20, f"{peak / 2**20:.0f} MiB held for a 64 MiB line"
+    assert [(no, rows[0][-1]) for no, rows, _ in chunks if rows] == [
+        (1, "line longer than data.max_line_bytes=1048576"),
+        (3, "line longer than data.max_line_bytes=1048576"),
+    ]
+    stats = prepare([src], tmp_path / "out", cfg)
+    assert stats["kept"] == 3 and stats["malformed"] == {"count": 2, "first": [f"{src}:1", f"{src}:3"]}
+    with pytest.raises(ProdescError, match=rf"{src}:1: malformed record \(line longer than data.max_line_bytes"):
+        prepare([src], tmp_path / "strict", cfg.model_copy(update={"strict": True}))
+
+
+class _NoBar:
+    n = 0
+
+    def update(self, n: int) -> None:
+        pass
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "array"])
+def test_nan_and_infinite_titles_or_contents_are_malformed_not_products(tmp_path: Path, kind: str) -> None:
+    lines = [
+        json.dumps(_rec("1", "Lamp", "A lamp.")),
+        '{"uid": "2", "title": NaN, "content": "c"}',
+        '{"uid": "3", "title": "Mug", "content": Infinity}',
+        '{"uid": "4", "title": 12, "content": 3.5}',  # finite numbers stay text, as before
+    ]
+    src = tmp_path / f"cat.{'jsonl' if kind == 'jsonl' else 'json'}"
+    src.write_text("\n".join(lines) + "\n" if kind == "jsonl" else "[" + ",\n".join(lines) + "]")
+    stats = prepare([src], tmp_path / "out", DataConfig())
+    assert stats["dropped"]["malformed"] == 2
+    assert sorted((r["uid"], r["title"]) for r in _rows(tmp_path / "out")) == [("1", "Lamp"), ("4", "12")]
+
+
+def test_json_array_without_its_closing_bracket_is_a_user_error(tmp_path: Path) -> None:
+    src = tmp_path / "cat.json"
+    src.write_text("[" + ", ".join(json.dumps(_rec(str(i), f"T {i}", "c")) for i in range(3)))
+    with pytest.raises(ProdescError, match=rf"{src}: the JSON array ends without its closing '\]'.*re-download"):
+        prepare([src], tmp_path / "out", DataConfig())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.json"]
+
+
+def test_deeply_nested_json_is_malformed_in_lines_and_a_user_error_in_an_array(tmp_path: Path) -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    lines = [json.dumps(_rec("1", "Lamp", "A lamp.")), '{"uid": "2", "title": "T", "content": ' + deep + "}", deep]
+    src = _jsonl(tmp_path / "cat.jsonl", lines)
+    stats = prepare([src], tmp_path / "out", DataConfig())
+    assert stats["kept"] == 1 and stats["malformed"]["first"] == [f"{src}:2", f"{src}:3"]
+    array = tmp_path / "cat.json"
+    array.write_text("[" + ", ".join(lines) + "]")
+    with pytest.raises(ProdescError, match=rf"{array}:1: invalid JSON \(nested too deeply\)"):
+        prepare([array], tmp_path / "out2", DataConfig())
+
+
+@pytest.mark.parametrize("damage", ["not parquet", "truncated"])
+def test_damaged_parquet_is_a_user_error(tmp_path: Path, damage: str) -> None:
+    src = tmp_path / "cat.parquet"
+    if damage == "not parquet":
+        src.write_text('{"title": "a JSON file named .parquet"}\n')
+    else:
+        rows = 50_000
+        table = pa.table({"title": [f"T {i}" for i in range(rows)], "content": [f"c {i} " * 20 for i in range(rows)]})
+        pq.write_table(table, src, row_group_size=5000, compression="none")
+        body = src.read_bytes()
+        src.write_bytes(body[: len(body) // 2] + body[-(8 << 10) :])  # footer intact, data pages gone
+    with pytest.raises(ProdescError, match=rf"input {src} is not a readable Parquet file"):
+        prepare([src], tmp_path / "out", DataConfig())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.parquet"]
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -518,6 +687,9 @@ _EDGE_TEXTS = [
     "ÀÉÎÕÜ",
     "\u2028line sep",
     "mixed &#8217; and é",
+    "bidi \u202eevil\u202c txt",
+    "\u2066isolate\u2069 \u200emark\u200f \u061c\u202a\u202b\u202d",
+    "\u202e",
 ]
 _EDGE_TITLES = [
     "Girls Ballet Tutu Neon Pink",
@@ -636,6 +808,11 @@ def _tricky_jsonl(path: Path) -> Path:
         '{"uid": "lab", "title": "damaged labels", "content": "c", "target_ind": [1, x], "target_rel": [1.0]}',
         "[1, 2, 3]",
         '"just a string"',
+        "null",  # Arrow: a row of nulls (and a crash as a block's first row); json.loads: not an object
+        "  null",
+        "true",
+        "7",
+        '{"uid": "inf", "title": "Infinite content", "content": -Infinity}',
     ]
     lines = [json.dumps(_rec("first", "BOM on line 1", "c")).join(["\ufeff", ""])]
     for i, b in enumerate(bad):
@@ -662,12 +839,11 @@ def test_arrow_json_reader_gives_the_line_readers_output(
     for name in ("train.parquet", "val.parquet", "test.parquet", "stats.json"):
         assert (outs[True] / name).read_bytes() == (outs[False] / name).read_bytes(), name
     stats = json.loads((outs[True] / "stats.json").read_text())
-    assert (
-        stats["malformed"]["count"] == 8
-    )  # late BOM, list title, trailing junk, truncated, 2 non-objects, 2 bad bytes
+    # late BOM, list title, NaN title, -Infinity content, trailing junk, truncated, 6 non-objects, 2 bad bytes
+    assert stats["malformed"]["count"] == 14
     uids = {r["uid"] for r in _rows(outs[True])}
-    assert {"first", "crlf", "31909", "b", "f", "p", "s", "d", "z", "nan", "lab"} <= uids
-    assert not {"bom-late", "l", "t", "tr", "u", "v"} & uids
+    assert {"first", "crlf", "31909", "b", "f", "p", "s", "d", "z", "lab"} <= uids
+    assert not {"bom-late", "l", "nan", "inf", "t", "tr", "u", "v"} & uids
 
 
 def test_arrow_json_reader_numeric_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

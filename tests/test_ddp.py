@@ -95,7 +95,7 @@ def test_ddp_only_rank_zero_writes_the_run_dir(runs):
 @pytest.mark.slow
 def test_ddp_resume_continues_both_ranks_from_the_last_checkpoint(runs):
     more = _sets("train.max_steps=7")
-    train.train_cli(None, ["train.max_steps=7"], runs["data"], runs["single"], resume=True)
+    train.train_cli(runs["data"], runs["single"], sets=["train.max_steps=7"], resume=True)
     ddp = _launch("--data", str(runs["data"]), "--out", str(runs["ddp"]), "--resume", *more)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert ddp.stdout.count("resuming from") == 1 and "checkpoint-5" in ddp.stdout

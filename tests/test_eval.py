@@ -98,3 +98,28 @@ def test_cli_scores_prediction_files_given_after_the_flag(tmp_path):
 def test_cli_files_without_the_flag_are_refused(tmp_path):
     res = CliRunner().invoke(app, ["eval", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "r")])
     assert res.exit_code == 1 and "--predictions" in res.output
+
+
+
+_GOOD = b'{"title": "t0", "prediction": "a red bag", "reference": "a red bag"}\n'
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (_GOOD + b'{"title": "t", "prediction": "p", "reference": "caf\xe9"}\n', "mine.jsonl:2: not UTF-8 (byte 51)"),
+        (_GOOD.decode().encode("utf-16"), "mine.jsonl:1: not UTF-8 (UTF-16?)"),
+        (_GOOD + b'{"title": "t", "prediction": "p", "reference": "r", "latency_ms": NaN}\n', "2 (NaN is not JSON)"),
+        (_GOOD + b'{"title": "t", "prediction": "p", "reference": "r", "x": ' + b"[" * 10**5 + b"]" * 10**5 + b"}",
+         "mine.jsonl:2 (nested too deeply)"),
+        (_GOOD + b'{"title": {"nested": "object"}, "prediction": "p", "reference": "r"}\n', "'title' must be a string"),
+    ],
+)
+def test_bad_prediction_files_are_one_line_errors(tmp_path, body, message):
+    (tmp_path / "mine.jsonl").write_bytes(body)
+    res = CliRunner().invoke(
+        app, ["eval", "--predictions", str(tmp_path / "mine.jsonl"), "--out", str(tmp_path / "rep")]
+    )
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert message in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "rep").exists()

@@ -222,3 +222,46 @@ def test_cli_generate_allow_overlap_describes_trained_items(tiny_run, tiny_data)
     assert res.exit_code == 1 and "2 of 2 evaluated items overlap" in res.output
     res = CliRunner().invoke(app, [*args, "--max-new-tokens", "4", "--allow-overlap"])
     assert res.exit_code == 0 and "warning: 2 of 2 evaluated items overlap" in res.output
+
+
+class _Loaded(Exception):
+    """Raised by the stand-in for models.load once it has seen the config it was given."""
+
+
+@pytest.mark.parametrize("verb", ["generate", "eval", "serve", "export", "train"])
+@pytest.mark.parametrize("flag", [False, True])
+def test_remote_code_needs_the_flag_whatever_the_runs_config_says(tiny_run, tiny_data, tmp_path, monkeypatch,
+                                                                  verb, flag):
+    import shutil
+    import socket
+
+    import yaml
+
+    from prodesc import models
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    cfg = yaml.safe_load((run / "config.resolved.yaml").read_text())
+    cfg["model"]["trust_remote_code"] = True  # a run dir from someone else, asking to run its code
+    (run / "config.resolved.yaml").write_text(yaml.safe_dump(cfg))
+    seen = []
+
+    def load(model_cfg, *args, **kwargs):
+        seen.append(model_cfg.trust_remote_code)
+        raise _Loaded
+
+    monkeypatch.setattr(models, "load", load)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = {
+        "generate": ["generate", "--run", str(run), "A title"],
+        "eval": ["eval", "--run", str(run), "--data", str(tiny_data), "--out", str(tmp_path / "rep")],
+        "serve": ["serve", "--run", str(run), "--port", str(port)],
+        "export": ["export", str(run), "--out", str(tmp_path / "exp")],
+        "train": ["train", "--data", str(tiny_data), "--out", str(run), "--resume"],
+    }[verb]
+    res = CliRunner().invoke(app, args + (["--trust-remote-code"] if flag else []))
+    assert isinstance(res.exception, _Loaded), res.output
+    assert seen == [flag]
+    assert ("model.trust_remote_code from the config is ignored" in res.output) != flag

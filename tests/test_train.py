@@ -189,3 +189,56 @@ def test_resume_after_sigkill_reaches_the_same_final_step(tiny_data, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"resuming from {run / 'checkpoints' / f'checkpoint-{done[-1]}'}" in res.stdout
     assert json.loads((run / "manifest.json").read_text())["training"]["global_step"] == 120
+
+
+def _damage(checkpoint: Path, how: str) -> None:
+    if how == "no trainer_state.json":  # killed before the Trainer wrote its last file
+        (checkpoint / "trainer_state.json").unlink()
+    else:
+        f = checkpoint / ("adapter_model.safetensors" if how == "truncated weights" else "optimizer.pt")
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _run_copy(tiny_run: Path, tmp_path: Path) -> tuple[Path, list[Path]]:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    ckpts = sorted((run / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert len(ckpts) == 2
+    return run, ckpts
+
+
+@pytest.mark.parametrize("how", ["no trainer_state.json", "truncated weights", "truncated optimizer"])
+def test_resume_skips_a_damaged_last_checkpoint_and_says_so(tiny_run, tiny_data, tmp_path, capsys, how):
+    run, (good, last) = _run_copy(tiny_run, tmp_path)
+    _damage(last, how)
+    assert train._prepare_run_dir(tiny_config(), run, resume=True, changed=[]) == str(good)
+    out = capsys.readouterr().out
+    assert f"--resume: skipping {last}: " in out and f"resuming from {good}" in out
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == [good.name, f"damaged-{last.name}"]
+
+
+def test_resume_with_no_whole_checkpoint_stops_with_one_line_naming_the_newest(tiny_run, tiny_data, tmp_path):
+    run, (first, last) = _run_copy(tiny_run, tmp_path)
+    _damage(first, "truncated optimizer")
+    _damage(last, "truncated weights")
+    with pytest.raises(ProdescError, match=rf"no whole checkpoint .*\({last.name}: adapter_model.safetensors is "
+                       rf"truncated .*1 older ones damaged too\): start again with --overwrite"):
+        train._prepare_run_dir(tiny_config(), run, resume=True, changed=[])
+
+
+@pytest.mark.slow  # ~25 s on a busy 2-core box: 10 training steps and an eval
+def test_resume_trains_on_from_the_previous_good_checkpoint(tiny_run, tiny_data, tmp_path):
+    run, (good, last) = _run_copy(tiny_run, tmp_path)
+    _damage(last, "no trainer_state.json")
+    (run / "manifest.json").unlink()
+    train.train_cli(tiny_data, run, resume=True)  # the run's own settings: max_steps=30
+    steps = json.loads((run / "manifest.json").read_text())["training"]["global_step"]
+    assert steps == 30 and (run / "checkpoints" / "checkpoint-30" / "trainer_state.json").exists()
+
+
+@pytest.mark.parametrize("steps", ["0", "-2"])
+def test_max_steps_zero_or_below_minus_one_is_refused(steps):
+    with pytest.raises(ProdescError, match=r"train.max_steps: must be -1 \(train for train.epochs\) or >= 1"):
+        tiny_config(f"train.max_steps={steps}")

@@ -32,6 +32,10 @@ _state = {"debug": False}
 
 Sets = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: key.sub=value (repeat).")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config or preset (configs/*.yaml).")]
+TrustRemoteCode = Annotated[
+    bool,
+    typer.Option(help="Allow Python code shipped with the model to run (only this flag can; a config file cannot)."),
+]
 
 
 def _run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -128,12 +132,12 @@ def train(
     set_: Sets = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in --out.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow code shipped with a Hub model to run.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Fine-tune a LoRA / QLoRA adapter with TRL's SFTTrainer on the prepared data."""
     from prodesc.train import recipe as trainmod
 
-    flags = {"model.trust_remote_code": True} if trust_remote_code else {}
+    flags = _trust(trust_remote_code)
     _run(trainmod.train_cli, data, out, config, flags, set_ or [], resume=resume, overwrite=overwrite)
 
 
@@ -143,11 +147,12 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the exported model.")],
     merge: Annotated[bool, typer.Option(help="Merge the adapter into full-precision base weights.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out directory.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Export a run: merged full-precision HF checkpoint (or adapter + base reference with --no-merge)."""
     from prodesc import export as exportmod
 
-    _run(exportmod.export, run, out, merge=merge, overwrite=overwrite)
+    _run(exportmod.export, run, out, merge=merge, overwrite=overwrite, trust_remote_code=trust_remote_code)
 
 
 @app.command("generate")
@@ -174,6 +179,7 @@ def generate(
     allow_overlap: Annotated[
         bool, typer.Option(help="With --run and --data: describe even items the run trained on.")
     ] = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Describe titles with a fine-tuned run or a plain model (batched, greedy by default; --out is written as it
     goes, with rate and ETA on stderr)."""
@@ -186,7 +192,7 @@ def generate(
         top_p=top_p,
         repetition_penalty=repetition_penalty,
         batch_size=batch_size,
-    )
+    ) | _trust(trust_remote_code)
     _run(
         genmod.generate_cli,
         titles=titles or [],
@@ -226,6 +232,7 @@ def evaluate(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out directory.")] = False,
     config: ConfigOpt = None,
     set_: Sets = None,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Score fine-tuned vs base vs retrieval on held-out items, with bootstrap intervals and an HTML report."""
     from prodesc.eval import evaluate as evalmod
@@ -233,6 +240,7 @@ def evaluate(
     if bool(files) != predictions:
         _run(_fail, "prediction files go with --predictions: prodesc eval --predictions A.jsonl B.jsonl --out DIR")
     flags = _flags("eval", limit=limit, systems=[s.strip() for s in systems.split(",")] if systems else None)
+    flags |= _trust(trust_remote_code)
     _run(
         evalmod.evaluate_cli,
         out=out,
@@ -259,11 +267,12 @@ def serve(
     ] = None,
     config: ConfigOpt = None,
     set_: Sets = None,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Serve an OpenAI-compatible API, /v1/describe, /metrics and a page to try the model."""
     from prodesc.serve import app as servemod
 
-    flags = _flags("serve", host=host, port=port)
+    flags = _flags("serve", host=host, port=port) | _trust(trust_remote_code)
     _run(servemod.serve_cli, run=run, model=model, api_key=api_key, config=config, flags=flags, sets=set_ or [])
 
 
@@ -282,6 +291,11 @@ def demo(
 
 def _fail(message: str) -> None:
     raise ProdescError(message)
+
+
+def _trust(allowed: bool) -> dict[str, Any]:
+    """--trust-remote-code: the only way to allow a model's own code (config files can't; see config.resolve)."""
+    return {"model.trust_remote_code": True} if allowed else {}
 
 
 def _flags(section: str, **values: Any) -> dict[str, Any]:

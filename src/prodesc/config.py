@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from prodesc.errors import ProdescError
 
@@ -64,6 +66,12 @@ class DataConfig(_Stage):
     )
     near_dup_max_family: int = Field(
         1000, ge=2, description="A near-duplicate pair never grows a family past this many records."
+    )
+    max_line_bytes: int = Field(
+        8 << 20,
+        ge=1024,
+        description="Longest JSON line, JSON array element or CSV field read (bytes); a longer line is one "
+        "malformed record, skipped without being held in memory.",
     )
 
 
@@ -138,7 +146,7 @@ class TrainConfig(_Stage):
     """TRL SFTTrainer arguments we expose (each maps to one SFTConfig argument)."""
 
     epochs: float = Field(1.0, gt=0, description="num_train_epochs.")
-    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs; else >= 1).")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     lr_scheduler: str = Field("cosine", description="lr_scheduler_type.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
@@ -169,6 +177,14 @@ class TrainConfig(_Stage):
     seed: int = Field(0, description="Seed for init, shuffling and dropout.")
     torch_compile: bool = Field(False, description="torch.compile the model (GPU; first steps slower).")
     max_eval_samples: int | None = Field(256, description="Cap on val examples scored at each eval.")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, value: int) -> int:
+        if value == 0 or value < -1:  # 0 is not "no training": it trained one step
+            raise PydanticCustomError("max_steps", "must be -1 (train for train.epochs) or >= 1, got {value}",
+                                      {"value": value})
+        return value
 
 
 # Below this, sampling is greedy in all but name, and near 1e-37 logits / temperature overflow float32 to inf and
@@ -258,7 +274,7 @@ class ProdescConfig(_Stage):
 
 
 LOCKED_ON_RUN = ("prompt", "model")
-UNLOCKED = {"model.trust_remote_code", "model.cache_dir", "model.attn_implementation"}
+UNLOCKED = {"model.trust_remote_code", "model.cache_dir", "model.attn_implementation"}  # how, not which
 
 
 def resolve(
@@ -293,6 +309,7 @@ def resolve(
         if locked:
             problems += _locked_changes(raw, layer, LOCKED_ON_RUN if locked is True else locked)
         raw = _deep_merge(raw, layer)
+    raw = _remote_code_from_the_command(raw, flags or {})
     if not problems:
         try:
             return _fill_from_env(ProdescConfig.model_validate(raw))
@@ -314,7 +331,7 @@ def dump(cfg: ProdescConfig, path: str | Path) -> None:
 def changed_keys(old: ProdescConfig, new: ProdescConfig) -> list[str]:
     """Dotted keys whose value differs between two configs (e.g. a run's and its resume's)."""
     a, b = _flat(old.model_dump(mode="json")), _flat(new.model_dump(mode="json"))
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k != "model.trust_remote_code")
 
 
 def _typed(key: str, text: str) -> Any:
@@ -362,6 +379,17 @@ def _locked_changes(run: dict[str, Any], layer: dict[str, Any], sections: tuple[
                 "parity: drop the setting, or train a new run with it"
             )
     return problems
+
+
+def _remote_code_from_the_command(raw: dict[str, Any], flags: Mapping[str, Any]) -> dict[str, Any]:
+    """`model.trust_remote_code` is the loading command's --trust-remote-code flag, whatever a file or --set says:
+    a run dir or a config file is data that travels, and must not switch on code that runs on this machine."""
+    allowed = bool(flags.get("model.trust_remote_code"))
+    model = raw.get("model")
+    if isinstance(model, dict) and model.get("trust_remote_code") and not allowed:
+        print("note: model.trust_remote_code from the config is ignored: remote code runs only with "
+              "--trust-remote-code on the command", file=sys.stderr)
+    return _deep_merge(raw, {"model": {"trust_remote_code": allowed}}) if isinstance(model, dict | None) else raw
 
 
 def _fill_from_env(cfg: ProdescConfig) -> ProdescConfig:

@@ -21,24 +21,28 @@ from prodesc.errors import ProdescError
 from prodesc.rundir import atomic_dir, read_manifest, refuse_existing
 
 
-def export(run: Path, out: Path, merge: bool = True, overwrite: bool = False) -> Path:
-    """Write `out` atomically: merged checkpoint (default) or adapter + base reference (`merge=False`)."""
+def export(run: Path, out: Path, merge: bool = True, overwrite: bool = False, trust_remote_code: bool = False) -> Path:
+    """Write `out` atomically: merged checkpoint (default) or adapter + base reference (`merge=False`). Remote code
+    runs only with `trust_remote_code` (the command's flag), never because the run's config.yaml says so."""
     manifest = read_manifest(run)
     refuse_existing(out, overwrite, "export dir")
     base = manifest["base_model"]
     if merge and base.get("quantization") == "nf4":
         _need_cuda()
     with atomic_dir(out, overwrite, "export dir") as tmp:
-        (_merge if merge else _copy_adapter)(run, base, tmp)
+        if merge:
+            _merge(run, base, tmp, trust_remote_code)
+        else:
+            _copy_adapter(run, base, tmp)
     print(f"exported {'merged model' if merge else 'adapter'} to {out}")
     return out
 
 
-def _merge(run: Path, base: dict, tmp: Path) -> None:
+def _merge(run: Path, base: dict, tmp: Path, trust_remote_code: bool) -> None:
     import torch
     from peft import PeftModel
 
-    cfg = rundir.settings(run)
+    cfg = rundir.settings(run, flags={"model.trust_remote_code": True} if trust_remote_code else None)
     path = str(run / base["path"]) if base.get("path") else None
     if base.get("quantization") == "nf4":
         cfg.model.quantization = "nf4"

@@ -6,8 +6,9 @@
     True
 
 `clean_text` keeps case, punctuation and accents: it decodes HTML entities (named, numeric, double-escaped),
-drops tags (block tags become a space), applies Unicode NFKC, removes control characters and collapses
-whitespace. NFKC leaves ’ – — alone but does turn … into ... and a no-break space into a space.
+drops tags (block tags become a space), applies Unicode NFKC, removes control and bidirectional-control
+characters and collapses whitespace. NFKC leaves ’ – — alone but does turn … into ... and a no-break space into a
+space.
 `lossy_ascii_lower` is the notebook's normalisation (lowercase, only a-z 0-9 and spaces kept): it destroys
 accents, punctuation and case, and is only applied when `data.lossy_ascii_lower` is on.
 
@@ -41,8 +42,10 @@ _CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")
 _NON_SPACE_CONTROL_RE = re.compile("[\x00-\x08\x0e-\x1b\x7f]")  # ASCII controls that are not whitespace
 # html.unescape's own pattern (html._charref): an entity it may decode, named, decimal or hex.
 _CHARREF_RE = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)")
-# Invisible format characters and lone surrogates (from "\udXXX" JSON escapes; Parquet cannot store them).
-_DROP_RE = re.compile("[\u00ad\u200b-\u200d\u2060\ufeff\ud800-\udfff]")
+# Invisible format characters, bidirectional controls (U+061C, U+200E/F, U+202A-E, U+2066-9: they reorder how text
+# around them is displayed, "Trojan Source") and lone surrogates (from "\udXXX" JSON escapes; Parquet cannot store
+# them). All are non-ASCII and not printable, so columns.py sends their rows here: both paths drop them alike.
+_DROP_RE = re.compile("[\u00ad\u061c\u200b-\u200f\u202a-\u202e\u2060\u2066-\u2069\ufeff\ud800-\udfff]")
 _NOT_ASCII_ALNUM_RE = re.compile("[^a-z0-9 ]")
 
 

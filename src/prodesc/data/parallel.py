@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -50,6 +51,7 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
     """`workers` processes (None for 1), started now: before the caller opens files or starts threads.
 
     Forked on Linux (see _START_METHOD). Workers ignore Ctrl-C: the parent stops them, after their current task.
+    Workers die with the parent, even when it is killed with SIGKILL and can clean nothing up (`_die_with`).
     Keep task results small (a few KiB pickled): a worker killed while sending a large one leaves half a message
     in the pipe, and concurrent.futures then waits for the rest forever.
     """
@@ -57,7 +59,7 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
         yield None
         return
     context = multiprocessing.get_context(_START_METHOD)
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init)
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(os.getpid(),))
     try:
         pool.submit(int).result()
         yield pool
@@ -65,9 +67,33 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _worker_init() -> None:
+def _worker_init(parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits terminate_as_interrupt's handler
+    _die_with(parent)
+
+
+def _die_with(parent: int) -> None:
+    """End this worker when process `parent` ends. An orphan would go on reading shared memory and writing parts
+    into a temporary dir that the next run deletes, holding a core and memory for nothing.
+
+    Linux: the kernel sends SIGKILL when the thread that forked us exits (PR_SET_PDEATHSIG; the pool is made by
+    the caller's thread, which outlives it). Elsewhere a daemon thread polls the parent pid once a second."""
+    if sys.platform == "linux":
+        import ctypes
+
+        pr_set_pdeathsig = 1  # <linux/prctl.h>
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: no signal would ever come
+            os._exit(1)
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def ordered_map(pool: ProcessPoolExecutor | None, fn: Callable, tasks: Iterator, in_flight: int) -> Iterator:

@@ -9,7 +9,8 @@ Parquet, and the Amazon-Titles zip. Everything is streamed; gzip is decompressed
 lines is parsed by Arrow's JSON reader (C++, ~3x faster than json.loads per line), except the lines it would
 read differently from `json.loads` (bad JSON, values that are not strings, bad UTF-8, blank lines, a BOM past
 line 1): those go through the per-line reader `_jsonl_rows`, which decides what is malformed. Tests check that
-both give the same output.
+both give the same output. Arrow never sees a line that does not start with "{" (`_first_non_object`): a top-level
+`null` crashes it. A line longer than data.max_line_bytes is one malformed record, skipped without being held whole.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 import zipfile
 import zlib
@@ -55,7 +57,7 @@ RAW_SCHEMA = pa.schema(
 ARROW_JSON = True  # parse JSON lines with Arrow where that is exact (tests turn it off to compare)
 _ARROW_ERROR_ROW = re.compile(r"in row (-?\d+)")
 _MAX_ARROW_ERRORS = 8  # per block; past that the line reader takes the rest (e.g. when every id is a number)
-_BLANK_LINE = re.compile(rb"\n[ \t\r]*\n")
+_NOT_AN_OBJECT = re.compile(rb"\n[ \t\r]*[^{ \t\r]")  # a line that does not start with "{", blank ones included
 _scan_once = json.scanner.make_scanner(json.JSONDecoder())  # the C scanner behind json.loads, without its checks
 
 
@@ -67,6 +69,7 @@ class Source:
     kind: str  # jsonl | array | csv | parquet
     member: str | None = None
     fields: tuple[str, str, str | None] = ("title", "content", None)
+    max_line: int = 8 << 20  # data.max_line_bytes: longest line, JSON array element or CSV field read
 
     @property
     def label(self) -> str:  # how locations name it: "trn.json.gz:17"
@@ -97,6 +100,7 @@ def open_source(path: Path, cfg: DataConfig) -> list[Source]:
     else:
         raise ProdescError(f"input {path}: unknown format; known extensions: {KNOWN_FORMATS}")
     for src in sources:
+        src.max_line = cfg.max_line_bytes
         names = _field_names(src)
         if not names:
             raise ProdescError(
@@ -131,17 +135,19 @@ def _sniff_json(src: Source) -> str:
 def _field_names(src: Source) -> list[str]:
     """Column names of a CSV/Parquet header, or the keys of the first JSON object (first 1000 records)."""
     if src.kind == "parquet":
-        return pq.ParquetFile(src.path).schema_arrow.names
+        with _parquet_errors(src):
+            return pq.ParquetFile(src.path).schema_arrow.names
     with _open_stream(src) as (stream, _):
         if src.kind == "csv":
             return next(csv.reader(_text(stream)), [])
-        rows = _json_array_rows(_text(stream), src) if src.kind == "array" else enumerate(stream)
+        lines = _short_lines(stream, src.max_line)
+        rows = _json_array_rows(_text(stream), src) if src.kind == "array" else enumerate(lines)
         for i, (_, item) in enumerate(rows):
             if i >= 1000:
                 break
             try:
                 obj = json.loads(item) if isinstance(item, bytes) else item
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
             if isinstance(obj, dict):
                 return list(obj)
@@ -236,7 +242,7 @@ def chunks(sources: list[Source], bar: Any) -> Iterator[Chunk]:
             new = partial(Chunk, src.label, src.stem, src.fields)
             text = _text(stream) if src.kind in ("array", "csv") else None
             if src.kind == "jsonl":
-                chunks = _line_blocks(stream, new)
+                chunks = _line_blocks(stream, new, src.max_line)
             else:
                 rows = _record_rows(src, text)
                 chunks = (new(batch[0][0], rows=batch) for batch in _batched(rows, _ROWS_PER_CHUNK))
@@ -249,13 +255,21 @@ def chunks(sources: list[Source], bar: Any) -> Iterator[Chunk]:
         bar.update(done - bar.n)
 
 
-def _line_blocks(stream: IO[bytes], new: Callable[..., Chunk]) -> Iterator[Chunk]:
-    """Blocks of whole lines; a worker splits them, so the reading process only moves bytes."""
+def _line_blocks(stream: IO[bytes], new: Callable[..., Chunk], max_line: int) -> Iterator[Chunk]:
+    """Blocks of whole lines; a worker splits them, so the reading process only moves bytes.
+
+    A line longer than `max_line` bytes becomes a one-row chunk saying so (a malformed record), and is read past
+    in pieces: memory stays within max_line + one read, however long the line (a line bomb in a small .gz)."""
+    read = min(BLOCK_BYTES, max_line)  # then only a block's first line (carried over in `rest`) can be too long
     rest, line_no = b"", 1
-    while block := stream.read(BLOCK_BYTES):
+    while block := stream.read(read):
         block = rest + block
+        end = block.find(b"\n")
+        if (end if end >= 0 else len(block)) > max_line:
+            yield new(line_no, rows=[(line_no, None, None, None, f"line longer than data.max_line_bytes={max_line}")])
+            block, line_no = block[end + 1 :] if end >= 0 else _past_line(stream, read), line_no + 1
         cut = block.rfind(b"\n") + 1
-        if cut == 0:  # one line longer than a block: keep reading
+        if cut == 0:  # the start of a line longer than a block: keep reading
             rest = block
             continue
         rest = block[cut:]
@@ -264,6 +278,21 @@ def _line_blocks(stream: IO[bytes], new: Callable[..., Chunk]) -> Iterator[Chunk
         line_no += n
     if rest:
         yield new(line_no, lines=rest)
+
+
+def _past_line(stream: IO[bytes], read: int) -> bytes:
+    """Read past the end of the current line, a piece at a time; return what follows its newline."""
+    while piece := stream.read(read):
+        end = piece.find(b"\n")
+        if end >= 0:
+            return piece[end + 1 :]
+    return b""
+
+
+def _short_lines(stream: IO[bytes], max_line: int) -> Iterator[bytes]:
+    """Lines of a stream; one longer than `max_line` bytes comes as b"" (read past, never held whole)."""
+    for chunk in _line_blocks(stream, partial(Chunk, "", "", ("", "", None)), max_line):
+        yield from chunk.lines.split(b"\n") if chunk.lines else [b""]
 
 
 def _record_rows(src: Source, text: IO[str] | None) -> Iterator[tuple]:
@@ -275,7 +304,7 @@ def _record_rows(src: Source, text: IO[str] | None) -> Iterator[tuple]:
     if src.kind == "array":
         items = _json_array_rows(text, src)
     else:
-        csv.field_size_limit(1 << 30)  # product descriptions can exceed the 128 KiB default
+        csv.field_size_limit(src.max_line)  # descriptions can exceed the 128 KiB default; a longer one is malformed
         items = _csv_items(text)
     for no, obj in items:
         if isinstance(obj, str):  # an error message
@@ -316,26 +345,51 @@ def _json_array_rows(text: IO[str], src: Source) -> Iterator[tuple[int, Any]]:
             more = text.read(1 << 20)
             buf, pos, eof = buf[pos:] + more, 0, not more
         pos = skip.match(buf, pos).end()
-        if buf.startswith("]", pos) or (pos >= len(buf) and eof):
+        if buf.startswith("]", pos):
             return
+        if pos >= len(buf) and eof:
+            raise ProdescError(
+                f"{src.label}: the JSON array ends without its closing ']' (a truncated file?): re-download or fix it"
+            )
         try:
             obj, end = decoder.raw_decode(buf, pos)
-        except json.JSONDecodeError as e:
-            if eof:
-                line = lines_before + buf.count("\n", 0, e.pos) + 1
-                raise ProdescError(
-                    f"{src.label}:{line}: invalid JSON ({e.msg}): fix the file, or convert it to JSON lines "
-                    f"(bad lines are then skipped and counted)"
-                ) from None
-            more = text.read(max(1 << 20, len(buf)))  # an element longer than the buffer: read more
-            buf, eof = buf + more, not more
-            continue
+        except (json.JSONDecodeError, RecursionError) as e:
+            too_long = len(buf) - pos > src.max_line
+            if not (eof or too_long or isinstance(e, RecursionError)):
+                more = text.read(max(1 << 20, len(buf)))  # an element longer than the buffer: read more
+                buf, eof = buf + more, not more
+                continue
+            line = lines_before + buf.count("\n", 0, getattr(e, "pos", pos)) + 1
+            why = getattr(e, "msg", "nested too deeply")
+            if too_long:
+                why += f", or an element longer than data.max_line_bytes={src.max_line}"
+            raise ProdescError(
+                f"{src.label}:{line}: invalid JSON ({why}): fix the file, or convert it to JSON lines "
+                f"(bad lines are then skipped and counted)"
+            ) from None
         index += 1
         yield index, obj
         pos = end
 
 
+@contextmanager
+def _parquet_errors(src: Source) -> Iterator[None]:
+    """A file that is not Parquet, or a damaged one (wherever Arrow notices), is a user error naming it."""
+    try:
+        yield
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+        raise ProdescError(
+            f"input {src.label} is not a readable Parquet file ({str(e).splitlines()[0]}): check the file, or "
+            f"rename it after its real format"
+        ) from None
+
+
 def _parquet_rows(src: Source) -> Iterator[tuple]:
+    with _parquet_errors(src):
+        yield from _parquet_batches(src)
+
+
+def _parquet_batches(src: Source) -> Iterator[tuple]:
     tf, cf, idf = src.fields
     columns = [c for c in (tf, cf, idf) if c]
     no = 0
@@ -430,6 +484,8 @@ def _jsonl_pieces(chunk: Chunk, id_type: pa.DataType = pa.string()) -> Iterator[
         table, bad = None, None  # bad: index of the first line that needs the line reader
         if block.startswith(b"\xef\xbb\xbf") and no != 1:  # json.loads refuses a BOM: not a record
             bad = 0
+        elif (bad := _first_non_object(block)) is not None:
+            pass
         elif (at := _first_bad_utf8(block)) is not None:  # Arrow does not check UTF-8 while parsing
             bad = block.count(b"\n", 0, at)
         else:
@@ -459,8 +515,8 @@ def _jsonl_pieces(chunk: Chunk, id_type: pa.DataType = pa.string()) -> Iterator[
             yield _jsonl_rows(replace(chunk, first_no=no + bad, lines=block[cut:end]))
             block, no = block[end:], no + bad + 1
             continue
-        if table.num_rows != lines or _BLANK_LINE.search(block) or block[: block.find(b"\n") + 1].isspace():
-            yield _jsonl_rows(replace(chunk, first_no=no, lines=block))  # rows and lines do not pair up
+        if table.num_rows != lines:  # rows and lines do not pair up (e.g. a last line of spaces)
+            yield _jsonl_rows(replace(chunk, first_no=no, lines=block))
             return
         cols = {"no": pa.array(np.arange(no, no + lines, dtype=np.int64))}
         for role, name in (("uid", idf), ("title", tf), ("content", cf)):
@@ -468,6 +524,18 @@ def _jsonl_pieces(chunk: Chunk, id_type: pa.DataType = pa.string()) -> Iterator[
         cols["pre"] = pa.array(np.zeros(lines, bool))
         yield pa.table(cols, schema=RAW_SCHEMA)
         return
+
+
+def _first_non_object(block: bytes) -> int | None:
+    """Index of the first line that does not start with "{" (a blank line, `null`, a number, an array), or None.
+
+    Such lines go to the line reader: Arrow reads a top-level `null` as a row of nulls (json.loads: not an object),
+    and when it is a block's first row Arrow crashes the whole process (SIGSEGV, pyarrow 26; apache/arrow#47409).
+    One regex over the block, about what the blank-line check it replaces cost."""
+    if not block.removeprefix(b"\xef\xbb\xbf").lstrip(b" \t\r").startswith(b"{"):
+        return 0
+    found = _NOT_AN_OBJECT.search(block)
+    return None if found is None else block.count(b"\n", 0, found.start()) + 1
 
 
 def _count_lines(block: bytes) -> int:
@@ -512,8 +580,8 @@ def _jsonl_rows(chunk: Chunk) -> Iterator[tuple]:
             continue
         try:
             obj = _parse_line(line.lstrip("\ufeff") if no == 1 else line, tf, cf)
-        except ValueError as e:
-            yield no, None, None, None, f"invalid JSON: {getattr(e, 'msg', e)}"
+        except (ValueError, RecursionError) as e:
+            yield no, None, None, None, f"invalid JSON: {getattr(e, 'msg', 'nested too deeply')}"
             continue
         if isinstance(obj, dict):
             yield no, obj.get(idf) if idf else None, obj.get(tf), obj.get(cf), None
@@ -539,9 +607,11 @@ def _parse_line(line: str, title_field: str, content_field: str) -> Any:
 
 
 def _as_text(value: Any) -> str | None:
-    """A field as text: None -> "", numbers -> str; lists and objects -> None (malformed)."""
+    """A field as text: None -> "", numbers -> str; lists, objects, NaN and infinities -> None (malformed)."""
     if value is None or isinstance(value, str):
         return value or ""
+    if isinstance(value, float) and not math.isfinite(value):  # json.loads reads NaN: no product is titled "nan"
+        return None
     return str(value) if isinstance(value, int | float) else None
 
 

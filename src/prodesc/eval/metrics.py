@@ -73,27 +73,55 @@ _CHUNK = 100  # resamples per matrix product: bounds memory at _CHUNK x n_items
 
 
 def read_predictions(path: Path) -> list[dict]:
-    """Read a predictions JSONL file; each line needs title, prediction and reference (strings)."""
+    """Read a predictions JSONL file; each line needs title, prediction and reference (strings).
+
+    Anything else is a one-line error naming file:line: text that is not UTF-8 (UTF-16 from a Windows editor),
+    bad JSON, JSON nested too deeply to parse, NaN/Infinity (not JSON: writing them back would make the report's
+    prediction files invalid JSON)."""
     if not path.is_file():
         raise ProdescError(
             f"predictions file not found: {path}: pass a JSONL file written by `prodesc generate`"
         )
     records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ProdescError(
-                    f"bad JSON at {path}:{lineno} ({e.msg}): fix or delete that line"
-                ) from None
-            _check_record(rec, f"{path}:{lineno}")
-            records.append(rec)
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            rec = _parse_prediction(raw.removeprefix(b"\xef\xbb\xbf") if lineno == 1 else raw, f"{path}:{lineno}")
+            if rec is not None:
+                _check_record(rec, f"{path}:{lineno}")
+                records.append(rec)
     if not records:
         raise ProdescError(f"no predictions in {path}: the file is empty")
     return records
+
+
+def _parse_prediction(raw: bytes, where: str) -> Any:
+    """One JSONL line as an object (None for a blank line)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        utf16 = raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw
+        raise ProdescError(
+            f"{where}: not UTF-8 ({'UTF-16?' if utf16 else f'byte {e.start}'}): save the file as UTF-8 JSON lines"
+        ) from None
+    if not line.strip():
+        return None
+    try:
+        return json.loads(line, parse_constant=_no_constant)
+    except json.JSONDecodeError as e:
+        hint = " (UTF-16?)" if "\x00" in line else ""
+        raise ProdescError(f"bad JSON at {where}{hint} ({e.msg}): fix or delete that line") from None
+    except _NotJSON as e:
+        raise ProdescError(f"bad JSON at {where} ({e} is not JSON): write null or a number instead") from None
+    except RecursionError:
+        raise ProdescError(f"bad JSON at {where} (nested too deeply): fix or delete that line") from None
+
+
+class _NotJSON(Exception):
+    pass
+
+
+def _no_constant(name: str) -> None:
+    raise _NotJSON(name)
 
 
 def score_and_compare(

@@ -256,9 +256,9 @@ def _json(obj: Any) -> str:
 
 
 def _rounded(obj: Any) -> Any:
-    """Floats to 2 decimals; NaN (an undefined interval) to null, since JSON has no NaN."""
+    """Floats to 2 decimals; NaN (an undefined interval) and infinities to null, since JSON has neither."""
     if isinstance(obj, float):
-        return None if math.isnan(obj) else round(obj, 2)
+        return round(obj, 2) if math.isfinite(obj) else None
     if isinstance(obj, dict):
         return {k: _rounded(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):

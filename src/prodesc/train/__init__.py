@@ -2,5 +2,6 @@
 
     prodesc train --config configs/smollm2-135m.yaml --data demo/data --out runs/smol   # recipe.train_cli
 
-Inside: `recipe` (check, setup, fit, save: the whole verb), `callbacks` (metrics log, NaN guard, throughput).
+Inside: `recipe` (check, setup, fit, save: the whole verb), `callbacks` (metrics log, NaN guard, throughput),
+`checkpoints` (the checkpoint --resume continues from).
 """

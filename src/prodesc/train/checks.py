@@ -16,6 +16,8 @@ from typing import Any
 
 from prodesc import models, prompts
 from prodesc.config import ProdescConfig
+from prodesc.errors import ProdescError
+from prodesc.train.checkpoints import resumable
 
 MIN_ANSWER_TOKENS = 16  # room left for the description after the longest prompt
 
@@ -41,18 +43,13 @@ def _paths(data: Path, out: Path, resume: bool, overwrite: bool) -> list[str]:
     if out.exists() and not out.is_dir():
         problems.append(f"--out: {out} is a file: pass a directory for the run")
     elif resume:
-        if last_checkpoint(out) is None:
-            problems.append(f"--resume: no checkpoint in {out / 'checkpoints'}: train without --resume first")
+        try:
+            resumable(out / "checkpoints")
+        except ProdescError as e:
+            problems.append(str(e))
     elif out.is_dir() and any(out.iterdir()) and not overwrite:
         problems.append(f"--out: run dir {out} already exists: pass --overwrite to replace it or --resume to continue")
     return problems
-
-
-def last_checkpoint(out: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    ckpt = out / "checkpoints"
-    return get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None
 
 
 def _schedule(cfg: ProdescConfig, has_val: bool) -> list[str]:
@@ -91,8 +88,6 @@ def _hardware(cfg: ProdescConfig) -> list[str]:
 
 def _model(cfg: ProdescConfig, train_rows: list[dict]) -> list[str]:
     """LoRA targets and prompt lengths, from the model's config and tokenizer (no weights)."""
-    from prodesc.errors import ProdescError
-
     if cfg.model.name == "tiny":  # its tokenizer is trained on the data when the run starts
         return _targets(cfg, _tiny_linear_names())
     try:

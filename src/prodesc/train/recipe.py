@@ -35,6 +35,7 @@ from prodesc.data import write_index
 from prodesc.errors import ProdescError
 from prodesc.rundir import build_manifest, data_fingerprint
 from prodesc.train import checks
+from prodesc.train.checkpoints import resumable
 
 PEAK_BF16_FLOPS = {
     "H100": 989e12,
@@ -100,12 +101,17 @@ def train(
 def _prepare_run_dir(cfg: ProdescConfig, out: Path, resume: bool, changed: list[str]) -> str | None:
     """Create (or keep, on --resume) the run dir and write its settings first, so a crashed run resumes with them.
     A resume with changed settings keeps the original config.resolved.yaml and writes the new one beside it."""
-    last = checks.last_checkpoint(out) if resume else None
+    last, damaged = resumable(out / "checkpoints") if resume else (None, [])
     dist.barrier()
     if dist.is_main():
         if not resume and out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
+        for path, problem in damaged:  # moved aside: neither the Trainer's rotation nor the next --resume trips on it
+            aside = path.with_name(f"damaged-{path.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            path.rename(aside)
+            print(f"--resume: skipping {path}: {problem} (moved to {aside.name})")
         if last:
             print(f"resuming from {last}")
         if changed:
