@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from prodesc.cli import app
 from prodesc.config import DataConfig
-from prodesc.data import parallel, readers
+from prodesc.data import parallel, parse, readers
 from prodesc.data import prepare as data
 from prodesc.data.clean import clean_text, family_key, lossy_ascii_lower
 from prodesc.data.prepare import prepare
@@ -833,7 +833,7 @@ def test_arrow_json_reader_gives_the_line_readers_output(
     monkeypatch.setattr(readers, "BLOCK_BYTES", block_bytes)
     outs = {}
     for fast in (True, False):
-        monkeypatch.setattr(readers, "ARROW_JSON", fast)
+        monkeypatch.setattr(parse, "ARROW_JSON", fast)
         outs[fast] = tmp_path / f"out-{fast}"
         prepare([src], outs[fast], DataConfig(val_fraction=0.2, test_fraction=0.2))
     for name in ("train.parquet", "val.parquet", "test.parquet", "stats.json"):
@@ -852,7 +852,7 @@ def test_arrow_json_reader_numeric_ids(tmp_path: Path, monkeypatch: pytest.Monke
     src = _jsonl(tmp_path / "numeric.jsonl", recs)
     outs = {}
     for fast in (True, False):
-        monkeypatch.setattr(readers, "ARROW_JSON", fast)
+        monkeypatch.setattr(parse, "ARROW_JSON", fast)
         outs[fast] = tmp_path / f"out-{fast}"
         prepare([src], outs[fast], DataConfig())
     for s in data.SPLITS:
@@ -863,7 +863,7 @@ def test_arrow_json_reader_numeric_ids(tmp_path: Path, monkeypatch: pytest.Monke
 def test_arrow_json_reader_on_the_synthetic_corpus(
     synth_catalog: Path, synth_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(readers, "ARROW_JSON", False)
+    monkeypatch.setattr(parse, "ARROW_JSON", False)
     prepare([synth_catalog], tmp_path / "slow", DataConfig(val_fraction=0.2, test_fraction=0.2))
     for s in data.SPLITS:
         assert (tmp_path / "slow" / f"{s}.parquet").read_bytes() == (synth_prepared / f"{s}.parquet").read_bytes()

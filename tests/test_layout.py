@@ -9,7 +9,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "prodesc"
 STAGES = ("data", "train", "generate", "eval", "serve")
 CORE = ("config", "errors", "prompts", "models", "rundir", "records", "attention", "embedder", "dist")
-MAX_LINES = 450  # ~400 lines of logic plus the module docstring
+MAX_LOGIC_LINES = 400  # lines of code: blank lines, comments and docstrings not counted
 
 
 def _module(path: Path) -> str:
@@ -75,6 +75,18 @@ def test_no_import_circle():
             visit(mod, [])
 
 
+def _logic_lines(path: Path) -> int:
+    text = path.read_text()
+    docs = set()
+    for node in ast.walk(ast.parse(text)):
+        body = getattr(node, "body", None)
+        first = body[0] if isinstance(body, list) and body else None
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+            docs |= set(range(body[0].lineno, body[0].end_lineno + 1))
+    return sum(1 for i, line in enumerate(text.splitlines(), 1)
+               if line.strip() and not line.strip().startswith("#") and i not in docs)
+
+
 def test_no_module_is_huge():
-    big = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    big = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py") if (n := _logic_lines(p)) > MAX_LOGIC_LINES}
     assert not big, f"split these modules: {big}"

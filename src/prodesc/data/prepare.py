@@ -39,12 +39,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,21 +53,18 @@ import pyarrow.parquet as pq
 import yaml
 
 from prodesc.config import DataConfig
-from prodesc.data import columns, neardup, readers
-from prodesc.data.clean import lossy_ascii_lower
-from prodesc.data.parallel import ordered_map, shared_slots, terminate_as_interrupt, worker_count, worker_pool
-from prodesc.data.readers import Chunk, Source
+from prodesc.data import neardup, readers
+from prodesc.data.parallel import terminate_as_interrupt
+from prodesc.data.readers import Source
+from prodesc.data.scan import DROP_REASONS, Scan, read_part, scan_sources
 from prodesc.errors import ProdescError
 from prodesc.rundir import atomic_dir
 
 __all__ = ["prepare", "DROP_REASONS", "SPLITS"]
 
-DROP_REASONS = ("malformed", "empty_title", "empty_content", "short_content", "duplicate_record", "duplicate_title")
 SPLITS = ("train", "val", "test")
 _SCHEMA = pa.schema([("uid", pa.string()), ("title", pa.string()), ("content", pa.string()), ("family", pa.string())])
 _ROW_GROUP = 100_000  # fixed row groups: the output does not depend on chunking or worker count
-_MAX_LOCATIONS = 10
-_HASH_COLUMNS = ["thash", "chash", "tkey", "fkey", "tlen", "clen"]  # what pass 1 keeps in memory per record
 
 
 def prepare(inputs: list[Path], out: Path, cfg: DataConfig, overwrite: bool = False) -> dict[str, Any]:
@@ -87,7 +82,7 @@ def prepare(inputs: list[Path], out: Path, cfg: DataConfig, overwrite: bool = Fa
 
 def _prepare_in(tmp: Path, sources: list[Source], cfg: DataConfig) -> dict[str, Any]:
     """Both passes, writing every output file into `tmp`."""
-    scan = _scan(sources, cfg, tmp / "work")
+    scan = scan_sources(sources, cfg, tmp / "work")
     keep = _dedupe(scan)
     if not keep.any():
         raise ProdescError(
@@ -110,144 +105,7 @@ def _prepare_in(tmp: Path, sources: list[Source], cfg: DataConfig) -> dict[str, 
     return stats
 
 
-# ------------------------------------------------------------------------------------------ pass 1: scan
-
-
-@dataclass
-class _Scan:
-    """Pass-1 result: counts, and per valid record (one that passed the empty/short checks) hashes and lengths."""
-
-    read: int = 0
-    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
-    malformed_at: list[str] = field(default_factory=list)
-    parts: list[tuple[Path, int]] = field(default_factory=list)
-    thash: Any = None  # uint64 per valid record: exact cleaned title
-    chash: Any = None  # uint64: exact cleaned content
-    tkey: Any = None  # uint64: title_key (case/space-insensitive title)
-    fkey: Any = None  # uint64: blake2b(split_salt, family_key); of the family's first record, it picks the split
-    tlen: Any = None  # int32: title chars
-    clen: Any = None  # int32: content chars
-    sig: Any = None  # uint16 [n, neardup.NUM_PERM]: MinHash of the content (near_dup only)
-    shingles: Any = None  # int32: word pairs in the content (near_dup only)
-    nhash: Any = None  # uint64: the content's normalised word sequence, 0 without words (near_dup only)
-
-
-def _scan(sources: list[Source], cfg: DataConfig, work: Path) -> _Scan:
-    """Stream every source in chunks through `_process_chunk` (in worker processes when large)."""
-    from tqdm import tqdm
-
-    work.mkdir()
-    total = sum(s.path.stat().st_size for s in sources)
-    opts = (cfg.min_content_chars, cfg.lossy_ascii_lower, cfg.strict, cfg.split_salt.encode() + b"\0", cfg.near_dup)
-    scan, workers = _Scan(), worker_count(total, cfg.workers)
-    in_flight = 2 * workers
-    with (
-        shared_slots(in_flight, 2 * readers.BLOCK_BYTES, workers) as slots,  # before the pool forks
-        worker_pool(workers) as pool,
-        tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=None, file=sys.stderr) as bar,
-    ):
-        tasks = (
-            (readers.to_shared(c, slots, i), opts, work / f"part-{i:06d}.arrow")
-            for i, c in enumerate(readers.chunks(sources, bar))
-        )
-        for res in ordered_map(pool, _process_chunk, tasks, in_flight):
-            scan.read += res["read"]
-            for k, v in res["counts"].items():
-                scan.counts[k] += v
-            scan.malformed_at += res["malformed_at"][: _MAX_LOCATIONS - len(scan.malformed_at)]
-            if res["n"]:
-                scan.parts.append((res["part"], res["n"]))
-    tables = [_read_part(part, _HASH_COLUMNS) for part, _ in scan.parts]
-    for name, dtype in zip(_HASH_COLUMNS, (np.uint64,) * 4 + (np.int32,) * 2, strict=True):
-        setattr(scan, name, np.concatenate([t.column(name).to_numpy() for t in tables] or [np.zeros(0, dtype)]))
-    if cfg.near_dup:
-        del tables  # signatures are the big columns: read them one part at a time
-        scan.sig, scan.shingles, scan.nhash = _read_signatures(scan.parts)
-    return scan
-
-
-def _read_signatures(parts: list[tuple[Path, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    sig = np.empty((sum(n for _, n in parts), neardup.NUM_PERM), np.uint16)
-    shingles, nhash = np.empty(len(sig), np.int32), np.empty(len(sig), np.uint64)
-    row = 0
-    for part, n in parts:
-        table = _read_part(part, ["nd_sig", "nd_shingles", "nd_hash"])
-        column = table.column("nd_sig").combine_chunks()
-        width = neardup.NUM_PERM
-        values = np.frombuffer(column.buffers()[1], np.uint16, n * width, column.offset * 2 * width)
-        sig[row : row + n] = values.reshape(n, width)
-        shingles[row : row + n] = table.column("nd_shingles").to_numpy()
-        nhash[row : row + n] = table.column("nd_hash").to_numpy()
-        row += n
-    return sig, shingles, nhash
-
-
-def _read_part(part: Path, columns: list[str]) -> pa.Table:
-    return pa.ipc.open_file(pa.memory_map(str(part))).read_all().select(columns)
-
-
-def _process_chunk(task: tuple[Chunk, tuple[int, bool, bool, bytes, bool], Path]) -> dict[str, Any]:
-    """Worker: clean one chunk, write its valid records to an Arrow file, return counts (hashes stay in the file)."""
-    chunk, (min_chars, lossy, strict, salt, near_dup), part = task
-    raw, read, bad = readers.raw_records(chunk, strict)
-    raw = {name: raw.column(name).combine_chunks() for name in raw.column_names}
-    counts = dict.fromkeys(DROP_REASONS[:4], 0)
-    counts["malformed"] = len(bad)
-    pre = raw["pre"]
-    title = pc.if_else(pre, raw["title"], columns.clean_column(raw["title"]))
-    content = pc.if_else(pre, raw["content"], columns.clean_column(raw["content"]))
-    if lossy:
-        title, content = (
-            pa.array([lossy_ascii_lower(v) for v in col.to_pylist()], pa.string()) for col in (title, content)
-        )
-    tlen, clen = pc.utf8_length(title).to_numpy(), pc.utf8_length(content).to_numpy()
-    empty_title = tlen == 0
-    empty_content = ~empty_title & (clen == 0)
-    short = ~empty_title & ~empty_content & (clen < min_chars)
-    counts["empty_title"], counts["empty_content"] = int(empty_title.sum()), int(empty_content.sum())
-    counts["short_content"] = int(short.sum())
-    valid = ~(empty_title | empty_content | short)
-    n = int(valid.sum())
-    if n:  # hashes and lengths travel in the part file too: results sent back must stay small
-        mask = pa.array(valid)
-        title, content = title.filter(mask), content.filter(mask)
-        fkeys = columns.family_keys(title)
-        uid = raw["uid"].filter(mask)
-        uids = pc.if_else(pre.filter(mask), pc.fill_null(uid, ""), columns.strip_ids(uid))
-        no = raw["no"].filter(mask)
-        missing = pc.equal(pc.utf8_length(uids), 0)
-        if pc.any(missing).as_py():
-            made = [f"{chunk.stem}-{i:09d}" for i in no.filter(missing).to_pylist()]
-            uids = pc.replace_with_mask(uids, missing, pa.array(made, pa.string()))
-        table = pa.table(
-            {
-                "uid": uids,
-                "title": title,
-                "content": content,
-                "fkey_text": fkeys,
-                "thash": columns.hash64(title),
-                "chash": columns.hash64(content),
-                "tkey": columns.hash64(columns.title_keys(title)),  # = title_key(t): t is collapsed
-                "fkey": columns.salted_blake2b64(fkeys, salt),  # salted: it also picks the split
-                "tlen": tlen[valid].astype(np.int32),
-                "clen": clen[valid].astype(np.int32),
-            }
-        )
-        if near_dup:  # MinHash here, in the workers: the pass's main cost, spread over the cores
-            sk = neardup.sketch(content)
-            width = 2 * neardup.NUM_PERM
-            sig = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(sk.sig.tobytes())])
-            table = table.append_column("nd_sig", sig).append_column("nd_shingles", pa.array(sk.shingles))
-            table = table.append_column("nd_hash", pa.array(sk.chash))
-        with pa.OSFile(str(part), "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
-            writer.write_table(table)
-    return {"read": read, "counts": counts, "malformed_at": bad[:_MAX_LOCATIONS], "part": part, "n": n}
-
-
-# ------------------------------------------------------------------------ dedupe, families, pass 2: write
-
-
-def _dedupe(scan: _Scan) -> np.ndarray:
+def _dedupe(scan: Scan) -> np.ndarray:
     """Mask of kept valid records; counts duplicate_record and duplicate_title into scan.counts."""
     n = len(scan.thash)
     with np.errstate(over="ignore"):
@@ -292,7 +150,7 @@ def _families(fkey: np.ndarray, chash: np.ndarray) -> np.ndarray:
     return key_first[root[key_of]]
 
 
-def _near_dup(scan: _Scan, keep: np.ndarray, rep: np.ndarray, cfg: DataConfig) -> dict[str, Any]:
+def _near_dup(scan: Scan, keep: np.ndarray, rep: np.ndarray, cfg: DataConfig) -> dict[str, Any]:
     """Verified near-duplicate pairs among kept records with enough content; their families joined (capped)."""
     kept = np.flatnonzero(keep)
     long_enough = (scan.clen[kept] >= cfg.near_dup_min_chars) & (scan.shingles[kept] >= neardup.MIN_SHINGLES)
@@ -313,7 +171,7 @@ def _near_dup(scan: _Scan, keep: np.ndarray, rep: np.ndarray, cfg: DataConfig) -
             "pairs": len(i), "merged": merged, "skipped": skipped}  # fmt: skip
 
 
-def _write_splits(scan: _Scan, keep: np.ndarray, rep: np.ndarray, cfg: DataConfig, tmp: Path) -> dict:
+def _write_splits(scan: Scan, keep: np.ndarray, rep: np.ndarray, cfg: DataConfig, tmp: Path) -> dict:
     """Pass 2: stream the Arrow parts into train/val/test.parquet; return records and families per split."""
     kept_key = scan.fkey[keep]
     u = (kept_key[rep] >> np.uint64(11)).astype(np.float64) * 2.0**-53  # the family's hash, uniform in [0, 1)
@@ -332,7 +190,7 @@ def _write_splits(scan: _Scan, keep: np.ndarray, rep: np.ndarray, cfg: DataConfi
     k = offset = 0
     try:
         for part, n in scan.parts:  # each row is copied once, into its split (filters copy every row they keep)
-            table = _read_part(part, ["uid", "title", "content", "fkey_text"])
+            table = read_part(part, ["uid", "title", "content", "fkey_text"])
             kept = np.flatnonzero(keep[offset : offset + n])  # part rows of kept records k, k + 1, ...
             offset, span = offset + n, slice(k, k + len(kept))
             family = table.column("fkey_text").combine_chunks()
@@ -407,7 +265,7 @@ class _SplitWriter:
 
 
 def _stats(
-    sources: list[Source], scan: _Scan, keep: np.ndarray, splits: dict, rep: np.ndarray, cfg: DataConfig
+    sources: list[Source], scan: Scan, keep: np.ndarray, splits: dict, rep: np.ndarray, cfg: DataConfig
 ) -> dict:
     return {
         "records_read": scan.read,
@@ -429,7 +287,7 @@ def _stats(
     }
 
 
-def _near_dup_stats(scan: _Scan, keep: np.ndarray, near: dict, cfg: DataConfig) -> dict[str, Any]:
+def _near_dup_stats(scan: Scan, keep: np.ndarray, near: dict, cfg: DataConfig) -> dict[str, Any]:
     """The pass's parameters and counts, and 10 pairs it joined, spread from the weakest to the strongest."""
     bands, rows = neardup.bands_for(cfg.near_dup_threshold)
     order = np.lexsort((near["j"], near["i"], near["sim"]))
@@ -456,7 +314,7 @@ def _near_dup_stats(scan: _Scan, keep: np.ndarray, near: dict, cfg: DataConfig) 
     }
 
 
-def _largest(scan: _Scan, keep: np.ndarray, rep: np.ndarray, top: int = 5) -> list[dict[str, Any]]:
+def _largest(scan: Scan, keep: np.ndarray, rep: np.ndarray, top: int = 5) -> list[dict[str, Any]]:
     """The `top` largest families: records and their first record's title."""
     size = np.bincount(rep, minlength=len(rep))
     firsts = np.argsort(-size, kind="stable")[:top]
@@ -465,14 +323,14 @@ def _largest(scan: _Scan, keep: np.ndarray, rep: np.ndarray, top: int = 5) -> li
     return [{"records": int(size[f]), "title": rows[f]["title"], "uid": rows[f]["uid"]} for f in firsts.tolist()]
 
 
-def _rows_at(scan: _Scan, keep: np.ndarray, wanted: list[int]) -> dict[int, dict[str, str]]:
+def _rows_at(scan: Scan, keep: np.ndarray, wanted: list[int]) -> dict[int, dict[str, str]]:
     """uid, title and content (cut at 300 chars) of kept records by number, read back from the pass-1 parts."""
     valid = np.flatnonzero(keep)[np.asarray(wanted, np.int64)] if wanted else np.zeros(0, np.int64)
     ends = np.cumsum([n for _, n in scan.parts])
     out: dict[int, dict[str, str]] = {}
     for k, v in zip(wanted, valid.tolist(), strict=True):
         p = int(np.searchsorted(ends, v, side="right"))
-        row = _read_part(scan.parts[p][0], ["uid", "title", "content"]).slice(v - (ends[p - 1] if p else 0), 1)
+        row = read_part(scan.parts[p][0], ["uid", "title", "content"]).slice(v - (ends[p - 1] if p else 0), 1)
         uid, title, content = (row.column(c)[0].as_py() for c in ("uid", "title", "content"))
         out[k] = {"uid": uid, "title": title, "content": content if len(content) <= 300 else content[:299] + "…"}
     return out
