@@ -265,3 +265,12 @@ def test_remote_code_needs_the_flag_whatever_the_runs_config_says(tiny_run, tiny
     assert isinstance(res.exception, _Loaded), res.output
     assert seen == [flag]
     assert ("model.trust_remote_code from the config is ignored" in res.output) != flag
+
+
+def test_static_cache_path_gives_the_dynamic_paths_answers(gen):
+    """generate.compile=force takes the GPU fast path's plumbing on CPU (static cache, batch padded to a power of
+    two, uncompiled): the same greedy answers as the plain path."""
+    titles = ["Mog's Kittens", "Girls Ballet Tutu Neon Pink", "Red Mug"]
+    plain = gen.describe(titles, GenerateConfig(max_new_tokens=8, batch_size=4, compile="off"))
+    static = gen.describe(titles, GenerateConfig(max_new_tokens=8, batch_size=4, compile="force"))
+    assert [r["prediction"] for r in static] == [r["prediction"] for r in plain]

@@ -64,14 +64,6 @@ def attention_for(cfg_attn: str | None, mode: str, quantized: bool) -> str | Non
     return register_varlen_attention()
 
 
-def batch_bucket(n: int, cap: int) -> int:
-    """Batch size to pad `n` prompts to: the next power of two, at most `cap` (fewer shapes to compile)."""
-    b = 1
-    while b < n:
-        b *= 2
-    return min(b, max(cap, n))
-
-
 def _is_gqa_decode(query: Any, key: Any, attention_mask: Any) -> bool:
     """One new token per row, fewer key/value heads than query heads, a mask shared by all heads (or none)."""
     return (query.shape[2] == 1 and key.shape[1] < query.shape[1] and query.shape[1] % key.shape[1] == 0

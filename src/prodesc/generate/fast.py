@@ -40,3 +40,11 @@ def fast_generation_enabled(model: Any, mode: str = "auto") -> bool:
         return False
     on_gpu = torch.cuda.is_available() and getattr(model, "device", torch.device("cpu")).type == "cuda"
     return on_gpu or mode == "force"
+
+
+def batch_bucket(n: int, cap: int) -> int:
+    """Batch size to pad `n` prompts to: the next power of two, at most `cap` (fewer shapes to compile)."""
+    b = 1
+    while b < n:
+        b *= 2
+    return min(b, max(cap, n))
