@@ -3,7 +3,7 @@
     prodesc export runs/smol --out exports/smol                                  # exporter.export
     prodesc export runs/smol --out exports/smol-gguf --format gguf --gguf-type q8_0
 
-Inside: `exporter` (checks, the merged checkpoint, the verb), `gguf` (llama.cpp's converter and quantizer),
+Inside: `exporter` (checks, the merged checkpoint, the verb), `gguf_file` (llama.cpp's converter and quantizer),
 `modelfile` (the Ollama Modelfile).
 """
 
