@@ -34,12 +34,18 @@ def check(base_source: str, tokenizer: Any, gguf_type: str) -> None:
         _quantizer()
     from transformers import AutoConfig
 
-    arch = (AutoConfig.from_pretrained(base_source).architectures or ["?"])[0]
-    model_class = _model_class(arch)
+    try:
+        model_config = AutoConfig.from_pretrained(base_source)
+    except (OSError, ValueError) as e:
+        raise ProdescError(
+            f"cannot read the config of the run's base model {base_source!r} ({str(e).splitlines()[0]}): "
+            "download it first (`huggingface-cli download NAME`) or fix model.name"
+        ) from None
+    model_class = _model_class((model_config.architectures or ["?"])[0])
     with tempfile.TemporaryDirectory(prefix="prodesc-gguf-vocab-") as tmp:
         # the converter's own vocabulary step on config + tokenizer alone (no weights): an unknown BPE
         # pre-tokenizer would otherwise fail after minutes of merging, or tokenize unlike training
-        AutoConfig.from_pretrained(base_source).save_pretrained(tmp)
+        model_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         try:
             with _quiet():
@@ -80,6 +86,7 @@ def _quantize(src: Path, target: Path, gguf_type: str) -> None:
     import ctypes
 
     llama_cpp = _quantizer()
+    llama_cpp.llama_backend_init()  # as llama-quantize does before quantizing
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = {"q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}[gguf_type]
     params.nthread = os.cpu_count() or 1
