@@ -41,7 +41,7 @@ def export(
     manifest = read_manifest(run)
     cfg = configmod.load(run / "config.yaml")
     base = manifest["base_model"]
-    gguf_type = _check_options(format, gguf_type, merge)
+    format, gguf_type = format.lower(), _check_options(format.lower(), gguf_type, merge)
     refuse_existing(out, overwrite, "export dir")
     if merge and base.get("quantization") == "nf4":
         _need_cuda()
