@@ -7,6 +7,7 @@ import pytest
 from prodesc import config, models, prompts
 from prodesc.errors import ProdescError
 from prodesc.export import export
+from prodesc.export.exporter import run_config
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_merged_export_loads_with_plain_transformers_and_matches_the_adapter(tin
 def test_merged_export_chat_template_turns_a_bare_title_into_the_training_prompt(tiny_run, merged):
     from transformers import AutoTokenizer
 
-    run_cfg = config.load(tiny_run / "config.yaml")
+    run_cfg = run_config(tiny_run)
     run_tok = models.load_tokenizer(str(tiny_run / "adapter"))
     exported = AutoTokenizer.from_pretrained(merged)  # what vLLM / any OpenAI-compatible server reads
     for title in ["Girls Ballet Tutu Neon Pink", " Kerr’s Mog Vol. 2 (Paperback) "]:
@@ -56,7 +57,7 @@ def test_merged_export_chat_template_turns_a_bare_title_into_the_training_prompt
 def test_every_export_dir_carries_its_resolved_config(tiny_run, merged, tmp_path):
     adapter = export(tiny_run, tmp_path / "a", merge=False)
     for out in (merged, adapter):
-        assert config.load(out / "config.resolved.yaml") == config.load(tiny_run / "config.yaml")
+        assert config.load(out / "config.resolved.yaml") == run_config(tiny_run)
 
 
 def test_adapter_only_export_carries_the_tiny_base_and_the_baked_template(tiny_run, tmp_path):

@@ -8,6 +8,7 @@ import pytest
 
 from prodesc import config, models, prompts
 from prodesc.export import export
+from prodesc.export.exporter import run_config
 from prodesc.train import recipe as train
 
 pytestmark = pytest.mark.slow  # trains SmolLM2-135M for 2 steps and loads it ~5 times: minutes on 2 cores
@@ -43,7 +44,7 @@ def positions(smol_run, tiny_data):
     """A few hundred positions of real prompts + answers, as training encodes them."""
     from prodesc.records import read_split
 
-    cfg = config.load(smol_run / "config.yaml")
+    cfg = run_config(smol_run)
     tok = models.load_tokenizer(str(smol_run / "adapter"))
     seqs, n = [], 0
     for r in read_split(tiny_data, "test"):
@@ -81,7 +82,7 @@ def test_f16_gguf_logits_match_the_merged_checkpoint(exports, positions, hf_logi
     diff = (got - hf_logits).abs().max().item()
     print(f"f16: {len(hf_logits)} positions, max |logit diff| {diff:.4f}")
     assert diff <= F16_MAX_LOGIT_DIFF
-    base = _logits(models.load(config.load(smol_run / "config.yaml").model)[0].eval(), positions)
+    base = _logits(models.load(run_config(smol_run).model)[0].eval(), positions)
     assert (base - hf_logits).abs().max().item() > 10 * F16_MAX_LOGIT_DIFF, "the export must carry the adapter"
 
 
@@ -101,7 +102,7 @@ def test_gguf_chat_template_turns_a_bare_title_into_the_training_prompt(exports,
 
     field = gguf.GGUFReader(exports["q8_0"]).fields["tokenizer.chat_template"]
     run_tok = models.load_tokenizer(str(smol_run / "adapter"))
-    cfg = config.load(smol_run / "config.yaml")
+    cfg = run_config(smol_run)
     text = run_tok.apply_chat_template(
         [{"role": "user", "content": TITLE}], chat_template=field.contents(), tokenize=False, add_generation_prompt=True
     )
@@ -123,7 +124,7 @@ def test_llama_cpp_describes_a_bare_title_and_stops_at_the_end_of_turn(exports, 
 
     llm = Llama(str(exports["q8_0"]), n_ctx=1024, n_threads=2, verbose=False)
     run_tok = models.load_tokenizer(str(smol_run / "adapter"))
-    cfg = config.load(smol_run / "config.yaml")
+    cfg = run_config(smol_run)
     # llama.cpp tokenizes the rendered template as llama-server does (special tokens parsed, BOS as the GGUF says)
     rendered = prompts.prompt_text(run_tok, TITLE, cfg.prompt)
     assert llm.tokenize(rendered.encode(), add_bos=True, special=True) == prompts.prompt_ids(run_tok, TITLE, cfg.prompt)

@@ -24,7 +24,7 @@ from prodesc import config as configmod
 from prodesc import models, prompts
 from prodesc.errors import ProdescError
 from prodesc.export import gguf_file, modelfile
-from prodesc.rundir import atomic_dir, read_manifest, refuse_existing, write_resolved
+from prodesc.rundir import RESOLVED, atomic_dir, read_manifest, refuse_existing, write_resolved
 
 FORMATS = ("hf", "gguf")
 
@@ -39,7 +39,7 @@ def export(
 ) -> Path:
     """Write `out` atomically: merged checkpoint (default), adapter + base reference (`merge=False`) or a GGUF."""
     manifest = read_manifest(run)
-    cfg = configmod.load(run / "config.yaml")
+    cfg = run_config(run)
     base = manifest["base_model"]
     format, gguf_type = format.lower(), _check_options(format.lower(), gguf_type, merge)
     refuse_existing(out, overwrite, "export dir")
@@ -65,6 +65,11 @@ def export(
     what = f"GGUF {name} + Modelfile" if format == "gguf" else "merged model" if merge else "adapter"
     print(f"exported {what} to {out}")
     return out
+
+
+def run_config(run: Path) -> configmod.ProdescConfig:
+    """The settings the run was trained with: config.resolved.yaml, or config.yaml in runs written before it."""
+    return configmod.load(next((run / n for n in (RESOLVED, "config.yaml") if (run / n).is_file()), run / RESOLVED))
 
 
 def _check_options(format: str, gguf_type: str | None, merge: bool) -> str | None:
