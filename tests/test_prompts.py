@@ -51,3 +51,44 @@ def test_portuguese_wording_is_available():
 def test_custom_instruction_needs_title_placeholder():
     with pytest.raises(ProdescError, match="must contain"):
         prompts.user_text("X", PromptConfig.model_construct(instruction="Describe the product"))
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        PromptConfig(),
+        PromptConfig(language="pt"),
+        PromptConfig(system_prompt="Answer in one sentence."),
+        PromptConfig(instruction="Product: {title}\nDescribe {title} for a shop."),
+    ],
+    ids=["default", "pt", "system", "title-twice"],
+)
+def test_baked_template_turns_a_bare_title_into_the_training_prompt(mistral_tok, cfg):
+    baked = prompts.baked_chat_template(mistral_tok, cfg)
+    title = "  Mog's Kittens «Vol. 2» "  # the training prompt strips the title, so must the template
+    text = mistral_tok.apply_chat_template(
+        [{"role": "user", "content": title}], chat_template=baked, tokenize=False, add_generation_prompt=True
+    )
+    assert mistral_tok(text, add_special_tokens=False)["input_ids"] == prompts.prompt_ids(mistral_tok, title, cfg)
+
+
+def test_baked_template_rewrites_only_the_last_user_turn_and_keeps_a_callers_system_prompt(mistral_tok):
+    baked = prompts.baked_chat_template(mistral_tok, PromptConfig(system_prompt="Run's system."))
+    msgs = [
+        {"role": "system", "content": "Caller's system."},
+        {"role": "user", "content": "Red Mug"},
+        {"role": "assistant", "content": "A red mug."},
+        {"role": "user", "content": "Blue Mug"},
+    ]
+    text = mistral_tok.apply_chat_template(msgs, chat_template=baked, tokenize=False, add_generation_prompt=True)
+    assert "[INST] Red Mug[/INST]" in text and "Title: Blue Mug" in text
+    assert "Caller's system." in text and "Run's system." not in text
+
+
+def test_baking_refuses_a_tokenizer_without_a_chat_template(mistral_tok):
+    import copy
+
+    tok = copy.copy(mistral_tok)
+    tok.chat_template = None
+    with pytest.raises(ProdescError, match="no single chat template"):
+        prompts.baked_chat_template(tok, PromptConfig())

@@ -145,14 +145,21 @@ def train(
 def export(
     run: Annotated[Path, typer.Argument(help="Run directory of `prodesc train`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the exported model.")],
+    format: Annotated[
+        str, typer.Option("--format", help="hf: merged safetensors checkpoint; gguf: one .gguf + Ollama Modelfile.")
+    ] = "hf",
+    gguf_type: Annotated[
+        str | None, typer.Option(help="With --format gguf: q8_0 (default), f16, bf16 or q4_k_m.")
+    ] = None,
     merge: Annotated[bool, typer.Option(help="Merge the adapter into full-precision base weights.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out directory.")] = False,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
-    """Export a run: merged full-precision HF checkpoint (or adapter + base reference with --no-merge)."""
+    """Export a run with the training prompt in its chat template: merged HF checkpoint, GGUF, or the adapter."""
     from prodesc import export as exportmod
 
-    _run(exportmod.export, run, out, merge=merge, overwrite=overwrite, trust_remote_code=trust_remote_code)
+    opts = dict(format=format, gguf_type=gguf_type, trust_remote_code=trust_remote_code)
+    _run(exportmod.export, run, out, merge=merge, overwrite=overwrite, **opts)
 
 
 @app.command("generate")

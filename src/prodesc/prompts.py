@@ -8,10 +8,14 @@ The tokenizer's own chat template renders the conversation (user turn = instruct
 template writes (a template without one gets the tokenizer's BOS once). The completion ends at the assistant's EOS:
 anything the template writes after it (ChatML's trailing newline) is cut, so EOS is the last supervised token and
 generation stops on it.
+
+`baked_chat_template` wraps the tokenizer's own template so that exported models (`prodesc export`) turn a bare
+title into exactly this prompt on any server that renders the template (vLLM, llama.cpp, LM Studio).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from prodesc.config import PromptConfig
@@ -22,6 +26,28 @@ INSTRUCTIONS = {
     # The notebook's wording (Portuguese): "Generate a description for the product titled ...".
     "pt": "Gere uma descrição para o produto com o título: {title}",
 }
+
+
+# Prepended to the tokenizer's template. Plain Jinja that HF (vLLM), llama.cpp's engine and LM Studio all run: no
+# list.append (HF's sandbox forbids it), a namespace to carry values out of loops, `messages` reassigned at the top.
+_BAKE = """\
+{#- prodesc: the title sent as the last user message is wrapped in the training instruction -#}
+{%- set prodesc_ns = namespace(last=-1, out=[], has_system=false) -%}
+{%- for m in messages -%}
+  {%- if m['role'] == 'user' -%}{%- set prodesc_ns.last = loop.index0 -%}{%- endif -%}
+  {%- if m['role'] == 'system' -%}{%- set prodesc_ns.has_system = true -%}{%- endif -%}
+{%- endfor -%}
+{%- if @SYSTEM@ is not none and not prodesc_ns.has_system -%}
+  {%- set prodesc_ns.out = [{'role': 'system', 'content': @SYSTEM@}] -%}
+{%- endif -%}
+{%- for m in messages -%}
+  {%- if loop.index0 == prodesc_ns.last and m['content'] is string -%}
+    {%- set prodesc_ns.out = prodesc_ns.out + [{'role': 'user', 'content': @PARTS@ | join(m['content'] | trim)}] -%}
+  {%- else -%}
+    {%- set prodesc_ns.out = prodesc_ns.out + [m] -%}
+  {%- endif -%}
+{%- endfor -%}
+{%- set messages = prodesc_ns.out %}"""  # no `-` at the very end: the original template's leading whitespace stays
 
 
 def user_text(title: str, cfg: PromptConfig) -> str:
@@ -79,6 +105,28 @@ def encode_example(tokenizer: Any, title: str, content: str, cfg: PromptConfig) 
     return {"input_ids": p_ids + c_ids, "completion_mask": [0] * len(p_ids) + [1] * len(c_ids)}
 
 
+def baked_chat_template(tokenizer: Any, cfg: PromptConfig) -> str:
+    """The tokenizer's chat template with the training instruction built in: the last user message's content is
+    taken as the title and rewritten to `user_text(title)` (plus the run's system prompt) before the original
+    template runs, so the model family's own formatting is kept whatever it is. Rendering a bare title gives
+    exactly `prompt_text`; the check at the end refuses a template where it would not."""
+    original = tokenizer.chat_template
+    if not isinstance(original, str) or not original:
+        raise ProdescError(
+            f"tokenizer of {tokenizer.name_or_path!r} has no single chat template to extend: "
+            "use a model whose tokenizer_config.json has one chat_template"
+        )
+    parts = user_text("\x00", cfg).split("\x00")  # the instruction around (each) {title}
+    system = cfg.system_prompt if cfg.system_prompt and supports_system(tokenizer) else None
+    if cfg.system_prompt and system is None:
+        parts[0] = f"{cfg.system_prompt}\n\n{parts[0]}"  # as `messages` folds it for templates without a system role
+    lit = lambda v: json.dumps(v, ensure_ascii=False)  # noqa: E731 - JSON strings and lists are Jinja literals
+    head = _BAKE.replace("@SYSTEM@", lit(system) if system else "none").replace("@PARTS@", lit(parts))
+    baked = head + original
+    _check_baked(tokenizer, baked, cfg)
+    return baked
+
+
 def supports_system(tokenizer: Any) -> bool:
     """Whether the chat template accepts a leading system message followed by a user turn."""
     try:
@@ -90,6 +138,19 @@ def supports_system(tokenizer: Any) -> bool:
     except Exception:  # jinja raise_exception(...) in the template
         return False
     return "SYS-PROBE" in out
+
+
+def _check_baked(tokenizer: Any, baked: str, cfg: PromptConfig) -> None:
+    title = "Girls Ballet Tutu Neon Pink"
+    want = prompt_text(tokenizer, title, cfg)
+    got = tokenizer.apply_chat_template(
+        [{"role": "user", "content": title}], chat_template=baked, tokenize=False, add_generation_prompt=True
+    )
+    if got != want:
+        raise ProdescError(
+            f"the chat template of {tokenizer.name_or_path!r} renders a wrapped title differently from training: "
+            "export with --no-merge and send the training prompt yourself"
+        )
 
 
 def _render(tokenizer: Any, msgs: list[dict[str, str]], add_generation_prompt: bool) -> str:
