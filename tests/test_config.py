@@ -69,7 +69,7 @@ def test_locked_settings_refuse_prompt_and_model_changes_of_a_run(tmp_path):
     with pytest.raises(ProdescError) as e:
         config.resolve(base=base, sets=["prompt.instruction=Say {title}", "model.name=other"], locked=True)
     assert "prompt.instruction: the run was trained with" in str(e.value) and "model.name:" in str(e.value)
-    same = config.resolve(base=base, sets=["model.name=embedded:smollm2-135m", "model.trust_remote_code=true"],
+    same = config.resolve(base=base, flags={"model.trust_remote_code": True}, sets=["model.name=embedded:smollm2-135m"],
                           locked=True)  # the same value, and a load permission, are no change
     assert same.model.trust_remote_code is True
 

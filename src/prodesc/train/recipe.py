@@ -64,7 +64,8 @@ def train_cli(
     if resume and any((out / name).is_file() for name in (rundir.RESOLVED, "config.yaml")):
         base = rundir.run_config(out)
         cfg = configmod.resolve(base, config, flags, sets or (), locked=RESUME_LOCKED)
-        changed = configmod.changed_keys(configmod.resolve(base), cfg)
+        trust = {k: v for k, v in (flags or {}).items() if k == "model.trust_remote_code"}  # a permission, no change
+        changed = configmod.changed_keys(configmod.resolve(base, flags=trust), cfg)
     else:
         cfg = configmod.resolve(config=config, flags=flags, sets=sets or ())
     return train(cfg, data, out, resume=resume, overwrite=overwrite, changed=changed)
