@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ class Row:
     start: int = 0  # the first cache column of this row's prompt
     pos: int = 0  # the position id of the next token fed
     procs: Any = None  # logits processors that need the row's own history (repetition, n-grams, EOS boost)
+    deadline: float = math.inf  # for the server's stuck check
+    job: Any = None  # the server's request this row answers
 
 
 class Engine:
@@ -79,15 +82,15 @@ class Engine:
             raise ValueError(f"prompt {len(row.prompt)} + {row.max_new_tokens} new tokens > cache_len {self.cache_len}")
         self.waiting.append(row)
 
-    def step(self) -> None:
-        """Admit waiting rows (dropping unwanted ones unprefilled), then one token for every live row."""
+    def step(self) -> int:
+        """Admit waiting rows (dropping unwanted ones unprefilled), then one token for every live row; returns
+        the number of new tokens."""
         import torch
 
         with torch.inference_mode():
             self._drop(lambda r: not r.wanted(), "cancelled")
-            self._admit()
-            if self.rows:
-                self._decode()
+            n = self._admit()
+            return n + (self._decode() if self.rows else 0)
 
     def fail(self) -> list[Row]:
         """After an error in `step`: forget every row (returned, for their owners) and the cache contents."""
@@ -97,7 +100,7 @@ class Engine:
 
     # ---- joining: prefill newcomers into free slots ------------------------------------------------------------
 
-    def _admit(self) -> None:
+    def _admit(self) -> int:
         new = []
         while self.waiting and len(self.rows) + len(new) < self.slots and len(new) < PREFILL_ROWS:
             row = self.waiting.popleft()
@@ -107,6 +110,7 @@ class Engine:
                 row.on_end("cancelled")
         if new:
             self._prefill(new)
+        return len(new)
 
     def _prefill(self, new: list[Row]) -> None:
         import torch
@@ -140,7 +144,7 @@ class Engine:
 
     # ---- one token for every live row -------------------------------------------------------------------------
 
-    def _decode(self) -> None:
+    def _decode(self) -> int:
         import torch
 
         if self._t >= self.cache_len:
@@ -162,6 +166,7 @@ class Engine:
             r.pos += 1
         self._t += 1
         self._emit(list(self.rows), self._choose(self.rows, logits[:n, -1]))
+        return n
 
     def _step_forward(self, b: int, ids: Any, pos: Any, mask: Any) -> Any:
         return self._forward(ids, pos, mask, _SlotCache(self, decode=b))
