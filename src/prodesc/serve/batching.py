@@ -89,7 +89,9 @@ class Batcher:
     @property
     def depth(self) -> int:
         """Jobs with a title still waiting for a slot (those generating are not counted)."""
-        return sum(1 for job in list(self._jobs) if job.wanted() and any(not r.tokens for r in job.rows))
+        waiting = {job for job, _ in list(self._inbox)}
+        waiting |= {row.job for engine in list(self.engines.values()) for row in list(engine.waiting)}
+        return sum(1 for job in waiting if job.wanted())
 
     def overdue(self) -> float:
         """Seconds the running step has run past its latest job's deadline (0: none, or in time)."""
