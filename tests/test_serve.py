@@ -860,7 +860,8 @@ def test_a_real_stream_whose_client_leaves_stops_generating(server: Server) -> N
 def test_a_stream_past_its_deadline_ends_with_a_timeout_event_not_a_finish() -> None:
     async def scenario(http, app, gen):
         gen.tokens, gen.tick = 10_000, 0.002
-        body = {"model": "fake", "stream": True, "max_tokens": 1024, "messages": [{"role": "user", "content": "Red Mug"}]}
+        body = {"model": "fake", "stream": True, "max_tokens": 1024,
+                "messages": [{"role": "user", "content": "Red Mug"}]}
         r = await http.post("/v1/chat/completions", json=body)
         gen.tokens, gen.tick = 3, 0.0
         return r, await http.post("/v1/describe", json={"titles": ["B"]}), gen.produced

@@ -85,6 +85,7 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running: float | None = None  # the latest deadline of the step on the model thread, if any
+        self._calls: list[tuple[Callable[..., Any], tuple]] = []  # model thread -> event loop, after each step
 
     @property
     def depth(self) -> int:
@@ -161,6 +162,7 @@ class Batcher:
             return
         finally:
             self._running = None
+            self._flush()
         self.on_step(tokens, time.perf_counter() - t0)  # a token per row that took part
 
     def _token_sink(self, job: Job, row: Any) -> Callable[[int], None]:
@@ -177,8 +179,12 @@ class Batcher:
         return on_end
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(fn, *args)
+        self._calls.append((fn, args))  # handed over once per step: one wake-up of the loop, not one per row
+
+    def _flush(self) -> None:
+        calls, self._calls = self._calls, []
+        if calls and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(_run_all, calls)
 
     # ---- back on the event loop ---------------------------------------------------------------------------------
 
@@ -200,11 +206,18 @@ class Batcher:
             job.future.set_result([job.ended[k] for k in range(len(job.rows))])
 
     def _fail(self, job: Job, error: Exception) -> None:
+        if job not in self._jobs:  # a job of several rows fails once
+            return
         self._jobs.discard(job)
         if job.stream and job.future.done():
             job.on_done(error)
         elif not job.future.done():
             job.future.set_exception(error)
+
+
+def _run_all(calls: list[tuple[Callable[..., Any], tuple]]) -> None:
+    for fn, args in calls:
+        fn(*args)
 
 
 def _started(job: Job) -> None:
