@@ -2,7 +2,8 @@
 
     # on the device (one call, < 10 min; carry .whl; wheels from `bash bench/prepare_wheels.sh`):
     set -o pipefail; export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/common/*.whl .whl/main/*.whl .whl/serve/*.whl
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
+      .whl/common/*.whl .whl/main/*.whl .whl/serve/*.whl
     export PYTHONPATH=/tmp/site:$PWD/src
     python3 bench/serve_load.py --budget-s 540 --out $OUT/serve_load.json
     # CPU plumbing check (tiny random Mistral, tiny N): python bench/serve_load.py --tiny --streams 1,4 --new-tokens 16
@@ -27,7 +28,6 @@ import asyncio
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import time
