@@ -195,8 +195,8 @@ def test_describe_keeps_order_and_echoes_titles(server: Server) -> None:
     assert all(1 <= d["n_tokens"] <= 12 for d in out)
 
 
-def test_fifty_concurrent_requests_share_generation_calls(server: Server) -> None:
-    calls_before = server.metric("prodesc_generation_calls_total")
+def test_fifty_concurrent_requests_share_decode_steps(server: Server) -> None:
+    steps_before, rows_before = server.metric("prodesc_decode_steps_total"), server.metric("prodesc_batch_size_sum")
     with httpx.Client(headers=server.auth(), timeout=60) as http, ThreadPoolExecutor(50) as pool:
         def one(i: int) -> httpx.Response:
             return http.post(server.url + "/v1/describe", json={"titles": [f"Red Mug {i}"], "max_new_tokens": 8})
@@ -204,8 +204,9 @@ def test_fifty_concurrent_requests_share_generation_calls(server: Server) -> Non
         responses = list(pool.map(one, range(50)))
     assert [r.status_code for r in responses] == [200] * 50
     assert [r.json()["descriptions"][0]["title"] for r in responses] == [f"Red Mug {i}" for i in range(50)]
-    calls = server.metric("prodesc_generation_calls_total") - calls_before
-    assert 1 <= calls < 50, f"{calls} generation calls for 50 requests"
+    steps = server.metric("prodesc_decode_steps_total") - steps_before
+    rows = server.metric("prodesc_batch_size_sum") - rows_before  # row-tokens: at most 8 a request
+    assert 1 <= steps < 50 * 8 and rows / steps > 2, f"{steps} steps for {rows} row-tokens: rows did not share"
 
 
 def test_metrics_expose_requests_latency_tokens_and_batch_sizes(server: Server) -> None:
@@ -359,69 +360,107 @@ def test_serve_reports_a_bad_setting_in_one_line(tiny_run: Path) -> None:
 # ---- in-process with a fake generator: overload, timeout, disconnect, grouping, failures ----------------------
 
 
-class FakeModel:
-    """Stands in for a PeftModel: `disable_adapter()` switches the adapter off."""
+class FakeTok:
+    """Token ids for whole strings, so a fake answer decodes to known text."""
+
+    eos_token_id, pad_token_id = 0, 1
 
     def __init__(self) -> None:
-        self.adapter_on = True
+        self.words = ["<eos>", "<pad>"]
 
-    @contextlib.contextmanager
-    def disable_adapter(self):
-        self.adapter_on = False
-        try:
-            yield
-        finally:
-            self.adapter_on = True
+    def id(self, word: str) -> int:
+        if word not in self.words:
+            self.words.append(word)
+        return self.words.index(word)
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.words[i] for i in ids if i > 1)
+
+
+class FakeEngine:
+    """Stands in for generate.continuous.Engine: every step admits the rows waiting (recorded in `gen.calls`) and
+    gives each live row one token: "<tag>:", " <title>", then " more" until `gen.tokens` with EOS. Unless `gate`
+    is cleared (then a step blocks, deaf to stop, like a hung forward pass); `tick` seconds per step."""
+
+    def __init__(self, gen: FakeGenerator, slots: int) -> None:
+        self.gen, self.slots = gen, slots
+        self.rows, self.waiting = [], []
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    def add(self, row) -> None:
+        self.waiting.append(row)
+
+    def fail(self):
+        rows, self.rows, self.waiting = self.rows + self.waiting, [], []
+        return rows
+
+    def step(self) -> int:
+        gen = self.gen
+        for group in (self.rows, self.waiting):
+            for row in [r for r in group if not r.wanted()]:
+                group.remove(row)
+                row.on_end("cancelled")
+        new = self.waiting[: self.slots - len(self.rows)]
+        del self.waiting[: len(new)]
+        if new:
+            gen.calls.append(([gen.tok.words[r.prompt[0]] for r in new], [r.temperature for r in new], gen.tag))
+        self.rows += new
+        gen.entered.set()
+        gen.gate.wait(10)
+        if gen.fail:
+            raise RuntimeError("CUDA out of memory (fake)")
+        for row in self.rows:
+            row.tokens.append(self.next_token(row))
+            gen.produced += 1
+            if row.tokens[-1] != FakeTok.eos_token_id:
+                row.on_token(row.tokens[-1])
+        for row in list(self.rows):
+            if row.tokens[-1] == FakeTok.eos_token_id or len(row.tokens) >= row.max_new_tokens:
+                self.rows.remove(row)
+                row.on_end("stop" if row.tokens[-1] == FakeTok.eos_token_id else "length")
+        time.sleep(gen.tick)
+        return len(self.rows) + len(new)
+
+    def next_token(self, row) -> int:
+        tok, n = self.gen.tok, len(row.tokens)
+        if n + 1 >= self.gen.tokens:
+            return FakeTok.eos_token_id
+        return tok.id([f"{self.gen.tag}:", f" {tok.words[row.prompt[0]]}"][n] if n < 2 else " more")
 
 
 class FakeGenerator:
-    """Instant 3-token answers unless `gate` is cleared (then it blocks, deaf to `stop`, like a hung forward pass);
-    `tokens` and `tick` make slow, long answers that, like the real one, end rows once `stop` says so."""
+    """Instant 3-token answers ("<tag>: <title>" + EOS) unless `gate` is cleared; `tokens` and `tick` make slow,
+    long answers that, like the real engine, stop rows as soon as nobody wants them."""
 
-    name = "fake"
-
-    def __init__(self) -> None:
-        self.cfg, self.model = ProdescConfig(), FakeModel()
-        self.calls: list[tuple[list[str], float, bool]] = []
+    def __init__(self, tag: str = "tuned") -> None:
+        self.name = "fake" if tag == "tuned" else "fake-base"
+        self.tag, self.cfg, self.tok = tag, ProdescConfig(), FakeTok()
+        self.calls: list[tuple[list[str], list[float], str]] = []  # (titles admitted, temperatures, tag) a step
         self.gate, self.entered, self.fail = threading.Event(), threading.Event(), False
         self.gate.set()
-        self.tokens, self.tick, self.produced = 3, 0.0, 0  # tokens per answer, seconds per token, tokens made
+        self.tokens, self.tick, self.produced = 3, 0.0, 0  # tokens per answer, seconds per step, tokens made
+        self.base: FakeGenerator | None = None
 
-    def describe(self, titles, gen, progress=False, adapter=True, stop=None):
-        self.calls.append((list(titles), gen.temperature, adapter))
-        self.entered.set()
-        self.gate.wait(10)
-        if self.fail:
-            raise RuntimeError("CUDA out of memory (fake)")
-        counts = [0] * len(titles)
-        for _ in range(self.tokens):
-            live = [i for i in range(len(titles)) if not (stop and stop(i))]
-            if not live:
-                break
-            for i in live:
-                counts[i] += 1
-            self.produced += len(live)
-            time.sleep(self.tick)
-        tag = "tuned" if adapter else "base"
-        return [{"title": t, "prediction": f"{tag}: {t}", "n_tokens": n, "stopped_by_eos": True, "latency_ms": 1.0}
-                for t, n in zip(titles, counts, strict=True)]
+    def prompt_ids(self, title: str) -> list[int]:
+        return [self.tok.id(title)]
 
-    def stream(self, title, gen, stop=None):
-        tag = "tuned" if self.model.adapter_on else "base"
-        pieces = [f"{tag}:", "", f" {title}"] + [" more"] * (self.tokens - 3)
-        for piece in pieces:
-            if stop is not None and stop():
-                return
-            self.produced += 1
-            yield piece
-            time.sleep(self.tick)
+    def engine(self, slots: int, cache_len: int) -> FakeEngine:
+        return FakeEngine(self, slots)
+
+    def load_base(self) -> FakeGenerator:
+        self.base = FakeGenerator("base")
+        self.base.tok = self.tok
+        return self.base
 
 
 def in_process(scenario, api_key: str | None = None, **serve: object):
     """Run `scenario(client, app, gen)` against create_app(FakeGenerator) through httpx's ASGI transport."""
     gen = FakeGenerator()
     cfg = ServeConfig(**{"batch_window_ms": 0, **serve})
-    app = create_app(gen, cfg, api_key)
+    app = create_app(gen, cfg, api_key, base=gen.load_base)
 
     async def main():
         transport = httpx.ASGITransport(app=app)
@@ -500,27 +539,31 @@ def test_client_that_disconnects_frees_its_slot_and_is_never_generated() -> None
         gen.gate.set()
         assert (await first).status_code == 200
         metrics = (await http.get("/metrics")).text
-        return depth_after, sent[0]["status"], metrics
+        return depth_after, sent[0]["status"], metrics, gen.calls
 
-    depth_after, status, metrics = in_process(scenario, max_batch_size=1)
+    depth_after, status, metrics, calls = in_process(scenario, max_batch_size=1)
     assert depth_after == 0
     assert status == 499
     assert 'prodesc_requests_total{endpoint="/v1/describe",status="499"} 1.0' in metrics
-    assert "prodesc_generation_calls_total 1.0" in metrics  # only A was generated
+    assert [titles for titles, _, _ in calls] == [["A"]]  # B was never generated
 
 
-def test_requests_with_the_same_params_share_a_call_and_others_wait_their_turn() -> None:
+def test_requests_with_different_settings_join_one_batch_and_base_runs_on_its_own_copy() -> None:
     async def scenario(http, app, gen):
+        await http.post("/v1/describe", json={"titles": ["B0"], "model": "fake-base"})  # loads the base copy
         bodies = [{"titles": [f"T{i}"], "temperature": 0.0 if i % 2 else 0.7} for i in range(5)]
         bodies.append({"titles": ["B"], "model": "fake-base"})
         responses = await asyncio.gather(*(http.post("/v1/describe", json=b) for b in bodies))
-        return responses, gen.calls
+        return responses, gen.calls, gen.base.calls
 
-    responses, calls = in_process(scenario, batch_window_ms=300)
+    responses, calls, base_calls = in_process(scenario, batch_window_ms=300)
     assert [r.status_code for r in responses] == [200] * 6
-    assert sorted((sorted(titles), temp, adapter) for titles, temp, adapter in calls) == [
-        (["B"], 0.0, False), (["T0", "T2", "T4"], 0.7, True), (["T1", "T3"], 0.0, True)]
+    [(titles, temps, _)] = calls  # one prefill: greedy and sampled rows side by side
+    assert sorted(zip(titles, temps, strict=True)) == [("T0", 0.7), ("T1", 0.0), ("T2", 0.7), ("T3", 0.0),
+                                                       ("T4", 0.7)]
+    assert [t for t, _, _ in base_calls] == [["B0"], ["B"]]
     assert responses[5].json()["descriptions"][0]["description"] == "base: B"
+    assert responses[0].json()["descriptions"][0]["description"] == "tuned: T0"
 
 
 def test_generation_failure_answers_500_and_the_server_keeps_serving() -> None:
@@ -575,7 +618,7 @@ def test_two_apps_in_one_process_keep_separate_metrics() -> None:
         async with other:
             return (await other.get("/metrics")).text
 
-    assert "prodesc_generation_calls_total 0.0" in in_process(scenario)
+    assert "prodesc_decode_steps_total 0.0" in in_process(scenario)
 
 
 # ---- hardening (issue 13): no jam, no work for nobody, no open door, no 500 -------------------------------------
@@ -583,8 +626,8 @@ def test_two_apps_in_one_process_keep_separate_metrics() -> None:
 
 def test_a_timed_out_request_stops_its_generation_so_the_next_one_is_served() -> None:
     async def scenario(http, app, gen):
-        gen.tokens, gen.tick = 10_000, 0.001  # ~10 s of generation, far past the 0.5 s deadline
-        late = await http.post("/v1/describe", json={"titles": ["A"]})
+        gen.tokens, gen.tick = 10_000, 0.002  # ~2 s of generation, far past the 0.5 s deadline
+        late = await http.post("/v1/describe", json={"titles": ["A"], "max_new_tokens": 1024})
         gen.tokens, gen.tick = 3, 0.0
         after = await http.post("/v1/describe", json={"titles": ["B"]})  # waits for A's call to give the thread back
         return late, after, gen.produced, (await http.get("/metrics")).text
@@ -666,7 +709,7 @@ def test_decoding_params_reach_the_model_normalised() -> None:
 
     answers, calls = in_process(scenario, batch_window_ms=200)
     assert [r.status_code for r in answers] == [200, 200, 200]
-    assert [(sorted(titles), temperature) for titles, temperature, _ in calls] == [(["A", "B", "C"], 0.0)]
+    assert [(sorted(titles), temps) for titles, temps, _ in calls] == [(["A", "B", "C"], [0.0, 0.0, 0.0])]
 
 
 HOSTILE = {
@@ -816,8 +859,9 @@ def test_a_real_stream_whose_client_leaves_stops_generating(server: Server) -> N
 
 def test_a_stream_past_its_deadline_ends_with_a_timeout_event_not_a_finish() -> None:
     async def scenario(http, app, gen):
-        gen.tokens, gen.tick = 10_000, 0.001
-        body = {"model": "fake", "stream": True, "messages": [{"role": "user", "content": "Red Mug"}]}
+        gen.tokens, gen.tick = 10_000, 0.002
+        body = {"model": "fake", "stream": True, "max_tokens": 1024,
+                "messages": [{"role": "user", "content": "Red Mug"}]}
         r = await http.post("/v1/chat/completions", json=body)
         gen.tokens, gen.tick = 3, 0.0
         return r, await http.post("/v1/describe", json={"titles": ["B"]}), gen.produced

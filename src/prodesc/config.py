@@ -242,9 +242,16 @@ class ServeConfig(_Stage):
 
     host: str = Field("127.0.0.1", description="Bind address; 127.0.0.1 keeps it local.")
     port: int = Field(8000, ge=1, le=65535, description="Port.")
-    max_batch_size: int = Field(32, ge=1, description="Requests merged into one generation call at most.")
+    max_batch_size: int = Field(
+        32, ge=1, description="Rows (titles) generating together at most: the KV cache's slots. More wait in the "
+        "queue and join as rows finish.",
+    )
+    cache_len: int = Field(
+        2048, ge=16, description="KV cache tokens per slot: a request's prompt + max_new_tokens at most (else 400). "
+        "KV memory = max_batch_size x cache_len x the model's bytes per token (Mistral-7B bf16: 128 KiB).",
+    )
     batch_window_ms: int = Field(
-        20, ge=0, description="How long to wait for more requests before generating."
+        20, ge=0, description="From idle, how long to wait for more requests before the first prefill."
     )
     queue_size: int = Field(256, ge=1, description="Pending requests at most; more get 503.")
     request_timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")

@@ -4,9 +4,11 @@
     gen = Generator.from_run(Path("runs/smol")); gen.describe(["Red Mug"])
 
 Inside: `generator` (Generator and the verb), `processors` (answer-only logits processors), `fast` (compiled
-static-cache decoding on CUDA).
+static-cache decoding on CUDA), `continuous` (the continuous-batching engine `prodesc serve` runs: `Engine`,
+`Row`).
 """
 
+from prodesc.generate.continuous import Engine, Row
 from prodesc.generate.generator import Generator
 
-__all__ = ["Generator"]
+__all__ = ["Engine", "Generator", "Row"]

@@ -19,6 +19,7 @@ from typing import Any
 
 from prodesc import config as configmod
 from prodesc import models, prompts, rundir
+from prodesc.attention import batch_bucket
 from prodesc.config import MIN_SAMPLING_TEMPERATURE, GenerateConfig, ProdescConfig
 from prodesc.data import check_overlap
 from prodesc.errors import ProdescError
@@ -53,6 +54,17 @@ class Generator:
         return cls(model, tok, cfg, name=f"{run.name}")
 
     @classmethod
+    def base_of_run(cls, run: Path, cfg: ProdescConfig | None = None) -> Generator:
+        """The run's base model alone (no adapter), with the run's tokenizer and prompt: `prodesc serve`'s
+        `<name>-base`, loaded as a second copy beside the merged fine-tuned model."""
+        cfg = cfg or rundir.settings(run)
+        base = read_manifest(run)["base_model"]
+        path = str(run / base["path"]) if base.get("path") else None
+        model, _ = models.load(cfg.model, path=path, decode=cfg.generate.compile)
+        model.eval()
+        return cls(model, models.load_tokenizer(str(run / "adapter")), cfg, name=f"{run.name}-base")
+
+    @classmethod
     def from_model(cls, name: str, adapter: Path | None = None, cfg: ProdescConfig | None = None) -> Generator:
         """A plain model (Hub id, dir, embedded:...) with an optional PEFT adapter dir."""
         cfg = cfg or configmod.resolve(flags={"model.name": name})
@@ -65,6 +77,19 @@ class Generator:
             model = PeftModel.from_pretrained(model, str(adapter))
         model.eval()
         return cls(model, tok, cfg, name=name)
+
+    def prompt_ids(self, title: str) -> list[int]:
+        """The prompt the model is given for a title (the same function training used)."""
+        return prompts.prompt_ids(self.tok, title, self.cfg.prompt)
+
+    def engine(self, slots: int, cache_len: int) -> Any:
+        """A continuous-batching engine on this model (`prodesc serve`): `slots` rows at once, each with room for
+        `cache_len` prompt + answer tokens; decode steps as CUDA graphs where the fast path applies."""
+        from prodesc.generate.continuous import Engine
+
+        on_cuda = getattr(self.model, "device", None) is not None and self.model.device.type == "cuda"
+        graphs = on_cuda and fast.fast_generation_enabled(self.model, self.cfg.generate.compile)
+        return Engine(self.model, self.tok, self.cfg.generate, slots, cache_len, graphs=graphs)
 
     def describe(
         self,
@@ -123,7 +148,7 @@ class Generator:
         import torch
 
         compiled = fast.fast_generation_enabled(self.model, gen.compile)  # static cache + compiled decode
-        fill = fast.batch_bucket(len(titles), gen.batch_size) - len(titles) if compiled else 0
+        fill = batch_bucket(len(titles), gen.batch_size) - len(titles) if compiled else 0
         inputs = self._encode(titles + titles[-1:] * fill)  # a few batch shapes, each compiled once
         width = inputs["input_ids"].shape[1]
         kwargs = self._gen_kwargs(gen, width, stop, rows + rows[-1:] * fill)

@@ -6,10 +6,12 @@
 
 Endpoints: `POST /v1/describe`, `POST /v1/chat/completions` (plain or `stream: true` server-sent events),
 `GET /v1/models`, `GET /healthz`, `GET /metrics` (Prometheus) and `GET /` (the page). A run serves two models:
-its own name (the fine-tuned adapter) and `<name>-base` (the same weights with the adapter off).
+its own name (the fine-tuned model, merged) and `<name>-base` (a second copy of the base weights, loaded on its
+first request).
 
-Requests that arrive within `serve.batch_window_ms` with the same decoding params share one generation call
-(batcher.py); one thread owns the model. Streaming answers run one at a time on that thread, between batches.
+Every request joins one running batch (continuous batching, batching.py and generate/continuous.py): streams and
+plain answers with any decoding settings share each step, joining and leaving token by token; one thread owns
+the models.
 A full queue answers 503 with Retry-After, a slow answer 504, bad input 400 with an OpenAI-style error body.
 Every generation stops within a token once its client leaves or its deadline passes (batching.py), and
 `/healthz` answers 503 when the model thread is stuck. With `--api-key` (or $PRODESC_API_KEY) every path but
@@ -27,7 +29,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,22 +66,25 @@ def serve_cli(run: Path | None, model: str | None, api_key: str | None, config: 
     check_api_key(api_key)
     settings = rundir.settings(run, config, {**(flags or {}), **({"model.name": model} if model else {})}, sets)
     _check_port(settings.serve.host, settings.serve.port)  # every setting and the port checked before the model loads
-    # Unmerged on purpose: `<name>-base` needs the adapter switchable. For throughput, see vLLM in the README.
-    gen = Generator.from_run(run, settings, merge=False) if run else Generator.from_model(model, None, settings)
+    # Merged: the fine-tuned model runs at base speed; `<name>-base` is a second copy, loaded on first request.
+    gen = Generator.from_run(run, settings, merge=True) if run else Generator.from_model(model, None, settings)
+    base = (lambda: Generator.base_of_run(run, settings)) if run else None
     cfg = settings.serve
     if api_key is None and not is_loopback(cfg.host):
         print(f"warning: serving on {cfg.host} without --api-key: anyone who can reach it can use the model",
               file=sys.stderr)
-    app = create_app(gen, cfg, api_key)
+    app = create_app(gen, cfg, api_key, base=base)
     names = ", ".join(_svc_of(app).models)
     print(f"serving {names} on http://{cfg.host}:{cfg.port}/  (API: /v1, metrics: /metrics)", flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=5)
 
 
-def create_app(generator: Any, cfg: ServeConfig, api_key: str | None = None) -> FastAPI:
-    """The ASGI app around a loaded `Generator` (or anything with `name`, `model`, `cfg`, `describe`, `stream`)."""
+def create_app(generator: Any, cfg: ServeConfig, api_key: str | None = None,
+               base: Callable[[], Any] | None = None) -> FastAPI:
+    """The ASGI app around a loaded `Generator` (or anything with `name`, `cfg`, `tok`, `prompt_ids`, `engine`);
+    `base()` loads the `<name>-base` generator on its first request (None: no base model)."""
     check_api_key(api_key)
-    svc = Service(generator, cfg, api_key)
+    svc = Service(generator, cfg, api_key, base)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -150,7 +155,7 @@ async def describe(request: Request) -> dict[str, Any]:
     name = body.model or svc.name
     params = svc.params(name, body.max_new_tokens, body.temperature, body.top_p, "max_new_tokens")
     titles = svc.check_titles(body.titles)
-    records = await svc.wait(request, svc.submit(titles, params, deadline))
+    records = await svc.wait(request, await svc.submit(titles, params, deadline))
     return {"descriptions": [{"title": r["title"], "description": r["prediction"], "n_tokens": r["n_tokens"],
                               "stopped_by_eos": r["stopped_by_eos"]} for r in records], "model": name}
 
@@ -166,12 +171,12 @@ async def chat_completions(request: Request) -> dict[str, Any] | StreamingRespon
     title = svc.check_titles([_last_user_text(body.messages)], param="messages")[0]
     head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body.model}
     if body.stream:
-        job = svc.submit([title], params, deadline, stream=True)
+        job = await svc.submit([title], params, deadline, stream=True)
         pieces = await svc.wait(request, job)
         usage = bool((body.stream_options or {}).get("include_usage"))
         return _JobStream(job, _sse(svc, pieces, head, deadline, usage), media_type="text/event-stream",
                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    [rec] = await svc.wait(request, svc.submit([title], params, deadline))
+    [rec] = await svc.wait(request, await svc.submit([title], params, deadline))
     choice = {"index": 0, "message": {"role": "assistant", "content": rec["prediction"]},
               "finish_reason": "stop" if rec["stopped_by_eos"] else "length"}
     prompt = rec.get("prompt_tokens", 0)

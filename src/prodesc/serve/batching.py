@@ -1,32 +1,29 @@
-"""The request queue of `prodesc serve`: requests that arrive together share one generation call.
+"""The request queue of `prodesc serve`: every request joins one running batch, token by token.
 
-    batcher = Batcher(run_batch, run_stream, max_batch_size=32, window_s=0.02, queue_size=256)
-    job = batcher.submit(["Red Mug"], params, deadline)     # raises QueueFull when the queue is full
-    records = await job.future                              # job.cancel() when nobody waits any more
-    pieces = await batcher.submit(["Red Mug"], params, deadline, stream=True).future  # asyncio.Queue: str.., DONE
+    batcher = Batcher({True: engine}, window_s=0.02, queue_size=256, on_step=metrics.step)
+    batcher.submit(job, model=True)                  # raises QueueFull when queue_size jobs wait for a slot
+    records = await job.future                       # job.cancel() when nobody waits any more
 
-One asyncio task takes jobs in arrival order and hands them to a single worker thread, the only thread that
-touches the model. For a plain job it waits up to `window_s` after that job arrived (less if `max_batch_size`
-titles with the same decoding params are already queued), then runs every queued job with the same params as one
-`run_batch(titles, params)` call. Jobs with other params keep their place for the next round. A streaming job runs
-alone: `run_stream(title, params, emit)` pushes pieces that reach the request through the job's queue.
+One thread (the model thread) owns the models. It loops: each engine with work takes a step (rows waiting for a
+slot join with one prefill, then every live row gets a token; generate/continuous.py), so plain answers and
+streams of any decoding settings share every step, and a new request waits for one step, not for a batch to end.
+From idle it waits `window_s` first, so requests arriving together are prefilled together.
 
-A job cancelled (client gone, timeout) before its turn is dropped without generating: that is how a
-disconnected client frees its slot. Once generating, every job is asked after each token whether it is still
-wanted (`stop` of run_batch/run_stream): a cancelled job, or one past its deadline, stops within a token, and a
-call whose jobs have all stopped returns, so nobody's abandoned answer holds the model thread. A job that reached
-its deadline gets `Expired` instead of a cut-short answer.
+A job is a request's titles, one engine row each. A row is asked before every step whether it is still wanted:
+a job cancelled (client gone) or past its deadline is dropped before it is prefilled, or stops within a token,
+so nobody's abandoned answer holds the model. A job whose deadline cut it short gets `Expired`, never a partial
+answer. The model thread reports each finished row to the event loop; a stream's tokens go to `job.on_token`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,13 +31,9 @@ log = logging.getLogger(__name__)
 
 DONE = object()  # the last item of a stream's queue (an Exception instead when generation failed)
 
-# (titles, params, stop) -> one result per title, in order; stop(i) is True once title i's answer is unwanted
-RunBatch = Callable[[list[str], Any, Callable[[int], bool]], list[Any]]
-RunStream = Callable[[str, Any, Callable[[Any], None], Callable[[], bool]], None]  # (title, params, emit, stop)
-
 
 class QueueFull(Exception):
-    """The queue holds `queue_size` jobs already: answer 503 and let the client retry."""
+    """`queue_size` jobs wait for a slot already: answer 503 and let the client retry."""
 
 
 class Expired(Exception):
@@ -49,16 +42,24 @@ class Expired(Exception):
 
 @dataclass(eq=False)
 class Job:
-    """A queued request. `future` gives its results (a stream: its queue of pieces, as soon as it starts)."""
+    """A queued request: its rows (engine `Row`s, one per title) and the future of its result, the list of
+    `(tokens, finish_reason)` per title (a stream's future gives None as soon as its first token is out)."""
 
     titles: list[str]
     params: Hashable
     stream: bool
     deadline: float  # time.monotonic() by which the answer must be complete
     future: asyncio.Future
+    rows: list[Any] = field(default_factory=list)
+    on_token: Callable[[int], None] = lambda _: None  # a stream's tokens in order (on the event loop)
+    # a stream's end (on the event loop): (tokens, finish_reason), Expired(), the step's exception, or None when
+    # the client left
+    on_done: Callable[[Any], None] = lambda _: None
     arrived: float = field(default_factory=time.monotonic)
-    # Set from the event loop, read by the model thread after every token: a threading.Event, not the future.
+    # Set from the event loop, read by the model thread before every step: a threading.Event, not the future.
     gone: threading.Event = field(default_factory=threading.Event)
+    ended: dict[int, tuple[list[int], str]] = field(default_factory=dict)
+    pieces: Any = None  # a stream's asyncio.Queue of text pieces (filled by the service's on_token/on_done)
 
     def cancel(self) -> None:
         """Nobody waits for the answer any more: skip the job, or stop generating it within a token."""
@@ -70,159 +71,155 @@ class Job:
 
 
 class Batcher:
-    """Bounded queue + collection window + one model thread. Create it anywhere; it starts on first submit."""
+    """Bounded queue + one model thread stepping the engines. Create it anywhere; it starts on first submit."""
 
-    def __init__(self, run_batch: RunBatch, run_stream: RunStream, *, max_batch_size: int, window_s: float,
-                 queue_size: int) -> None:
-        self.run_batch, self.run_stream = run_batch, run_stream
-        self.max_batch_size, self.window_s, self.queue_size = max_batch_size, window_s, queue_size
-        self._pending: deque[Job] = deque()
-        self._arrived: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prodesc-model")
-        self._running: float | None = None  # the latest deadline of the call on the model thread, if any
+    def __init__(self, engines: dict[Hashable, Any], *, window_s: float, queue_size: int,
+                 on_step: Callable[[int, float], None] = lambda tokens, seconds: None,
+                 on_row_end: Callable[[int], None] = lambda tokens: None) -> None:
+        self.engines, self.window_s, self.queue_size = engines, window_s, queue_size
+        self.on_step, self.on_row_end = on_step, on_row_end
+        self._inbox: deque[tuple[Job, Hashable]] = deque()
+        self._jobs: set[Job] = set()  # submitted, not ended
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._running: float | None = None  # the latest deadline of the step on the model thread, if any
+        self._calls: list[tuple[Callable[..., Any], tuple]] = []  # model thread -> event loop, after each step
 
     @property
     def depth(self) -> int:
-        """Jobs waiting for the model (the one running is not counted)."""
-        return sum(not job.future.done() for job in self._pending)
+        """Jobs with a title still waiting for a slot (those generating are not counted)."""
+        waiting = {job for job, _ in list(self._inbox)}
+        waiting |= {row.job for engine in list(self.engines.values()) for row in list(engine.waiting)}
+        return sum(1 for job in waiting if job.wanted())
 
     def overdue(self) -> float:
-        """Seconds the running generation call has run past its latest job's deadline (0: none, or in time)."""
+        """Seconds the running step has run past its latest job's deadline (0: none, or in time)."""
         return max(time.monotonic() - self._running, 0.0) if self._running is not None else 0.0
 
-    def submit(self, titles: list[str], params: Hashable, deadline: float, stream: bool = False) -> Job:
-        """Queue a job that must be answered by `deadline` (time.monotonic())."""
+    def submit(self, job: Job, model: Hashable) -> Job:
+        """Queue a job (its rows built by the caller) for the engine `model`."""
         self._start()
-        self._drop_cancelled()
-        if len(self._pending) >= self.queue_size:
-            raise QueueFull(f"{len(self._pending)} requests queued (serve.queue_size={self.queue_size})")
-        job = Job(list(titles), params, stream, deadline, asyncio.get_running_loop().create_future())
-        self._pending.append(job)
-        self._arrived.set()
+        if self.depth >= self.queue_size:
+            raise QueueFull(f"{self.depth} requests wait for a slot (serve.queue_size={self.queue_size})")
+        for i, row in enumerate(job.rows):
+            row.job, row.deadline, row.wanted = job, job.deadline, job.wanted
+            row.on_token = self._token_sink(job, row) if job.stream else row.on_token
+            row.on_end = self._end_sink(job, i, row)
+        self._jobs.add(job)
+        self._inbox.append((job, model))
+        self._wake.set()
         return job
 
     async def close(self) -> None:
-        """Stop taking jobs; the running generation (if any) finishes in its thread."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        for job in self._pending:
-            job.future.cancel()
-        self._pending.clear()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop the model thread after its current step; pending jobs are cancelled."""
+        self._closed = True
+        self._wake.set()
+        for job in list(self._jobs):
+            job.cancel()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
 
     def _start(self) -> None:
-        if self._task is None or self._task.done():
-            self._arrived = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name="prodesc-batcher")
+        if self._thread is None:
+            self._loop = asyncio.get_running_loop()
+            self._thread = threading.Thread(target=self._run, name="prodesc-model", daemon=True)
+            self._thread.start()
 
-    async def _loop(self) -> None:
-        while True:
-            first = await self._next()
-            try:
-                if first.stream:
-                    self._pending.popleft()
-                    await self._stream(first)
-                    continue
-                await self._collect(first)
-                await self._batch(self._take(first.params))
-            except Exception:  # a bug here must not stop the server: log it and serve the next job
-                log.exception("batcher: unexpected error")
+    # ---- the model thread -------------------------------------------------------------------------------------
 
-    async def _next(self) -> Job:
-        while True:
-            self._drop_cancelled()
-            if self._pending:
-                return self._pending[0]
-            self._arrived.clear()
-            await self._arrived.wait()
-
-    async def _collect(self, first: Job) -> None:
-        """Wait out the window that opened when `first` arrived, unless a full batch is already queued."""
-        deadline = first.arrived + self.window_s
-        while self._queued_titles(first.params) < self.max_batch_size:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), left)
-            except TimeoutError:
-                return
-
-    def _take(self, params: Hashable) -> list[Job]:
-        """Remove the live jobs with `params` (up to max_batch_size titles, at least one job) in order."""
-        batch, keep, n = [], deque(), 0
-        for job in self._pending:
-            if job.future.done():
+    def _run(self) -> None:
+        while not self._closed:
+            busy = [key for key, engine in list(self.engines.items()) if engine.busy]
+            if not busy and not self._inbox:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                if self._inbox and self.window_s > 0:
+                    time.sleep(self.window_s)  # from idle: let requests that arrive together join one prefill
                 continue
-            fits = not batch or n + len(job.titles) <= self.max_batch_size
-            if not job.stream and job.params == params and fits:
-                batch.append(job)
-                n += len(job.titles)
-            else:
-                keep.append(job)
-        self._pending = keep
-        return batch
+            self._take_inbox()
+            for key in busy or list(self.engines):
+                if self.engines[key].busy:
+                    self._step(self.engines[key])
 
-    async def _batch(self, batch: list[Job]) -> None:
-        if not batch:
-            return
-        titles = [t for job in batch for t in job.titles]
-        owners = [job for job in batch for _ in job.titles]
+    def _take_inbox(self) -> None:
+        while self._inbox:
+            job, key = self._inbox.popleft()
+            for row in job.rows:
+                self.engines[key].add(row)
 
-        def stop(i: int) -> bool:  # called from the model thread after every token
-            return not owners[i].wanted()
-
+    def _step(self, engine: Any) -> None:
+        rows = engine.rows + list(engine.waiting)
+        self._running = max((r.deadline for r in rows), default=math.inf)
+        t0 = time.perf_counter()
         try:
-            results = await self._on_model_thread(batch, self.run_batch, titles, batch[0].params, stop)
-        except Exception as e:
-            for job in batch:
-                if not job.future.done():
-                    job.future.set_exception(e)
+            tokens = engine.step()
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: fail these jobs, keep serving the next ones
+            log.error("generation step failed", exc_info=e)
+            for row in engine.fail():
+                self._call(self._fail, row.job, e)
             return
-        start = 0
-        for job in batch:
-            if job.future.done():  # cancelled while generating: the client is gone
-                pass
-            elif time.monotonic() >= job.deadline:  # its rows were cut short at the deadline
-                job.future.set_exception(Expired())
-            else:
-                job.future.set_result(results[start:start + len(job.titles)])
-            start += len(job.titles)
-
-    async def _stream(self, job: Job) -> None:
-        loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue = asyncio.Queue()
-        job.future.set_result(pieces)
-
-        def emit(item: Any) -> None:  # called from the model thread
-            loop.call_soon_threadsafe(pieces.put_nowait, item)
-
-        def stop() -> bool:
-            return not job.wanted()
-
-        try:
-            await self._on_model_thread([job], self.run_stream, job.titles[0], job.params, emit, stop)
-        except Exception as e:
-            pieces.put_nowait(e)
-            return
-        pieces.put_nowait(Expired() if time.monotonic() >= job.deadline else DONE)  # after every emitted piece
-
-    async def _on_model_thread(self, jobs: list[Job], fn: Callable[..., Any], *args: Any) -> Any:
-        """Run `fn` on the model thread, remembering the call's deadline for `overdue()` (health)."""
-        self._running = max(job.deadline for job in jobs)
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         finally:
             self._running = None
+            self._flush()
+        self.on_step(tokens, time.perf_counter() - t0)  # a token per row that took part
 
-    def _queued_titles(self, params: Hashable) -> int:
-        return sum(len(j.titles) for j in self._pending if not j.stream and j.params == params
-                   and not j.future.done())
+    def _token_sink(self, job: Job, row: Any) -> Callable[[int], None]:
+        def on_token(token: int) -> None:  # model thread
+            if len(row.tokens) == 1:
+                self._call(_started, job)
+            self._call(job.on_token, token)
+        return on_token
 
-    def _drop_cancelled(self) -> None:
-        if any(job.future.done() for job in self._pending):
-            self._pending = deque(job for job in self._pending if not job.future.done())
+    def _end_sink(self, job: Job, i: int, row: Any) -> Callable[[str], None]:
+        def on_end(reason: str) -> None:  # model thread
+            self.on_row_end(len(row.tokens))
+            self._call(self._ended, job, i, list(row.tokens), reason)
+        return on_end
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._calls.append((fn, args))  # handed over once per step: one wake-up of the loop, not one per row
+
+    def _flush(self) -> None:
+        calls, self._calls = self._calls, []
+        if calls and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(_run_all, calls)
+
+    # ---- back on the event loop ---------------------------------------------------------------------------------
+
+    def _ended(self, job: Job, i: int, tokens: list[int], reason: str) -> None:
+        job.ended[i] = (tokens, reason)
+        if len(job.ended) < len(job.rows):
+            return
+        self._jobs.discard(job)
+        if job.future.done() and not job.stream:  # cancelled: the client is gone
+            return
+        cut = any(reason == "cancelled" for _, reason in job.ended.values())
+        result = Expired() if cut and time.monotonic() >= job.deadline else None
+        if job.stream:
+            _started(job)
+            job.on_done(result if cut else job.ended[0])
+        elif result is not None:
+            job.future.set_exception(result)
+        elif not cut:
+            job.future.set_result([job.ended[k] for k in range(len(job.rows))])
+
+    def _fail(self, job: Job, error: Exception) -> None:
+        if job not in self._jobs:  # a job of several rows fails once
+            return
+        self._jobs.discard(job)
+        if job.stream and job.future.done():
+            job.on_done(error)
+        elif not job.future.done():
+            job.future.set_exception(error)
+
+
+def _run_all(calls: list[tuple[Callable[..., Any], tuple]]) -> None:
+    for fn, args in calls:
+        fn(*args)
+
+
+def _started(job: Job) -> None:
+    if not job.future.done():
+        job.future.set_result(None)

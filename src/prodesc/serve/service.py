@@ -7,12 +7,11 @@ batcher's thread).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.resources
-import inspect
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,8 @@ from fastapi import Request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from prodesc.config import MIN_SAMPLING_TEMPERATURE, ServeConfig
-from prodesc.serve.batching import Batcher, Expired, Job, QueueFull
+from prodesc.generate import Row
+from prodesc.serve.batching import DONE, Batcher, Expired, Job, QueueFull
 from prodesc.serve.schemas import ApiError, Params
 
 log = logging.getLogger(__name__)
@@ -30,18 +30,20 @@ MAX_TEMPERATURE = 2.0
 class Service:
     """Everything a request needs: the generator behind its batcher, the limits, the metrics, the page."""
 
-    def __init__(self, gen: Any, cfg: ServeConfig, api_key: str | None) -> None:
-        self.gen, self.cfg, self.api_key = gen, cfg, api_key
+    def __init__(self, gen: Any, cfg: ServeConfig, api_key: str | None,
+                 base: Callable[[], Any] | None = None) -> None:
+        """`gen` serves under its name; `base`, if given, loads `<name>-base` on its first request."""
+        self.gen, self.cfg, self.api_key, self._load_base = gen, cfg, api_key, base
         self.name = public_name(gen.name)
-        has_base = callable(getattr(gen.model, "disable_adapter", None))
-        self.models = {self.name: True, **({f"{self.name}-base": False} if has_base else {})}  # name -> adapter
+        self.models = {self.name: True, **({f"{self.name}-base": False} if base is not None else {})}
         self.started = int(time.time())
         self.metrics = Metrics()
-        self.batcher = Batcher(self._run_batch, self._run_stream, max_batch_size=cfg.max_batch_size,
-                               window_s=cfg.batch_window_ms / 1000, queue_size=cfg.queue_size)
+        self.batcher = Batcher({True: gen.engine(cfg.max_batch_size, cfg.cache_len)},
+                               window_s=cfg.batch_window_ms / 1000, queue_size=cfg.queue_size,
+                               on_step=self.metrics.step, on_row_end=self.metrics.tokens.inc)
         self.metrics.queue.set_function(lambda: self.batcher.depth)
         self.page = importlib.resources.files("prodesc.serve").joinpath("static/index.html").read_text("utf-8")
-        self._stream_has_adapter = "adapter" in inspect.signature(gen.stream).parameters
+        self._base: asyncio.Future | None = None  # the base generator, loading or loaded
 
     def params(self, model: str, max_new_tokens: int | None, temperature: float | None, top_p: float | None,
                tokens_param: str) -> Params:
@@ -82,16 +84,47 @@ class Service:
                                "(serve.max_title_chars)", param=param)
         return [t.strip() for t in titles]
 
-    def submit(self, titles: list[str], params: Params, deadline: float, stream: bool = False) -> Job:
+    async def submit(self, titles: list[str], params: Params, deadline: float, stream: bool = False) -> Job:
+        """Queue the titles as one job (a stream: one title) on the fine-tuned or the base model."""
+        gen = self.gen if params.adapter else await self.base()
+        prompts = [self.prompt(gen, title) for title in titles]
+        for title, ids in zip(titles, prompts, strict=True):
+            if len(ids) + params.max_new_tokens > self.cfg.cache_len:
+                raise ApiError(400, f"a prompt of {len(ids)} tokens + {params.max_new_tokens} new tokens is over "
+                               f"serve.cache_len={self.cfg.cache_len}: ask fewer tokens or shorten {title[:40]!r}",
+                               param="max_tokens")
+        job = Job(titles, params, stream, deadline, asyncio.get_running_loop().create_future())
+        job.rows = [Row(ids, params.max_new_tokens, params.temperature, params.top_p) for ids in prompts]
+        if stream:
+            job.pieces = asyncio.Queue()
+            job.on_token, job.on_done = _stream_sinks(gen.tok, job.pieces, len(prompts[0]))
         try:
-            return self.batcher.submit(titles, params, deadline, stream=stream)
+            return self.batcher.submit(job, params.adapter)
         except QueueFull as e:
             raise ApiError(503, f"server busy: {e}; retry shortly", "overloaded", code="queue_full",
                            headers={"Retry-After": "1"}) from None
 
+    def prompt(self, gen: Any, title: str) -> list[int]:
+        """The prompt's token ids: the one seam where a request's prompt is built (catalog neighbours go here)."""
+        return gen.prompt_ids(title)
+
+    async def base(self) -> Any:
+        """The base model's generator, loaded (in a thread, once) on the first request for `<name>-base`: a second
+        copy of the base weights, so the fine-tuned model stays merged and never pays for a switchable adapter."""
+        if self._base is None:
+            self._base = asyncio.ensure_future(asyncio.to_thread(self._load_base))
+        try:
+            gen = await asyncio.shield(self._base)
+        except Exception as e:
+            self._base = None  # try again on the next request
+            raise ApiError(500, failure(e), "server_error") from None
+        if False not in self.batcher.engines:
+            self.batcher.engines[False] = gen.engine(self.cfg.max_batch_size, self.cfg.cache_len)
+        return gen
+
     async def wait(self, request: Request, job: Job) -> Any:
-        """The job's result; cancels the job (skipped, or stopped within a token) when the client leaves or time
-        runs out."""
+        """The job's result (a stream: its queue of pieces, once its first token is out); cancels the job
+        (skipped, or stopped within a token) when the client leaves or time runs out."""
         future, gone = job.future, asyncio.ensure_future(disconnected(request))
         try:
             await asyncio.wait({future, gone}, timeout=max(job.deadline - time.monotonic(), 0.0),
@@ -107,9 +140,20 @@ class Service:
             raise self.timeout()
         if future.exception() is not None:
             raise ApiError(500, failure(future.exception()), "server_error")
-        if not job.stream:
-            self.metrics.delivered.inc(sum(r["n_tokens"] for r in future.result()))
-        return future.result()
+        if job.stream:
+            return job.pieces
+        gen = self.gen if job.params.adapter else await self.base()
+        records = [self.record(gen, title, tokens, reason)
+                   for title, (tokens, reason) in zip(job.titles, future.result(), strict=True)]
+        self.metrics.delivered.inc(sum(r["n_tokens"] for r in records))
+        return records
+
+    def record(self, gen: Any, title: str, tokens: list[int], reason: str) -> dict[str, Any]:
+        """What `Generator.describe` gives for a title, from the row's tokens (EOS counted, not shown)."""
+        shown = [t for t in tokens if t != gen.tok.eos_token_id]
+        return {"title": title, "prediction": gen.tok.decode(shown, skip_special_tokens=True).strip(),
+                "n_tokens": len(tokens), "stopped_by_eos": reason == "stop",
+                "prompt_tokens": len(self.prompt(gen, title))}
 
     def timeout(self) -> ApiError:
         return ApiError(504, f"no answer within serve.request_timeout_s={self.cfg.request_timeout_s}s: retry, ask "
@@ -123,51 +167,36 @@ class Service:
                     f"(serve.stuck_after_s={self.cfg.stuck_after_s}); restart the server")
         return None
 
-    def _run_batch(self, titles: list[str], p: Params, stop: Any) -> list[dict[str, Any]]:
-        """On the model thread: one `describe` call for the whole batch; `stop(i)` ends title i's rows early."""
-        t0 = time.perf_counter()
-        records = self.gen.describe(titles, self._decoding(p, len(titles)), adapter=p.adapter, stop=stop)
-        self.metrics.generated(len(titles), self.cfg.max_batch_size, sum(r["n_tokens"] for r in records),
-                               time.perf_counter() - t0)
-        for rec in records:
-            rec["prompt_tokens"] = self._prompt_tokens(rec["title"])
-        return records
 
-    def _run_stream(self, title: str, p: Params, emit: Any, stop: Any) -> None:
-        """On the model thread: push text pieces, then a dict with the token counts and finish reason.
-        `stop()` ends generation early (the client left or the deadline passed): no final dict then."""
-        t0, text = time.perf_counter(), []
-        kwargs = {"adapter": p.adapter} if self._stream_has_adapter else {}
-        off = self.gen.model.disable_adapter() if not p.adapter and not kwargs else contextlib.nullcontext()
-        try:
-            with off:
-                for piece in self.gen.stream(title, self._decoding(p, 1), stop=stop, **kwargs):
-                    if piece:
-                        text.append(piece)
-                        emit(piece)
-        finally:  # tokens generated count even when nobody read them
-            n = min(self._count_tokens("".join(text)), p.max_new_tokens)  # re-tokenized text: an estimate
-            self.metrics.generated(1, 1, n, time.perf_counter() - t0)
-        if not stop():
-            emit({"n_tokens": n, "prompt_tokens": self._prompt_tokens(title),
-                  "finish_reason": "length" if n >= p.max_new_tokens else "stop"})
+def _stream_sinks(tok: Any, pieces: asyncio.Queue, prompt_tokens: int) -> tuple[Any, Any]:
+    """A stream's `on_token`/`on_done` (on the event loop): text pieces as tokens decode to whole characters,
+    then a dict with the token counts and finish reason and DONE; or Expired/an exception; nothing once the
+    client has left."""
+    ids: list[int] = []
+    sent = [""]
 
-    def _decoding(self, p: Params, n: int) -> Any:
-        return self.gen.cfg.generate.model_copy(update={
-            "max_new_tokens": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p,
-            "batch_size": min(max(n, 1), self.cfg.max_batch_size)})
+    def flush() -> None:
+        text = tok.decode(ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd") and len(text) > len(sent[0]):  # \ufffd: a character cut mid-bytes
+            pieces.put_nowait(text[len(sent[0]):])
+            sent[0] = text
 
-    def _prompt_tokens(self, title: str) -> int:
-        tok = getattr(self.gen, "tok", None)
-        if tok is None:
-            return 0
-        from prodesc import prompts
+    def on_token(token: int) -> None:
+        ids.append(token)
+        flush()
 
-        return len(prompts.prompt_ids(tok, title, self.gen.cfg.prompt))
+    def on_done(end: Any) -> None:
+        if isinstance(end, tuple):
+            tokens, reason = end
+            flush()
+            pieces.put_nowait({"n_tokens": len(tokens), "prompt_tokens": prompt_tokens,
+                               "finish_reason": "stop" if reason == "stop" else "length"})
+        elif end is not None:
+            pieces.put_nowait(end)
+            return
+        pieces.put_nowait(DONE)
 
-    def _count_tokens(self, text: str) -> int:
-        tok = getattr(self.gen, "tok", None)
-        return len(tok(text, add_special_tokens=False)["input_ids"]) if tok is not None else len(text.split())
+    return on_token, on_done
 
 
 class Metrics:
@@ -182,22 +211,20 @@ class Metrics:
         self.latency = Histogram("prodesc_request_latency_seconds", "Request latency (streams: until the end).",
                                  ["endpoint"], registry=r,
                                  buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
-        self.calls = Counter("prodesc_generation_calls", "Model generate() calls (a batch of titles each).",
-                             registry=r)
-        self.batch = Histogram("prodesc_batch_size", "Titles per generation call.", registry=r,
+        self.steps = Counter("prodesc_decode_steps", "Model steps (newcomers prefilled, then one token for every "
+                             "live row).", registry=r)
+        self.batch = Histogram("prodesc_batch_size", "Rows generating together, per step.", registry=r,
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.tokens = Counter("prodesc_generated_tokens", "New tokens generated.", registry=r)
         self.delivered = Counter("prodesc_delivered_tokens", "New tokens in answers handed over whole (the rest of "
                                  "generated went to clients that left or timed out).", registry=r)
-        self.tokens_per_s = Gauge("prodesc_tokens_per_second", "Generated tokens/s of the latest call.", registry=r)
+        self.tokens_per_s = Gauge("prodesc_tokens_per_second", "Generated tokens/s of the latest step.", registry=r)
         self.queue = Gauge("prodesc_queue_depth", "Requests waiting for the model.", registry=r)
 
-    def generated(self, n_titles: int, batch_size: int, tokens: int, seconds: float) -> None:
-        """`describe` splits `n_titles` into calls of `batch_size`: count each call and its size."""
-        for start in range(0, n_titles, batch_size):
-            self.calls.inc()
-            self.batch.observe(min(batch_size, n_titles - start))
-        self.tokens.inc(tokens)
+    def step(self, tokens: int, seconds: float) -> None:
+        """One engine step that gave `tokens` rows a token (on the model thread; the metrics are thread-safe)."""
+        self.steps.inc()
+        self.batch.observe(tokens)
         self.tokens_per_s.set(tokens / seconds if seconds > 0 else 0.0)
 
     def request(self, endpoint: str, status: int, seconds: float) -> None:

@@ -1,0 +1,339 @@
+"""Continuous batching: requests join and leave a running batch token by token (what `prodesc serve` runs on).
+
+    engine = generator.engine(slots=32, cache_len=1536)
+    engine.add(Row(prompt_ids, max_new_tokens=64, temperature=0.0, top_p=1.0, on_token=..., on_end=...))
+    while engine.busy:
+        engine.step()          # rows waiting join (one prefill), then one new token for every live row
+
+Each row owns a slot of a KV cache shaped [slots, kv_heads, cache_len, head_dim] per layer. All rows write
+their next token's keys/values into one shared column `t`, so a decode step has the same shapes whatever the rows
+are: a newcomer's prompt is prefilled into the columns just left of `t` in its own slot, and a 4D mask
+([rows, 1, 1, cache_len]) tells each row which columns are its own. When `t` reaches the end of the cache,
+every slot shifts left by the oldest live row's start. Live rows sit in slots 0..n-1 (a row that leaves is
+replaced by the last one), and a step runs the first `batch_bucket(n)` slots: on CUDA each bucket (a power of
+two) is captured once as a CUDA graph (a few seconds per bucket, no compile), so a step costs one graph replay
+however rows come and go. Each row decodes with its own temperature and top_p (greedy at 0) and stops at EOS,
+at its `max_new_tokens`, or as soon as `wanted()` says nobody waits for it any more (within one token).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prodesc.attention import batch_bucket
+from prodesc.config import MIN_SAMPLING_TEMPERATURE, GenerateConfig
+
+log = logging.getLogger(__name__)
+PREFILL_ROWS = 64  # newcomers prefilled in one forward at most: a bigger prefill would stall the live rows' tokens
+
+
+@dataclass(eq=False)
+class Row:
+    """One answer being generated. `on_token(id)` after each new token, then `on_end(reason)` once: "stop" (EOS,
+    not passed to on_token), "length" (max_new_tokens), or "cancelled" (`wanted()` turned False)."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    on_token: Callable[[int], None] = lambda _: None
+    on_end: Callable[[str], None] = lambda _: None
+    wanted: Callable[[], bool] = lambda: True
+    tokens: list[int] = field(default_factory=list)
+    start: int = 0  # the first cache column of this row's prompt
+    pos: int = 0  # the position id of the next token fed
+    procs: Any = None  # logits processors that need the row's own history (repetition, n-grams, EOS boost)
+    deadline: float = math.inf  # for the server's stuck check
+    job: Any = None  # the server's request this row answers
+
+
+class Engine:
+    """The running batch of one model. Single-threaded: call `add` and `step` from the model thread only."""
+
+    def __init__(self, model: Any, tok: Any, gen: GenerateConfig, slots: int, cache_len: int,
+                 graphs: bool = False) -> None:
+        self.model, self.gen, self.slots, self.cache_len = model, gen, slots, cache_len
+        self.eos, self.pad = tok.eos_token_id, tok.pad_token_id
+        self.exempt = sorted({i for i in tok.all_special_ids if i is not None})
+        self.rows: list[Row] = []  # live rows, row i in slot i
+        self.waiting: deque[Row] = deque()
+        self.graphs = graphs  # CUDA graphs per batch bucket (turned off, with a warning, if capture fails)
+        self._kv: list[tuple[Any, Any]] = []  # per layer (keys, values), allocated by the first prefill
+        self._t = 0  # the shared write column
+        self._mask: Any = None  # [slots, cache_len] bool: the columns each slot's row may attend to
+        self._col: Any = None  # [1] long on the model's device: `t` for the decode step's cache writes
+        self._captured: dict[int, Any] = {}
+        # transformers 5.2x renamed past_key_values to cache (the old name warns); older 5.x only know the old one
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    def add(self, row: Row) -> None:
+        """Queue a row; it joins at the next step. Its prompt + max_new_tokens must fit in `cache_len`."""
+        if len(row.prompt) + row.max_new_tokens > self.cache_len:
+            raise ValueError(f"prompt {len(row.prompt)} + {row.max_new_tokens} new tokens > cache_len {self.cache_len}")
+        self.waiting.append(row)
+
+    def step(self) -> int:
+        """Admit waiting rows (dropping unwanted ones unprefilled), then one token for every live row; returns
+        the number of new tokens."""
+        import torch
+
+        with torch.inference_mode():
+            self._drop(lambda r: not r.wanted(), "cancelled")
+            n = self._admit()
+            return n + (self._decode() if self.rows else 0)
+
+    def fail(self) -> list[Row]:
+        """After an error in `step`: forget every row (returned, for their owners) and the cache contents."""
+        rows = self.rows + list(self.waiting)
+        self.rows, self.waiting = [], deque()
+        return rows
+
+    # ---- joining: prefill newcomers into free slots ------------------------------------------------------------
+
+    def _admit(self) -> int:
+        new = []
+        while self.waiting and len(self.rows) + len(new) < self.slots and len(new) < PREFILL_ROWS:
+            row = self.waiting.popleft()
+            if row.wanted():
+                new.append(row)
+            else:
+                row.on_end("cancelled")
+        if new:
+            self._prefill(new)
+        return len(new)
+
+    def _prefill(self, new: list[Row]) -> None:
+        import torch
+
+        width = max(len(r.prompt) for r in new)
+        if not self.rows:
+            self._t = width
+        elif self._t < width:
+            self._shift(width - self._t)  # make room left of t (every live row's span fits, so this fits)
+        s0, dev = len(self.rows), self.model.device
+        ids = torch.tensor([[self.pad] * (width - len(r.prompt)) + r.prompt for r in new], device=dev)
+        real = ids != self.pad
+        real[:, -1] = True
+        for i, r in enumerate(new):
+            real[i, width - len(r.prompt):] = True  # a pad id inside a prompt is a real token
+        pos = (real.long().cumsum(1) - 1).clamp(min=0)
+        causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
+        # pad queries attend to themselves: a fully masked row would give NaN keys in later layers
+        mask = (causal & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=dev)
+        cache = _SlotCache(self, prefill=(s0, width))
+        logits = self._forward(ids, pos, mask[:, None], cache)[:, -1]
+        if self._mask is None:
+            self._mask = torch.zeros(self.slots, self.cache_len, dtype=torch.bool, device=dev)
+        self._mask[s0:s0 + len(new)] = False
+        self._mask[s0:s0 + len(new), self._t - width:self._t] = real
+        for r in new:
+            r.start, r.pos = self._t - len(r.prompt), len(r.prompt)
+            r.procs = self._row_processors(len(r.prompt))
+        self.rows += new
+        self._emit(new, self._choose(new, logits))
+
+    # ---- one token for every live row -------------------------------------------------------------------------
+
+    def _decode(self) -> int:
+        import torch
+
+        if self._t >= self.cache_len:
+            self._shift(-min(r.start for r in self.rows))
+        n = len(self.rows)
+        b = batch_bucket(n, self.slots) if self.graphs else n
+        dev = self.model.device
+        last = [r.tokens[-1] for r in self.rows] + [self.pad] * (b - n)
+        pos = [r.pos for r in self.rows] + [0] * (b - n)
+        if self._col is None:
+            self._col = torch.zeros(1, dtype=torch.long, device=dev)
+        self._col.fill_(self._t)
+        self._mask[:b, self._t] = True  # every row (padding slots too: no NaN) sees the column it writes
+        inputs = (torch.tensor(last, device=dev)[:, None], torch.tensor(pos, device=dev)[:, None],
+                  self._mask[:b, None, None, :])
+        logits = self._replay(b, *inputs) if self.graphs else self._step_forward(b, *inputs)
+        self._mask[n:b, self._t] = False
+        for r in self.rows:
+            r.pos += 1
+        self._t += 1
+        self._emit(list(self.rows), self._choose(self.rows, logits[:n, -1]))
+        return n
+
+    def _step_forward(self, b: int, ids: Any, pos: Any, mask: Any) -> Any:
+        return self._forward(ids, pos, mask, _SlotCache(self, decode=b))
+
+    def _replay(self, b: int, ids: Any, pos: Any, mask: Any) -> Any:
+        """The decode step of bucket `b` as a CUDA graph (captured on first use); eager if capture fails."""
+        import torch
+
+        if b not in self._captured:
+            try:
+                self._captured[b] = self._capture(b, ids, pos, mask)
+            except Exception as e:  # noqa: BLE001 - eager decoding still answers, only slower
+                log.warning("CUDA graph capture failed (%s: %s): decoding eagerly", type(e).__name__, e)
+                self.graphs = False
+                torch.cuda.synchronize()
+                return self._step_forward(b, ids, pos, mask)
+        graph, static_in, out = self._captured[b]
+        for buf, x in zip(static_in, (ids, pos, mask), strict=True):
+            buf.copy_(x)
+        graph.replay()
+        return out
+
+    def _capture(self, b: int, ids: Any, pos: Any, mask: Any) -> Any:
+        import torch
+
+        static_in = (ids.clone(), pos.clone(), mask.clone())
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph (lazy inits, cuBLAS handles)
+            self._step_forward(b, *static_in)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self._step_forward(b, *static_in)
+        log.info("decode step captured as a CUDA graph for batch bucket %d", b)
+        return graph, static_in, out
+
+    def _forward(self, ids: Any, pos: Any, mask: Any, cache: Any) -> Any:
+        return self.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True, logits_to_keep=1,
+                          **{self._cache_arg: cache}).logits
+
+    # ---- choosing tokens, each row with its own settings --------------------------------------------------------
+
+    def _row_processors(self, prompt_len: int) -> Any:
+        """The logits processors `Generator.describe` uses that depend on a row's history, built for this row
+        alone (its own prompt length), so its answer is the one it would get on its own."""
+        from transformers import ExponentialDecayLengthPenalty, LogitsProcessorList, NoRepeatNGramLogitsProcessor
+
+        from prodesc.generate.processors import AnswerRepetitionPenalty
+
+        g, procs = self.gen, LogitsProcessorList()
+        if g.no_repeat_ngram_size:
+            procs.append(NoRepeatNGramLogitsProcessor(g.no_repeat_ngram_size))
+        if g.stop_boost_after:
+            procs.append(ExponentialDecayLengthPenalty((g.stop_boost_after, 1.05), self.eos, prompt_len))
+        if g.repetition_penalty != 1.0:
+            procs.append(AnswerRepetitionPenalty(g.repetition_penalty, prompt_len, self.exempt))
+        return procs or None
+
+    def _choose(self, rows: list[Row], logits: Any) -> list[int]:
+        import torch
+
+        scores = logits.float()
+        for i, r in enumerate(rows):
+            if r.procs is not None:
+                ids = torch.tensor([r.prompt + r.tokens], device=scores.device)
+                scores[i:i + 1] = r.procs(ids, scores[i:i + 1])
+        picked = scores.argmax(-1)
+        temps = [r.temperature if r.temperature >= MIN_SAMPLING_TEMPERATURE else 0.0 for r in rows]
+        sampled = [i for i, t in enumerate(temps) if t > 0]
+        if sampled:
+            idx = torch.tensor(sampled, device=scores.device)
+            t = torch.tensor([temps[i] for i in sampled], device=scores.device)[:, None]
+            p = torch.tensor([rows[i].top_p for i in sampled], device=scores.device)[:, None]
+            probs = _top_p(scores[idx] / t, p).softmax(-1)
+            picked[idx] = torch.multinomial(probs, 1)[:, 0]
+        return picked.tolist()
+
+    def _emit(self, rows: list[Row], tokens: list[int]) -> None:
+        for r, tok in zip(rows, tokens, strict=True):
+            r.tokens.append(tok)
+            if tok != self.eos:
+                r.on_token(tok)
+        self._drop(lambda r: r.tokens[-1] == self.eos, "stop")
+        self._drop(lambda r: len(r.tokens) >= r.max_new_tokens, "length")
+
+    # ---- leaving, and keeping the cache compact -----------------------------------------------------------------
+
+    def _drop(self, gone: Callable[[Row], bool], reason: str) -> None:
+        """Remove the live rows `gone` says; the last rows move into their slots, so live rows stay in 0..n-1."""
+        i = 0
+        while i < len(self.rows):
+            row = self.rows[i]
+            if not gone(row):
+                i += 1
+                continue
+            last = len(self.rows) - 1
+            if i != last:
+                self._move(last, i)
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
+            row.on_end(reason)
+
+    def _move(self, src: int, dst: int) -> None:
+        for keys, values in self._kv:
+            keys[dst].copy_(keys[src])
+            values[dst].copy_(values[src])
+        self._mask[dst] = self._mask[src]
+
+    def _shift(self, by: int) -> None:
+        """Move every slot's columns by `by` (negative: left), so the shared column has room."""
+        import torch
+
+        n = len(self.rows)
+        for keys, values in self._kv:
+            for buf in (keys, values):
+                buf[:n] = torch.roll(buf[:n], by, dims=2)
+        self._mask[:n] = torch.roll(self._mask[:n], by, dims=1)
+        self._t += by
+        for r in self.rows:
+            r.start += by
+
+
+class _SlotCache:
+    """What the model's attention layers see as their cache (`update(keys, values, layer)`): a prefill writes
+    the newcomers' prompts into their slots left of the shared column and attends to the prompt alone; a decode
+    step writes column `t` of the first `decode` slots and attends to those slots' whole rows (masked)."""
+
+    is_compileable = False
+
+    def __init__(self, engine: Engine, prefill: tuple[int, int] | None = None, decode: int = 0) -> None:
+        self.engine, self.prefill, self.decode = engine, prefill, decode
+        self.layers: list[Any] = []
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.engine._t
+
+    def update(self, key: Any, value: Any, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        e = self.engine
+        if layer_idx == len(e._kv):
+            e._kv.append(_allocate(key, e.slots, e.cache_len))
+        keys, values = e._kv[layer_idx]
+        if self.prefill is not None:
+            s0, width = self.prefill
+            keys[s0:s0 + key.shape[0], :, e._t - width:e._t] = key
+            values[s0:s0 + key.shape[0], :, e._t - width:e._t] = value
+            return key, value
+        # index_copy_ at a device tensor, not [..., t]: a CUDA graph replays with the column of the step
+        keys[:self.decode].index_copy_(2, e._col, key)
+        values[:self.decode].index_copy_(2, e._col, value)
+        return keys[:self.decode], values[:self.decode]
+
+
+def _allocate(key: Any, slots: int, cache_len: int) -> tuple[Any, Any]:
+    import torch
+
+    shape = (slots, key.shape[1], cache_len, key.shape[3])
+    return (torch.zeros(shape, dtype=key.dtype, device=key.device),
+            torch.zeros(shape, dtype=key.dtype, device=key.device))
+
+
+def _top_p(scores: Any, top_p: Any) -> Any:
+    """transformers' TopPLogitsWarper with one top_p per row ([rows, 1]); keeps at least one token."""
+    import torch
+
+    sorted_scores, order = torch.sort(scores, descending=False)
+    cumulative = sorted_scores.softmax(-1).cumsum(-1)
+    remove = cumulative <= (1 - top_p)
+    remove[:, -1] = False
+    return scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
