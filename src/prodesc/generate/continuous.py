@@ -26,8 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from prodesc.attention import batch_bucket
 from prodesc.config import MIN_SAMPLING_TEMPERATURE, GenerateConfig
+from prodesc.generate.fast import batch_bucket
 
 log = logging.getLogger(__name__)
 PREFILL_ROWS = 64  # newcomers prefilled in one forward at most: a bigger prefill would stall the live rows' tokens

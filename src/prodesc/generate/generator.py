@@ -19,11 +19,11 @@ from typing import Any
 
 from prodesc import config as configmod
 from prodesc import models, prompts, rundir
-from prodesc.attention import batch_bucket
 from prodesc.config import MIN_SAMPLING_TEMPERATURE, GenerateConfig, ProdescConfig
 from prodesc.data import check_overlap
 from prodesc.errors import ProdescError
 from prodesc.generate import fast, stream
+from prodesc.generate.fast import batch_bucket
 from prodesc.rundir import read_manifest
 
 
