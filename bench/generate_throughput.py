@@ -122,11 +122,12 @@ def notebook_nf4(a: argparse.Namespace) -> dict:
 
 def bf16_configs(a: argparse.Namespace) -> list[dict]:
     """Every bf16 config on one loaded `Generator` (prodesc's generate path)."""
-    from prodesc.config import GenerateConfig
+    from prodesc.config import GenerateConfig, resolve
     from prodesc.generate import Generator
 
     start = time.time()
-    gen = Generator.from_model(a.model_dir, overrides=[f"model.dtype={a.dtype}"])
+    cfg = resolve(flags={"model.name": a.model_dir, "model.dtype": a.dtype})
+    gen = Generator.from_model(a.model_dir, cfg=cfg)
     ids: dict[str, list[int]] = {}
     original = gen._record
 
