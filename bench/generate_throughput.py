@@ -2,7 +2,7 @@
 
     # on the device machine (docs/PERFORMANCE.md has the exact command; model from bench/train_throughput.py make):
     python bench/generate_throughput.py all --out $OUT/generate.json
-    PRODESC_COMPILE_GENERATE=force python bench/generate_throughput.py all --tiny --out /tmp/g.json   # CPU plumbing
+    BENCH_FAST=force python bench/generate_throughput.py all --tiny --out /tmp/g.json   # CPU plumbing
 
 Model: the random-init Mistral-7B-v0.3 shape of bench/train_throughput.py (`make`), with the real tokenizer. A
 random model almost never emits EOS, so every answer runs to max_new_tokens (256): the numbers are decode speed
@@ -10,7 +10,7 @@ at full length. New tokens/s = generated tokens (per answer, up to and including
 
 Configs (one process for nf4, one for all bf16 ones, so the 14.5 GB of weights load once):
   notebook-nf4-b1   nf4 weights, `model.generate` on one 40-token prompt at a time (anchor_seed.py's gen)
-  plain-bf16-b1/b64 `Generator.describe` with the fast path off (PRODESC_COMPILE_GENERATE=0): dynamic cache, eager
+  plain-bf16-b1/b64 `Generator.describe` with the fast path off (generate.compile=off): dynamic cache, eager
   prodesc-b1/b64/b128  `Generator.describe` as `prodesc generate` runs it on a GPU: static cache, compiled decode
   prodesc-peft-b64  the same with an unmerged LoRA adapter (what `prodesc serve` holds: merge=False)
 The fast b64 answers are compared token by token with the plain b64 ones on the same padded batch; where they
@@ -147,8 +147,8 @@ def bf16_configs(a: argparse.Namespace) -> list[dict]:
             continue
         if name.startswith("prodesc-peft") and not hasattr(gen.model, "peft_config"):
             gen.model = _with_unmerged_lora(gen.model)
-        os.environ["PRODESC_COMPILE_GENERATE"] = os.environ.get("BENCH_FAST", "1") if fast else "0"
-        cfg = GenerateConfig(max_new_tokens=a.new_tokens, batch_size=batch)
+        mode = ("force" if os.environ.get("BENCH_FAST") == "force" else "auto") if fast else "off"
+        cfg = GenerateConfig(max_new_tokens=a.new_tokens, batch_size=batch, compile=mode)
         batch_titles = titles[:batch]
         compile_s = None
         if fast:  # first call compiles (and captures the CUDA graphs) for this batch shape
