@@ -35,7 +35,7 @@ get common bitsandbytes==0.50.2 peft==0.21.2 dill==0.4.1 multiprocess==0.70.19 p
 get main transformers==5.24.0 trl==1.16.0 datasets==5.2.0 liger-kernel==0.8.5
 get serve fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 h11==0.16.0 prometheus_client==0.26.0 openai==3.57.0 \
   httpx==0.28.1 httpcore==1.0.9 anyio==4.16.0 sniffio==1.3.1 jiter==0.19.0 idna==3.20 \
-  certifi==2026.10.19.post1 tqdm==4.70.1
+  certifi==2026.10.19.post1 tqdm==4.70.1 opentelemetry-api==1.45.2 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5
 get data pyarrow==26.0.1 isal==1.9.1 xxhash==4.1.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 \
   typing-inspection==0.4.5 typing_extensions==4.16.0
 get unsloth unsloth==2026.10.9 unsloth_zoo==2026.10.9 trl==1.15.0 datasets==4.8.5 cut_cross_entropy==25.1.1
