@@ -2,6 +2,7 @@
 
 prodesc data synth --n 2000 --out demo/catalog.json.gz
 prodesc data prepare demo/catalog.json.gz --out demo/data
+prodesc data index demo/data
 prodesc train --config configs/smollm2-135m.yaml --data demo/data --out demo/run
 prodesc generate --run demo/run "Girls Ballet Tutu Neon Pink"
 prodesc eval --run demo/run --data demo/data --out demo/report
@@ -111,6 +112,25 @@ def data_synth(
     _run(synth, n, out, seed=seed, malformed=malformed)
 
 
+@data_app.command("index")
+def data_index(
+    data: Annotated[Path, typer.Argument(help="Output directory of `prodesc data prepare`.")],
+    embedder: Annotated[
+        str | None, typer.Option(help="sentence-transformers model (default: retrieval.embedder, MiniLM).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing DATA/index/.")] = False,
+    config: ConfigOpt = None,
+    set_: Sets = None,
+) -> None:
+    """Embed the titles of every split once into DATA/index/, for catalog neighbours and the retrieval baseline."""
+    from prodesc import config as cfgmod
+    from prodesc.catalog import index_data
+
+    overrides = list(set_ or []) + ([f"retrieval.embedder={_yaml(embedder)}"] if embedder else [])
+    cfg = _run(cfgmod.load, config, overrides)
+    _run(index_data, data, cfg.retrieval.embedder, overwrite=overwrite)
+
+
 @app.command("train")
 def train(
     data: Annotated[Path, typer.Option("--data", "-d", help="Output directory of `prodesc data prepare`.")],
@@ -161,6 +181,9 @@ def generate(
         float | None, typer.Option(help="Repetition penalty (special tokens exempt).")
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Titles per generation call.")] = None,
+    base: Annotated[
+        bool, typer.Option(help="With --run: its base model (adapter off), same prompts and neighbours.")
+    ] = False,
 ) -> None:
     """Describe titles with a fine-tuned run or a plain model (batched, greedy by default)."""
     from prodesc.generate import generator as genmod
@@ -186,6 +209,7 @@ def generate(
         out=out,
         config=config,
         overrides=overrides,
+        base=base,
     )
 
 

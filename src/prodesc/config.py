@@ -170,6 +170,23 @@ class EvalConfig(_Stage):
     seed: int = Field(0, description="Bootstrap seed.")
 
 
+class RetrievalConfig(_Stage):
+    """Catalog neighbours in the prompt: the k most similar catalog items (title + description) above the
+    instruction, at training and at inference (see catalog.py, prompts.py)."""
+
+    k: int = Field(0, ge=0, le=16, description="Neighbours in each prompt (0: the plain model, no catalog).")
+    embedder: str = Field(
+        "embedded:all-minilm-l6-v2",
+        description="sentence-transformers model that embeds titles: 'embedded:all-minilm-l6-v2', a dir or Hub id.",
+    )
+    chars: int = Field(
+        700, ge=40, description="Characters of each neighbour's description in the prompt (cut at a word)."
+    )
+    search: Literal["auto", "exact", "approximate"] = Field(
+        "auto", description="faiss index: exact (flat), approximate (HNSW), auto = exact up to a measured size."
+    )
+
+
 class ServeConfig(_Stage):
     """`prodesc serve`: network, batching and input limits."""
 
@@ -194,6 +211,7 @@ class ProdescConfig(_Stage):
     train: TrainConfig = TrainConfig()
     generate: GenerateConfig = GenerateConfig()
     eval: EvalConfig = EvalConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
     serve: ServeConfig = ServeConfig()
 
 

@@ -133,6 +133,8 @@ class Service:
             "batch_size": min(max(n, 1), self.cfg.max_batch_size)})
 
     def _prompt_tokens(self, title: str) -> int:
+        if hasattr(self.gen, "prompt_ids"):  # a Generator: its prompt holds the catalog neighbours too
+            return len(self.gen.prompt_ids(title))
         tok = getattr(self.gen, "tok", None)
         if tok is None:
             return 0
