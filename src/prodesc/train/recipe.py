@@ -154,10 +154,11 @@ def _weights(model: Any) -> dict[str, Any]:
 
 
 def _setup_data(
-    tok: Any, cfg: ProdescConfig, rows: dict[str, list[dict]], near: dict[str, list[list[dict]]]
+    tok: Any, cfg: ProdescConfig, rows: dict[str, list[dict]], near: dict[str, list[list[dict]]] | None = None
 ) -> tuple[Any, Any, dict]:
     from datasets import Dataset
 
+    near = near or {split: [[] for _ in split_rows] for split, split_rows in rows.items()}
     train_exs, cut = examples.encode(tok, cfg, rows["train"], near["train"])
     n_val = cfg.train.max_eval_samples or len(rows["val"])
     val_exs, _ = examples.encode(tok, cfg, rows["val"][:n_val], near["val"][:n_val])
