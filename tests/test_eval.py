@@ -96,3 +96,16 @@ def test_cli_scores_prediction_files_given_after_the_flag(tmp_path):
 def test_cli_files_without_the_flag_are_refused(tmp_path):
     res = CliRunner().invoke(app, ["eval", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "r")])
     assert res.exit_code == 1 and "--predictions" in res.output
+
+
+def test_rag_run_eval_gives_base_the_same_neighbours_and_retrieval_the_top_one(tiny_rag_run, tiny_rag_data, tmp_path):
+    overrides = ["eval.limit=4", "generate.max_new_tokens=4", "eval.bootstrap_samples=100"]
+    cfg = load(tiny_rag_run / "config.yaml", overrides)
+    evalmod.evaluate(tiny_rag_run, tiny_rag_data, "test", tmp_path / "r", cfg)
+    preds = {
+        s: [json.loads(x) for x in (tmp_path / "r" / "predictions" / f"{s}.jsonl").read_text().splitlines()]
+        for s in ("finetuned", "base", "retrieval")
+    }
+    for tuned, base, ret in zip(preds["finetuned"], preds["base"], preds["retrieval"], strict=True):
+        assert tuned["neighbours"] == base["neighbours"] and len(tuned["neighbours"]) == 2
+        assert ret["neighbours"] == tuned["neighbours"][:1] and ret["neighbour"] == tuned["neighbours"][0]["title"]
