@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO ?= demo
+DEMO_STEPS ?= 20
 
 .PHONY: demo test test-all lint install clean browser
 
@@ -30,8 +31,14 @@ browser:
 demo: $(STAMP)
 	$(BIN)/prodesc data synth --n 3000 --seed 0 --out $(DEMO)/catalog.json.gz
 	$(BIN)/prodesc data prepare $(DEMO)/catalog.json.gz --out $(DEMO)/data --overwrite
+	$(BIN)/prodesc data index $(DEMO)/data --overwrite
+	# The preset's catalog-aware recipe (its 2 neighbours in each prompt), cut to a few CPU steps: a higher
+	# learning rate makes them count (the preset's 2e-4 needs ~50 steps to move a 135M model); 300-character
+	# neighbours and 512-token packs put ~3 examples in each half-size pack, so 20 steps see ~60 examples.
 	$(BIN)/prodesc train --config configs/smollm2-135m.yaml --data $(DEMO)/data --out $(DEMO)/run --overwrite \
-	    --set train.max_steps=8 --set train.eval_steps=8 --set train.save_steps=8 --set train.max_eval_samples=16
+	    --set train.max_steps=$(DEMO_STEPS) --set train.learning_rate=1e-3 --set train.eval_steps=$(DEMO_STEPS) \
+	    --set train.save_steps=$(DEMO_STEPS) --set train.max_eval_samples=16 \
+	    --set retrieval.chars=300 --set train.max_length=512
 	$(BIN)/prodesc demo --run $(DEMO)/run --data $(DEMO)/data --out $(DEMO)/report
 
 test: $(STAMP) browser

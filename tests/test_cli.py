@@ -22,9 +22,9 @@ def test_help_lists_every_verb():
         assert verb in res.output
 
 
-def test_data_help_lists_prepare_and_synth():
+def test_data_help_lists_prepare_synth_and_index():
     res = runner.invoke(app, ["data", "--help"])
-    assert res.exit_code == 0 and _commands(["data"]) == ["prepare", "synth"]
+    assert res.exit_code == 0 and _commands(["data"]) == ["index", "prepare", "synth"]
 
 
 def test_user_error_exits_1_without_traceback(tmp_path):
@@ -41,6 +41,14 @@ def test_demo_prints_before_after_and_the_eval_table(tiny_run, tiny_data, tmp_pa
     assert "before (base) vs after (fine-tuned)" in out and "reference:" in out
     assert out.rstrip().splitlines()[-1].startswith("retrieval")
     assert "finetuned" in out and (tmp_path / "report" / "report.html").exists()
+
+
+def test_demo_of_a_catalog_aware_run_shows_the_neighbours_seen(tiny_rag_run, tiny_rag_data, tmp_path, capsys):
+    from prodesc import demo
+
+    demo.main(tiny_rag_run, tiny_rag_data, tmp_path / "report", limit=3, max_new_tokens=4)
+    out = capsys.readouterr().out
+    assert out.count("[1]: ") == 3 and out.count("[2]: ") == 3 and "(cosine 0." in out
 
 
 def test_data_prepare_keeps_config_values_unless_a_flag_is_given(tmp_path):

@@ -1005,3 +1005,24 @@ def test_near_dup_options_on_the_command_line(tmp_path: Path) -> None:
     bad = ["data", "prepare", str(catalog), "--out", str(tmp_path / "o2"), "--near-dup-threshold", "0.1"]
     res = CliRunner().invoke(app, bad)
     assert res.exit_code == 1 and "near_dup_threshold" in res.output and "Traceback" not in res.output
+def test_synth_has_template_style_siblings_that_differ_in_code_capacity_colour(tmp_path: Path) -> None:
+    import re
+
+    out = synth(1500, tmp_path / "c.json", seed=3)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    spec = re.compile(r"^(?P<stem>.+) - (?P<code>[A-Z]{2}-\d+[A-Z])/ (?P<rest>.+)$")
+    by_stem: dict[str, list[re.Match]] = {}
+    own = 0
+    for r in records:
+        m = spec.match(r["content"])
+        if m:
+            own += m["code"] in r["title"]  # the house template filled with its own title's values
+            by_stem.setdefault(m["stem"] + m["code"][:2], []).append(m)  # siblings share the code's letters
+    matched = sum(map(len, by_stem.values()))
+    assert own >= 0.9 * matched  # the rest: repeated titles given another record's content, on purpose
+    families = [ms for ms in by_stem.values() if len({m["code"] for m in ms}) > 1]
+    assert len(families) >= 5  # siblings: one template, several model codes
+    for ms in families:
+        features = {tuple(m["rest"].split("/ ")[1:3]) for m in ms}
+        assert len(features) == 1  # shared features: a sibling's description is most of the answer
+    assert any(len({m["rest"] for m in ms}) > 1 for ms in families)  # capacity/colour differ too

@@ -123,3 +123,14 @@ def test_bad_prediction_files_are_one_line_errors(tmp_path, body, message):
     assert res.exit_code == 1 and "Traceback" not in res.output, res.output
     assert message in res.output and len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "rep").exists()
+def test_rag_run_eval_gives_base_the_same_neighbours_and_retrieval_the_top_one(tiny_rag_run, tiny_rag_data, tmp_path):
+    overrides = ["eval.limit=4", "generate.max_new_tokens=4", "eval.bootstrap_samples=100"]
+    cfg = load(tiny_rag_run / "config.resolved.yaml", overrides)
+    evalmod.evaluate(tiny_rag_run, tiny_rag_data, "test", tmp_path / "r", cfg)
+    preds = {
+        s: [json.loads(x) for x in (tmp_path / "r" / "predictions" / f"{s}.jsonl").read_text().splitlines()]
+        for s in ("finetuned", "base", "retrieval")
+    }
+    for tuned, base, ret in zip(preds["finetuned"], preds["base"], preds["retrieval"], strict=True):
+        assert tuned["neighbours"] == base["neighbours"] and len(tuned["neighbours"]) == 2
+        assert ret["neighbours"] == tuned["neighbours"][:1] and ret["neighbour"] == tuned["neighbours"][0]["title"]

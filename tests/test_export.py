@@ -139,3 +139,16 @@ def test_cli_bad_gguf_type_exits_1_with_one_line(tiny_run, tmp_path):
     assert res.output.strip().splitlines() == [
         "error: unknown --gguf-type 'q2': choose one of q8_0, f16, bf16, q4_k_m"
     ]
+def test_merged_export_of_a_rag_run_carries_its_catalog_and_uses_it(tiny_rag_run, tmp_path):
+    import json
+
+    from prodesc.config import GenerateConfig
+    from prodesc.generate import Generator
+
+    out = export(tiny_rag_run, tmp_path / "merged")
+    assert (out / "catalog" / "vectors.npy").exists()
+    saved = json.loads((out / "prodesc_export.json").read_text())
+    assert saved["retrieval"]["k"] == 2 and saved["retrieval"]["chars"] == 120
+    exported = Generator.from_model(str(out)).describe(["Mog's Kittens"], GenerateConfig(max_new_tokens=4))[0]
+    run = Generator.from_run(tiny_rag_run).describe(["Mog's Kittens"], GenerateConfig(max_new_tokens=4))[0]
+    assert exported["neighbours"] == run["neighbours"] and exported["prediction"] == run["prediction"]

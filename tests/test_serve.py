@@ -332,6 +332,25 @@ def test_a_plain_model_dir_serves_one_model_without_base(tiny_run: Path) -> None
     assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] <= 4
 
 
+def test_a_catalog_aware_run_answers_with_the_neighbours_in_its_prompt(tiny_rag_run: Path) -> None:
+    from prodesc.generate import Generator
+
+    gen = Generator.from_run(tiny_rag_run, merge=False)
+
+    async def main():
+        transport = httpx.ASGITransport(app=create_app(gen, ServeConfig()))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as http:
+            body = {"titles": ["Red Mug"], "max_new_tokens": 3}
+            chat = {"model": tiny_rag_run.name, "max_tokens": 3, "messages": [{"role": "user", "content": "Red Mug"}]}
+            return await http.post("/v1/describe", json=body), await http.post("/v1/chat/completions", json=chat)
+
+    described, chat = asyncio.run(main())
+    [answer] = described.json()["descriptions"]
+    assert [n["uid"] for n in answer["neighbours"]] == [n["uid"] for n in gen.neighbours(["Red Mug"])[0]]
+    # the prompt the usage counts holds the neighbours: longer than the plain prompt
+    assert chat.json()["usage"]["prompt_tokens"] == len(gen.prompt_ids("Red Mug")) > 40
+
+
 # ---- the CLI -----------------------------------------------------------------------------------------------------
 
 

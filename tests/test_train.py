@@ -242,3 +242,47 @@ def test_resume_trains_on_from_the_previous_good_checkpoint(tiny_run, tiny_data,
 def test_max_steps_zero_or_below_minus_one_is_refused(steps):
     with pytest.raises(ProdescError, match=r"train.max_steps: must be -1 \(train for train.epochs\) or >= 1"):
         tiny_config(f"train.max_steps={steps}")
+
+
+# ------------------------------------------------------------------------------------------ catalog neighbours
+
+
+def test_rag_run_holds_the_train_split_catalog(tiny_rag_run, tiny_rag_data):
+    from prodesc.catalog import Catalog
+    from prodesc.config import RetrievalConfig
+    from prodesc.records import read_split
+
+    assert sorted(p.name for p in (tiny_rag_run / "catalog").iterdir()) == ["items.parquet", "meta.json", "vectors.npy"]
+    catalog = Catalog.load(tiny_rag_run / "catalog", RetrievalConfig())
+    train_uids = [r["uid"] for r in read_split(tiny_rag_data, "train")]
+    assert catalog.items.column("uid").to_pylist() == train_uids  # the train split, nothing held out
+    assert catalog.vectors.shape[0] == len(train_uids)
+
+
+def test_collated_rag_batch_has_neighbours_in_the_masked_prompt_and_ends_on_eos(tiny_rag_data, tmp_path):
+    from prodesc.train import examples
+
+    cfg = tiny_config("retrieval.k=2", "retrieval.chars=60", "train.max_length=400")
+    rows = {s: train._read_split(tiny_rag_data, s) for s in ("train", "val")}
+    _, near = examples.neighbours(cfg, tiny_rag_data, rows)
+    model, tok, _ = train._setup_model(cfg, rows["train"], tmp_path)
+    train_ds, val_ds, lengths = train._setup_data(tok, cfg, rows, near)
+    assert lengths["cut"]["examples_cut"] > 0  # 400 tiny-tokenizer tokens: many examples had to be fitted
+    trainer, _ = train._setup_trainer(cfg, model, tok, train_ds, val_ds, tmp_path)
+    batch = next(iter(trainer.get_train_dataloader()))
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), strict=True):
+        supervised = [i for i, lab in enumerate(labels) if lab != -100]
+        assert len(ids) <= 400 and ids[supervised[-1]] == tok.eos_token_id  # the fitted ones too
+    pairs = zip(train_ds["input_ids"], train_ds["completion_mask"], strict=True)
+    prompts = [tok.decode(ex[: mask.index(1)]) for ex, mask in pairs]
+    with_neighbours = sum("Similar products in the catalog:\n[1] " in p for p in prompts)
+    assert with_neighbours == len(prompts) - lengths["cut"]["neighbours_dropped"] // 2 > 0
+
+
+def test_neighbours_too_long_for_max_length_are_refused_before_any_model_loads(tiny_data, tmp_path, monkeypatch):
+    from prodesc import models
+
+    monkeypatch.setattr(models, "load", lambda *a, **kw: pytest.fail("weights loaded"))
+    cfg = tiny_config("retrieval.k=4", "retrieval.chars=2000", "train.max_length=1024")
+    with pytest.raises(ProdescError, match=r"retrieval.k=4 neighbours of retrieval.chars=2000 .* train.max_length"):
+        train.train(cfg, tiny_data, tmp_path / "run")

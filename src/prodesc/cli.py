@@ -2,6 +2,7 @@
 
 prodesc data synth --n 2000 --out demo/catalog.json.gz
 prodesc data prepare demo/catalog.json.gz --out demo/data
+prodesc data index demo/data
 prodesc train --config configs/smollm2-135m.yaml --data demo/data --out demo/run
 prodesc generate --run demo/run "Girls Ballet Tutu Neon Pink"
 prodesc eval --run demo/run --data demo/data --out demo/report
@@ -124,6 +125,24 @@ def data_synth(
     _run(synth, n, out, seed=seed, malformed=malformed)
 
 
+@data_app.command("index")
+def data_index(
+    data: Annotated[Path, typer.Argument(help="Output directory of `prodesc data prepare`.")],
+    embedder: Annotated[
+        str | None, typer.Option(help="sentence-transformers model (default: retrieval.embedder, MiniLM).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing DATA/index/.")] = False,
+    config: ConfigOpt = None,
+    set_: Sets = None,
+) -> None:
+    """Embed the titles of every split once into DATA/index/, for catalog neighbours and the retrieval baseline."""
+    from prodesc import config as cfgmod
+    from prodesc.catalog import index_data
+
+    cfg = _run(cfgmod.resolve, config=config, flags=_flags("retrieval", embedder=embedder), sets=set_ or [])
+    _run(index_data, data, cfg.retrieval.embedder, overwrite=overwrite)
+
+
 @app.command("train")
 def train(
     data: Annotated[Path, typer.Option("--data", "-d", help="Output directory of `prodesc data prepare`.")],
@@ -187,6 +206,9 @@ def generate(
         bool, typer.Option(help="With --run and --data: describe even items the run trained on.")
     ] = False,
     trust_remote_code: TrustRemoteCode = False,
+    base: Annotated[
+        bool, typer.Option(help="With --run: its base model (adapter off), same prompts and neighbours.")
+    ] = False,
 ) -> None:
     """Describe titles with a fine-tuned run or a plain model (batched, greedy by default; --out is written as it
     goes, with rate and ETA on stderr)."""
@@ -216,6 +238,7 @@ def generate(
         sets=set_ or [],
         resume=resume,
         allow_overlap=allow_overlap,
+        base=base,
     )
 
 

@@ -9,7 +9,8 @@ deep-merged) < `flags` (typed values from the verb's own options) < `sets` (`--s
 it is for a `str` field, parsed as YAML only where the field is a number, bool, list or mapping). Every problem
 (unknown key, with the closest valid one; bad type; a locked key changed) is collected and raised together as one
 `ProdescError`, one `field: message` line each. `locked=True` (a verb working on a trained run) refuses changes to
-`prompt.*` and `model.*` (the run was trained with them; other values break train/inference parity), except the
+`prompt.*`, `model.*` and `retrieval.*` (the run was trained with them; other values break train/inference parity),
+except the
 keys in `UNLOCKED` that only say how or where the same model is loaded.
 """
 
@@ -237,6 +238,23 @@ class EvalConfig(_Stage):
     seed: int = Field(0, description="Bootstrap seed.")
 
 
+class RetrievalConfig(_Stage):
+    """Catalog neighbours in the prompt: the k most similar catalog items (title + description) above the
+    instruction, at training and at inference (see catalog.py, prompts.py)."""
+
+    k: int = Field(0, ge=0, le=16, description="Neighbours in each prompt (0: the plain model, no catalog).")
+    embedder: str = Field(
+        "embedded:all-minilm-l6-v2",
+        description="sentence-transformers model that embeds titles: 'embedded:all-minilm-l6-v2', a dir or Hub id.",
+    )
+    chars: int = Field(
+        700, ge=40, description="Characters of each neighbour's description in the prompt (cut at a word)."
+    )
+    search: Literal["auto", "exact", "approximate"] = Field(
+        "auto", description="faiss index: exact (flat), approximate (HNSW), auto = exact up to a measured size."
+    )
+
+
 class ServeConfig(_Stage):
     """`prodesc serve`: network, batching and input limits."""
 
@@ -277,11 +295,12 @@ class ProdescConfig(_Stage):
     train: TrainConfig = TrainConfig()
     generate: GenerateConfig = GenerateConfig()
     eval: EvalConfig = EvalConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
     serve: ServeConfig = ServeConfig()
 
 
-LOCKED_ON_RUN = ("prompt", "model")
-UNLOCKED = {"model.trust_remote_code", "model.cache_dir", "model.attn_implementation"}  # how, not which
+LOCKED_ON_RUN = ("prompt", "model", "retrieval")
+UNLOCKED = {"model.trust_remote_code", "model.cache_dir", "model.attn_implementation", "retrieval.search"}  # how
 
 
 def resolve(

@@ -14,7 +14,8 @@ from prodesc.eval.evaluate import evaluate, print_table
 
 
 def main(run: Path, data: Path, out: Path, limit: int = 12, max_new_tokens: int = 128) -> None:
-    """Score base vs fine-tuned vs retrieval on `limit` test items; print 3 examples side by side, then the table."""
+    """Score base vs fine-tuned vs retrieval on `limit` test items; print 3 examples side by side (with the
+    catalog neighbours both saw), then the table."""
     flags = {"eval.limit": limit, "generate.max_new_tokens": max_new_tokens, "eval.bootstrap_samples": 200}
     cfg = rundir.settings(run, flags=flags)
     scores = evaluate(run, data, "test", out, cfg, overwrite=True)
@@ -22,6 +23,8 @@ def main(run: Path, data: Path, out: Path, limit: int = 12, max_new_tokens: int 
     print("\n=== before (base) vs after (fine-tuned), first 3 test titles ===")
     for before, after in list(zip(preds["base"], preds["finetuned"], strict=True))[:3]:
         print(f"\n# {after['title']}")
+        for i, n in enumerate(after.get("neighbours", []), 1):  # what both saw in the prompt
+            print(_block(f"[{i}]", f"{n['title']} (cosine {n['score']:.2f})"))
         print(_block("before", before["prediction"]))
         print(_block("after", after["prediction"]))
         print(_block("reference", after["reference"]))

@@ -10,7 +10,7 @@ Sources:
 - `tiny`: a 2-layer Llama with a BPE tokenizer trained on the run's own texts (`build_tiny`), saved in the run dir.
 
 Every tokenizer leaves here with pad != eos: with pad == eos the collator masks the EOS labels, so the model never
-learns to stop (the notebook's bug).
+learns to stop (the notebook's bug). Every model leaves with all its stop ids in its generation config (`stop_ids`).
 """
 
 from __future__ import annotations
@@ -121,8 +121,20 @@ def fix_pad(tokenizer: Any, model: Any | None = None) -> str:
         model.config.pad_token_id = tokenizer.pad_token_id
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
-            model.generation_config.eos_token_id = tokenizer.eos_token_id
+            model.generation_config.eos_token_id = stop_ids(tokenizer, model)
     return tokenizer.pad_token
+
+
+def stop_ids(tokenizer: Any, model: Any | None = None) -> list[int]:
+    """Every id that ends an answer: the model's generation-config EOS ids, the tokenizer's EOS and the chat
+    template's end-of-turn. Keeping one id let Llama-3, Gemma and Qwen base models run past their end of turn."""
+    from prodesc.prompts import end_of_turn_id
+
+    config = getattr(model, "generation_config", None)
+    configured = getattr(config, "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    ids = [tokenizer.eos_token_id, end_of_turn_id(tokenizer), *configured]
+    return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 def choose_dtype(cfg: ModelConfig) -> Any:

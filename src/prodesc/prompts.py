@@ -1,13 +1,26 @@
 """The chat prompt shared by train, generate and serve: one function turns a title into the model's input.
 
     ids = prompt_ids(tokenizer, "Girls Ballet Tutu Neon Pink", cfg.prompt)
+    ids = prompt_ids(tokenizer, title, cfg.prompt, neighbours, chars=700)    # catalog neighbours above the title
     ex = encode_example(tokenizer, title, content, cfg.prompt)   # {"input_ids", "completion_mask"}
+    ex, cut = fit_example(tokenizer, title, content, cfg.prompt, max_length=1024, neighbours=nb, chars=700)
 
 The tokenizer's own chat template renders the conversation (user turn = instruction with the title, assistant turn
 = content). We render text, then tokenize without adding special tokens, so the sequence holds exactly the BOS the
 template writes (a template without one gets the tokenizer's BOS once). The completion ends at the assistant's EOS:
 anything the template writes after it (ChatML's trailing newline) is cut, so EOS is the last supervised token and
-generation stops on it.
+generation stops on it. The end of the answer is the first special token the template writes after it (its
+end-of-turn: `<|im_end|>`, `<|eot_id|>`, `</s>`), else the tokenizer's EOS, appended.
+
+Catalog neighbours (retrieval.k > 0) go above the usual instruction in the user turn, each `[i] title` and its
+description cut to `chars` characters at a word:
+
+    Similar products in the catalog:
+    [1] Girls Ballet Tutu Neon Blue
+    A layered tulle tutu for dance practice ...
+
+    Write the product description for this product title.
+    Title: Girls Ballet Tutu Neon Pink
 
 `baked_chat_template` wraps the tokenizer's own template so that exported models (`prodesc export`) turn a bare
 title into exactly this prompt on any server that renders the template (vLLM, llama.cpp, LM Studio).
@@ -15,7 +28,9 @@ title into exactly this prompt on any server that renders the template (vLLM, ll
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prodesc.config import PromptConfig
@@ -26,6 +41,8 @@ INSTRUCTIONS = {
     # The notebook's wording (Portuguese): "Generate a description for the product titled ...".
     "pt": "Gere uma descrição para o produto com o título: {title}",
 }
+NEIGHBOURS_HEADER = {"en": "Similar products in the catalog:", "pt": "Produtos semelhantes no catálogo:"}
+Neighbours = Sequence[Mapping[str, Any]]  # each with "title" and "content" (catalog.Catalog.neighbours)
 
 
 # Prepended to the tokenizer's template. Plain Jinja that HF (vLLM), llama.cpp's engine and LM Studio all run: no
@@ -48,22 +65,54 @@ _BAKE = """\
   {%- endif -%}
 {%- endfor -%}
 {%- set messages = prodesc_ns.out %}"""  # no `-` at the very end: the original template's leading whitespace stays
+_BAKE_START, _BAKE_END = _BAKE.split("\n", 1)[0], "{%- set messages = prodesc_ns.out %}"
 
 
-def user_text(title: str, cfg: PromptConfig) -> str:
-    """The user turn for a title."""
+def user_text(title: str, cfg: PromptConfig, neighbours: Neighbours = (), chars: int = 0) -> str:
+    """The user turn for a title, with its catalog neighbours above the instruction when there are any."""
     template = cfg.instruction or INSTRUCTIONS[cfg.language]
     if "{title}" not in template:
         raise ProdescError("prompt.instruction must contain '{title}': e.g. 'Describe: {title}'")
-    return template.replace("{title}", title.strip())
+    text = template.replace("{title}", title.strip())
+    if not neighbours:
+        return text
+    return f"{neighbour_block(neighbours, chars, cfg.language)}\n\n{text}"
+
+
+def neighbour_block(neighbours: Neighbours, chars: int, language: str = "en") -> str:
+    """`[i] title` + the description cut to `chars` characters (0: titles only), one neighbour after another."""
+    lines = [NEIGHBOURS_HEADER[language]]
+    for i, n in enumerate(neighbours, 1):
+        lines.append(f"[{i}] {' '.join(str(n['title']).split())}")
+        desc = clip(str(n.get("content") or ""), chars)
+        if desc:
+            lines.append(desc)
+    return "\n".join(lines)
+
+
+def clip(text: str, chars: int) -> str:
+    """`text` (whitespace collapsed) cut to at most `chars` characters at a word boundary, with "…" when cut."""
+    text = " ".join(text.split())
+    if len(text) <= chars:
+        return text
+    cut = text[: max(chars - 1, 0)]
+    space = cut.rfind(" ")
+    if space > chars // 2:  # a word boundary not too far back
+        cut = cut[:space]
+    return cut.rstrip(" ,;:") + "…" if cut else ""
 
 
 def messages(
-    title: str, cfg: PromptConfig, tokenizer: Any, content: str | None = None
+    title: str,
+    cfg: PromptConfig,
+    tokenizer: Any,
+    content: str | None = None,
+    neighbours: Neighbours = (),
+    chars: int = 0,
 ) -> list[dict[str, str]]:
     """Chat messages for a title (and its content, for training). The system prompt is folded into the user turn
     for templates that reject a system role (Mistral v0.3 raises on some orders)."""
-    user = user_text(title, cfg)
+    user = user_text(title, cfg, neighbours, chars)
     msgs: list[dict[str, str]] = []
     if cfg.system_prompt:
         if supports_system(tokenizer):
@@ -76,32 +125,31 @@ def messages(
     return msgs
 
 
-def prompt_text(tokenizer: Any, title: str, cfg: PromptConfig) -> str:
+def prompt_text(tokenizer: Any, title: str, cfg: PromptConfig, neighbours: Neighbours = (), chars: int = 0) -> str:
     """Rendered prompt text, ending where the assistant's answer starts."""
-    return _render(tokenizer, messages(title, cfg, tokenizer), add_generation_prompt=True)
+    return _render(tokenizer, messages(title, cfg, tokenizer, None, neighbours, chars), add_generation_prompt=True)
 
 
-def prompt_ids(tokenizer: Any, title: str, cfg: PromptConfig) -> list[int]:
+def prompt_ids(
+    tokenizer: Any, title: str, cfg: PromptConfig, neighbours: Neighbours = (), chars: int = 0
+) -> list[int]:
     """Token ids of the prompt: what generation feeds the model, identical to the training prefix."""
-    return _with_one_bos(tokenizer, _tokenize(tokenizer, prompt_text(tokenizer, title, cfg)))
+    return _with_one_bos(tokenizer, _tokenize(tokenizer, prompt_text(tokenizer, title, cfg, neighbours, chars)))
 
 
-def encode_example(tokenizer: Any, title: str, content: str, cfg: PromptConfig) -> dict[str, list[int]]:
-    """Training example: `input_ids` and `completion_mask` (1 on the answer and its EOS, 0 on the prompt)."""
-    prompt = prompt_text(tokenizer, title, cfg)
-    full = _render(tokenizer, messages(title, cfg, tokenizer, content), add_generation_prompt=False)
+def encode_example(
+    tokenizer: Any, title: str, content: str, cfg: PromptConfig, neighbours: Neighbours = (), chars: int = 0
+) -> dict[str, list[int]]:
+    """Training example: `input_ids` and `completion_mask` (1 on the answer and its end token, 0 on the prompt)."""
+    prompt = prompt_text(tokenizer, title, cfg, neighbours, chars)
+    full = _render(tokenizer, messages(title, cfg, tokenizer, content, neighbours, chars), add_generation_prompt=False)
     if not full.startswith(prompt):
         raise ProdescError(
             "the tokenizer's chat template renders the prompt differently with and without the answer: "
             "set prompt.instruction or use a model with a standard chat template"
         )
     p_ids = _with_one_bos(tokenizer, _tokenize(tokenizer, prompt))
-    c_ids = _tokenize(tokenizer, full[len(prompt) :])
-    eos = tokenizer.eos_token_id
-    if eos in c_ids:
-        c_ids = c_ids[: len(c_ids) - c_ids[::-1].index(eos)]  # cut what follows the last EOS
-    else:
-        c_ids = c_ids + [eos]
+    c_ids = _end_at_stop(tokenizer, _tokenize(tokenizer, full[len(prompt) :]))
     return {"input_ids": p_ids + c_ids, "completion_mask": [0] * len(p_ids) + [1] * len(c_ids)}
 
 
@@ -125,6 +173,63 @@ def baked_chat_template(tokenizer: Any, cfg: PromptConfig) -> str:
     baked = head + original
     _check_baked(tokenizer, baked, cfg)
     return baked
+
+
+def fit_example(
+    tokenizer: Any,
+    title: str,
+    content: str,
+    cfg: PromptConfig,
+    max_length: int,
+    neighbours: Neighbours = (),
+    chars: int = 0,
+) -> tuple[dict[str, list[int]] | None, dict[str, int]]:
+    """`encode_example` within `max_length` tokens, the end token always kept as the last supervised one.
+
+    Neighbours shrink first (the longest description length that fits, down to titles only, then none): the
+    answer is what the model learns from, the neighbours only help. Then the answer is cut, its end token kept.
+    Returns (example or None when the prompt alone fills max_length, what was cut)."""
+    cut = {"neighbour_chars_cut": 0, "neighbours_dropped": 0, "content_tokens_cut": 0, "dropped": 0}
+    ex = encode_example(tokenizer, title, content, cfg, neighbours, chars)
+    if len(ex["input_ids"]) <= max_length:
+        return ex, cut
+    if neighbours:
+        lo, hi = 0, chars  # largest description length that fits: lengths only grow with chars
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(encode_example(tokenizer, title, content, cfg, neighbours, mid)["input_ids"]) <= max_length:
+                lo = mid
+            else:
+                hi = mid - 1
+        ex = encode_example(tokenizer, title, content, cfg, neighbours, lo)
+        cut["neighbour_chars_cut"] = chars - lo
+        if len(ex["input_ids"]) <= max_length:
+            return ex, cut
+        cut["neighbours_dropped"] = len(neighbours)
+        ex = encode_example(tokenizer, title, content, cfg)
+    prompt_len = ex["completion_mask"].index(1)
+    room = max_length - prompt_len
+    if room < 2:  # not one answer token besides the end token
+        return None, {**cut, "dropped": 1}
+    ids = ex["input_ids"]
+    cut["content_tokens_cut"] = len(ids) - max_length
+    ids = ids[: max_length - 1] + ids[-1:]  # the answer cut, its end token kept
+    return {"input_ids": ids, "completion_mask": [0] * prompt_len + [1] * room}, cut
+
+
+@functools.lru_cache(maxsize=16)  # keyed on the tokenizer object: one probe per tokenizer, not per example
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The special token the chat template writes right after an assistant answer (None: it writes none)."""
+    probe = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "PROBE"}]
+    try:
+        full = _render(tokenizer, probe, add_generation_prompt=False)
+    except ProdescError:
+        return None
+    tail = full[full.rfind("PROBE") + len("PROBE") :]
+    # added special tokens too: Llama-3's <|eot_id|> is not among the named special tokens of a base tokenizer
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    special = set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+    return next((i for i in _tokenize(tokenizer, tail) if i in special), None)
 
 
 def supports_system(tokenizer: Any) -> bool:
@@ -159,7 +264,20 @@ def _render(tokenizer: Any, msgs: list[dict[str, str]], add_generation_prompt: b
             f"tokenizer of {tokenizer.name_or_path!r} has no chat template: use an instruct/chat model "
             "or set one in its tokenizer_config.json"
         )
-    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+    template = tokenizer.chat_template
+    kw = {}
+    if isinstance(template, str) and template.startswith(_BAKE_START):  # an export's: prodesc writes the turn itself
+        kw["chat_template"] = template.split(_BAKE_END, 1)[1]
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt, **kw)
+
+
+def _end_at_stop(tokenizer: Any, c_ids: list[int]) -> list[int]:
+    """The answer up to and including its end token: the template's end-of-turn (what follows it, ChatML's
+    newline, is cut), else the tokenizer's EOS; appended when the template writes neither."""
+    for stop in (end_of_turn_id(tokenizer), tokenizer.eos_token_id):
+        if stop is not None and stop in c_ids:
+            return c_ids[: len(c_ids) - c_ids[::-1].index(stop)]  # the last one: the answer's text may hold one
+    return c_ids + [tokenizer.eos_token_id]
 
 
 def _tokenize(tokenizer: Any, text: str) -> list[int]:

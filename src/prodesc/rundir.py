@@ -129,7 +129,20 @@ def settings(
     from prodesc.config import resolve
 
     base = run_config(run) if run is not None else None
+    flags = dict(flags or {})
+    if run is None and flags.get("model.name"):  # a merged export: the prompt and neighbours it was trained with
+        flags = {**export_settings(Path(flags["model.name"])), **flags}
     return resolve(base=base, config=config, flags=flags, sets=sets or (), locked=run is not None)
+
+
+def export_settings(model_dir: Path) -> dict[str, Any]:
+    """The prompt and retrieval settings `prodesc export` wrote beside a merged model (prodesc_export.json), as
+    settings; {} for any other model."""
+    meta = model_dir / "prodesc_export.json"
+    if not meta.is_file():
+        return {}
+    saved = json.loads(meta.read_text())
+    return {f"{sec}.{k}": v for sec in ("prompt", "retrieval") for k, v in (saved.get(sec) or {}).items()}
 
 
 def write_resolved(cfg: ProdescConfig, out: Path) -> Path:

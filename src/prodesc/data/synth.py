@@ -7,9 +7,11 @@ Shaped like the real file (lf_amazon_first400.json, trn_format_example.jsonl): t
 median of ~35 chars, non-empty content lognormal around ~450 chars, ~44% of lines with empty content (~54% keep
 >= 100 chars), HTML entities in ~18% of lines (`&#8217;`, `&#x2019;`, `&rsquo;`, `&amp;`, `&quot;`, double-escaped
 `&amp;#8217;`), `<br>`/`<p>`/`<b>` tags in ~4%, exact duplicates (~1%), repeated titles (~1.5%), variant families
-(colours, sizes, pack counts, "Vol. N", "[VHS]"), series sharing one blurb, near-duplicate contents under unrelated
-titles (~2% of lines: an earlier content with 1-3 words changed and a sentence added or cut; on the real 400, 18
-records have such a partner outside their title family), and `malformed` broken lines.
+(colours, sizes, pack counts, "Vol. N", "[VHS]"), series sharing one blurb, template-style categories
+(electronics, software: spec-list descriptions "Brand Series Product - Code/ capacity/ feature/ feature/ colour",
+siblings that share the template and differ in model code, capacity, colour, platform), near-duplicate contents
+under unrelated titles (~2% of lines: an earlier content with 1-3 words changed and a sentence added or cut; on the
+real 400, 18 records have such a partner outside their title family), and `malformed` broken lines.
 Titles and contents are built from the words of one product (`prodesc/data/synth_words.yaml`), so the content
 mentions the category and attributes of its title. Its template sentences get 3 words (the lead 2) swapped for
 random words of the tables each time, so that unrelated products share word pairs, not whole sentences (median
@@ -58,6 +60,7 @@ _ESCAPES = {  # how the real file writes ’ “ ” – — & " (the raw style 
 # In the real sample 15% of contents hold entities (~5 each) and none holds raw non-ASCII: most lines are ASCII.
 _STYLE_WEIGHTS = {"ascii": 80, "decimal": 8, "hex": 6, "named": 2, "double": 2, "raw": 2}
 _encode = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+_CODE_LETTERS = "ABCDEFGHJKLMNPRSTVWXZ"  # model codes such as "KX-2041B" (no I/O/Q/U/Y: read as digits)
 
 
 def synth(n: int, out: Path, seed: int = 0, malformed: int = 0) -> Path:
@@ -136,9 +139,11 @@ def _product(words: dict, rng: _Rng, room: int) -> list[tuple[bool, str, str]]:
     slots["Made"] = _made_up(words, rng)
     slots["Name"] = f"{slots['First']} {_made_up(words, rng)}"
     slots["Made_l"], slots["Name_l"] = slots["Made"].lower(), slots["Name"].lower()
-    slots["Title"] = title = _title(cat, slots, rng)
     kind = rng.pick(cat["variants"])
     count = 1 if kind == "none" else min(room, rng.randint(2, 4))
+    if "template" in cat:
+        return _siblings(words, cat, slots, rng, count)
+    slots["Title"] = title = _title(cat, slots, rng)
     if kind == "series_blurb":  # different titles, one identical blurb: only the content links them
         blurb, series, nouns = _content(words, cat, slots, rng), f"{slots['Made']} {slots['Noun']}", cat["nouns"]
         return [(book, f"{_made_up(words, rng)} {rng.pick(nouns)} ({series} Series)", blurb) for _ in range(count)]
@@ -152,6 +157,22 @@ def _product(words: dict, rng: _Rng, room: int) -> list[tuple[bool, str, str]]:
         sentence = spec["sentence"].format(value=value)
         content = shared if shared is not None else _content(words, cat, slots, rng, sentence)
         out.append((book, variant_title, content))
+    return out
+
+
+def _siblings(words: dict, cat: dict, slots: dict, rng: _Rng, count: int) -> list[tuple[bool, str, str]]:
+    """Products of a template-style category: one title pattern and one description template (the house style),
+    each sibling with its own model code and its own draw of the sibling slots (capacity, colour, platform)."""
+    values = dict(cat["slot_pairs"])
+    pattern, prefix = rng.pick(cat["titles"]), "".join(rng.pick(_CODE_LETTERS) for _ in range(2))
+    out = []
+    for _ in range(count):
+        sib = dict(slots)
+        for name in cat["sibling_slots"]:
+            sib[name], sib[name + "_l"] = rng.pick(values[name])
+        sib["Code"] = f"{prefix}-{rng.randint(100, 9999)}{rng.pick(_CODE_LETTERS)}"
+        content = "" if rng.random() < _EMPTY_CONTENT else cat["template"].format_map(sib)
+        out.append((False, pattern.format_map(sib), content))
     return out
 
 

@@ -6,7 +6,11 @@
 Systems, all on the same items:
 - finetuned: the run's base model with its adapter;
 - base: the same model with the adapter switched off (the notebook's "before");
-- retrieval: the description of the nearest training title by MiniLM embedding (a trivial system to beat).
+- retrieval: the description of the nearest training title by title embedding (retrieval.embedder, MiniLM by
+  default), found by the same catalog search that gives a run with retrieval.k > 0 its neighbours: the top
+  neighbour's text, as is (a trivial system to beat).
+Runs with retrieval.k > 0 put the neighbours in the prompt of both finetuned and base (so base is "neighbours, no
+training"). Test titles are looked up in DATA/index/ when `prodesc data index` wrote one.
 Leak guard (`data.overlap`): refuses items whose family key, content or near-duplicate content the run trained on
 (RUN_DIR/train_index.npz), unless --allow-overlap.
 """
@@ -19,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from prodesc import rundir
-from prodesc.config import EvalConfig, ProdescConfig
+from prodesc.catalog import Catalog, TitleVectors
+from prodesc.config import EvalConfig, ProdescConfig, RetrievalConfig
 from prodesc.data import check_overlap
-from prodesc.embedder import load_embedder
 from prodesc.errors import ProdescError
 from prodesc.eval import metrics, report
 from prodesc.generate import Generator
@@ -124,43 +128,50 @@ def _predict(run: Path, data: Path, items: list[dict], cfg: ProdescConfig) -> di
     if "finetuned" in wanted or "base" in wanted:
         # merge=False keeps the adapter separable, so `base` reuses the same weights with it switched off
         gen = Generator.from_run(run, cfg, merge=False)
+        gen.use_data_index(data)
         for name, adapter in (("finetuned", True), ("base", False)):
             if name in wanted:
                 print(f"generating {len(titles)} descriptions with {name}")
                 systems[name] = gen.describe(titles, cfg.generate, progress=True, adapter=adapter)
+        catalog = gen.catalog
         del gen
+    else:
+        catalog = Generator.catalog_of(run, cfg)
     if "retrieval" in wanted:
-        systems["retrieval"] = retrieval(read_split(data, "train"), titles, cfg.eval.embedder)
+        systems["retrieval"] = retrieval(read_split(data, "train"), titles, cfg.retrieval.embedder, catalog, data)
     for recs in systems.values():
         for rec, it in zip(recs, items, strict=True):
             rec["reference"] = it["content"]
     return {name: systems[name] for name in wanted if name in systems}
 
 
-def retrieval(train_rows: list[dict], titles: list[str], embedder: str) -> list[dict[str, Any]]:
-    """Nearest training title by cosine of MiniLM embeddings → that record's description."""
-    model = load_embedder(embedder)
+def retrieval(
+    train_rows: list[dict],
+    titles: list[str],
+    embedder: str,
+    catalog: Catalog | None = None,
+    data: Path | None = None,
+) -> list[dict[str, Any]]:
+    """Nearest training title (cosine of title embeddings) → that record's description. Searches `catalog` (a
+    run's own) when given, else one built from `train_rows`; titles of `data` are looked up in its index."""
+    if catalog is None:
+        cfg = RetrievalConfig(embedder=embedder)
+        catalog = Catalog.build(train_rows, TitleVectors.for_data(data, cfg), cfg)
+    catalog.use_data_index(data)
     t0 = time.perf_counter()
-    train_emb = model.encode(
-        [r["title"] for r in train_rows],
-        batch_size=256,
-        normalize_embeddings=True,
-        convert_to_numpy=True,
-        show_progress_bar=len(train_rows) > 5000,
-    )
-    query = model.encode(titles, batch_size=256, normalize_embeddings=True, convert_to_numpy=True)
-    best = (query @ train_emb.T).argmax(axis=1)
+    near = catalog.neighbours(titles, 1)
     ms = (time.perf_counter() - t0) * 1000 / max(len(titles), 1)
     return [
         {
             "title": t,
-            "prediction": train_rows[j]["content"],
+            "prediction": nb[0]["content"] if nb else "",
             "n_tokens": None,
             "stopped_by_eos": None,
             "latency_ms": round(ms, 1),
-            "neighbour": train_rows[j]["title"],
+            "neighbour": nb[0]["title"] if nb else None,
+            "neighbours": [{"uid": n["uid"], "title": n["title"], "score": n["score"]} for n in nb],
         }
-        for t, j in zip(titles, best, strict=True)
+        for t, nb in zip(titles, near, strict=True)
     ]
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from prodesc import models, prompts, rundir
+from prodesc.catalog import CATALOG_DIR
 from prodesc.errors import ProdescError
 from prodesc.export import gguf_file, modelfile
 from prodesc.rundir import atomic_dir, read_manifest, refuse_existing, write_resolved
@@ -48,6 +49,8 @@ def export(
         _need_cuda()
     tok = models.load_tokenizer(str(run / "adapter"))
     tok.chat_template = prompts.baked_chat_template(tok, cfg.prompt)  # refuses what it can't extend, before weights
+    if cfg.retrieval.k and not (run / CATALOG_DIR / "meta.json").exists():
+        raise ProdescError(f"{run} was trained with catalog neighbours but has no {CATALOG_DIR}/: retrain it")
     if format == "gguf":
         gguf_file.check(_base_source(run, base, cfg), tok, gguf_type)
     with atomic_dir(out, overwrite, "export dir") as tmp:
@@ -61,7 +64,10 @@ def export(
         else:
             _copy_adapter(run, base, tmp, tok)
         write_resolved(cfg, tmp)
-        info = {"run": str(run.resolve()), "base_model": base, "format": format, "gguf_type": gguf_type}
+        if cfg.retrieval.k and format != "gguf":  # `serve/generate --model DIR` put the same neighbours in prompts
+            shutil.copytree(run / CATALOG_DIR, tmp / CATALOG_DIR)
+        info = {"run": str(run.resolve()), "base_model": base, "format": format, "gguf_type": gguf_type,
+                "prompt": cfg.prompt.model_dump(mode="json"), "retrieval": cfg.retrieval.model_dump(mode="json")}
         (tmp / "prodesc_export.json").write_text(json.dumps(info, indent=2))
     what = f"GGUF {name} + Modelfile" if format == "gguf" else "merged model" if merge else "adapter"
     print(f"exported {what} to {out}")

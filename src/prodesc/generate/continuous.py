@@ -57,10 +57,11 @@ class Engine:
     """The running batch of one model. Single-threaded: call `add` and `step` from the model thread only."""
 
     def __init__(self, model: Any, tok: Any, gen: GenerateConfig, slots: int, cache_len: int,
-                 graphs: bool = False) -> None:
+                 graphs: bool = False, stop_ids: list[int] | None = None) -> None:
         self.model, self.gen, self.slots, self.cache_len = model, gen, slots, cache_len
         self.eos, self.pad = tok.eos_token_id, tok.pad_token_id
-        self.exempt = sorted({i for i in tok.all_special_ids if i is not None})
+        self.stops = set(stop_ids or [self.eos])  # any of them ends a row (models.stop_ids)
+        self.exempt = sorted({i for i in [*tok.all_special_ids, *self.stops] if i is not None})
         self.rows: list[Row] = []  # live rows, row i in slot i
         self.waiting: deque[Row] = deque()
         self.graphs = graphs  # CUDA graphs per batch bucket (turned off, with a warning, if capture fails)
@@ -213,13 +214,13 @@ class Engine:
     def _row_processors(self, prompt_len: int) -> Any:
         """The logits processors `Generator.describe` uses that depend on a row's history, built for this row
         alone (its own prompt length), so its answer is the one it would get on its own."""
-        from transformers import ExponentialDecayLengthPenalty, LogitsProcessorList, NoRepeatNGramLogitsProcessor
+        from transformers import ExponentialDecayLengthPenalty, LogitsProcessorList
 
-        from prodesc.generate.processors import AnswerRepetitionPenalty
+        from prodesc.generate.processors import AnswerNoRepeatNGram, AnswerRepetitionPenalty
 
         g, procs = self.gen, LogitsProcessorList()
-        if g.no_repeat_ngram_size:
-            procs.append(NoRepeatNGramLogitsProcessor(g.no_repeat_ngram_size))
+        if g.no_repeat_ngram_size:  # answer-only, as in `Generator.describe`: a neighbour's phrase may be copied
+            procs.append(AnswerNoRepeatNGram(g.no_repeat_ngram_size, prompt_len, self.exempt))
         if g.stop_boost_after:
             procs.append(ExponentialDecayLengthPenalty((g.stop_boost_after, 1.05), self.eos, prompt_len))
         if g.repetition_penalty != 1.0:
@@ -248,9 +249,9 @@ class Engine:
     def _emit(self, rows: list[Row], tokens: list[int]) -> None:
         for r, tok in zip(rows, tokens, strict=True):
             r.tokens.append(tok)
-            if tok != self.eos:
+            if tok not in self.stops:
                 r.on_token(tok)
-        self._drop(lambda r: r.tokens[-1] == self.eos, "stop")
+        self._drop(lambda r: r.tokens[-1] in self.stops, "stop")
         self._drop(lambda r: len(r.tokens) >= r.max_new_tokens, "length")
 
     # ---- leaving, and keeping the cache compact -----------------------------------------------------------------

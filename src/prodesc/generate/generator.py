@@ -3,10 +3,15 @@
     prodesc generate --run runs/smol "Girls Ballet Tutu Neon Pink" "Mog's Kittens"
     prodesc generate --run runs/smol --data demo/data --split test --out preds.jsonl
     prodesc generate --model embedded:smollm2-135m --input titles.txt          # the untuned model
+    prodesc generate --run runs/smol --base --data demo/data --out base.jsonl   # the run's base, same prompts
 
 Prompts are built by `prompts.prompt_ids`, the same function training used, left-padded, sorted by length so a
-batch wastes little padding, greedy unless temperature > 0, and stop at EOS. Each output line holds `title`,
-`prediction`, `reference` (when known), `n_tokens`, `stopped_by_eos`, `latency_ms` (wall time of the batch call).
+batch wastes little padding, greedy unless temperature > 0, and stop at any stop id (`models.stop_ids`: the
+generation config's EOS ids and the template's end-of-turn). A run trained with retrieval.k > 0 puts each title's
+k nearest catalog items (RUN/catalog/) in its prompt; titles of a prepared data dir with an index (`prodesc data
+index`) are looked up there instead of embedded. Each output line holds `title`, `prediction`, `reference` (when
+known), `n_tokens`, `stopped_by_eos` (stopped on any stop id), `latency_ms` (wall time of the batch call) and, with
+neighbours, `neighbours` (uid, title, score of each).
 """
 
 from __future__ import annotations
@@ -17,8 +22,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from prodesc import config as configmod
 from prodesc import models, prompts, rundir
+from prodesc.catalog import CATALOG_DIR, Catalog
 from prodesc.config import MIN_SAMPLING_TEMPERATURE, GenerateConfig, ProdescConfig
 from prodesc.data import check_overlap
 from prodesc.errors import ProdescError
@@ -30,10 +35,13 @@ from prodesc.rundir import read_manifest
 class Generator:
     """A loaded model + tokenizer + prompt settings; `describe(titles)` → prediction records."""
 
-    def __init__(self, model: Any, tokenizer: Any, cfg: ProdescConfig, name: str) -> None:
-        self.model, self.tok, self.cfg, self.name = model, tokenizer, cfg, name
+    def __init__(
+        self, model: Any, tokenizer: Any, cfg: ProdescConfig, name: str, catalog: Catalog | None = None
+    ) -> None:
+        self.model, self.tok, self.cfg, self.name, self.catalog = model, tokenizer, cfg, name, catalog
         self.tok.padding_side = "left"  # decoder-only batches grow on the right
-        self.exempt = sorted({i for i in tokenizer.all_special_ids if i is not None})
+        self.stop_ids = models.stop_ids(tokenizer, model)
+        self.exempt = sorted({i for i in [*tokenizer.all_special_ids, *self.stop_ids] if i is not None})
 
     @classmethod
     def from_run(cls, run: Path, cfg: ProdescConfig | None = None, merge: bool | None = None) -> Generator:
@@ -43,6 +51,7 @@ class Generator:
         from peft import PeftModel
 
         cfg = cfg or rundir.settings(run)
+        catalog = _catalog(run / CATALOG_DIR, cfg, run.name)  # before the weights: a missing index fails fast
         base = read_manifest(run)["base_model"]
         path = str(run / base["path"]) if base.get("path") else None
         model, _ = models.load(cfg.model, path=path, decode=cfg.generate.compile)
@@ -51,36 +60,47 @@ class Generator:
         if merge if merge is not None else _gpu_unquantized(model):
             model = model.merge_and_unload()
         model.eval()
-        return cls(model, tok, cfg, name=f"{run.name}")
+        return cls(model, tok, cfg, name=f"{run.name}", catalog=catalog)
 
     @classmethod
     def base_of_run(cls, run: Path, cfg: ProdescConfig | None = None) -> Generator:
-        """The run's base model alone (no adapter), with the run's tokenizer and prompt: `prodesc serve`'s
+        """The run's base model alone (no adapter), with the run's tokenizer, prompt and catalog: `prodesc serve`'s
         `<name>-base`, loaded as a second copy beside the merged fine-tuned model."""
         cfg = cfg or rundir.settings(run)
+        catalog = _catalog(run / CATALOG_DIR, cfg, run.name)
         base = read_manifest(run)["base_model"]
         path = str(run / base["path"]) if base.get("path") else None
         model, _ = models.load(cfg.model, path=path, decode=cfg.generate.compile)
         model.eval()
-        return cls(model, models.load_tokenizer(str(run / "adapter")), cfg, name=f"{run.name}-base")
+        tok = models.load_tokenizer(str(run / "adapter"))
+        return cls(model, tok, cfg, name=f"{run.name}-base", catalog=catalog)
 
     @classmethod
     def from_model(cls, name: str, adapter: Path | None = None, cfg: ProdescConfig | None = None) -> Generator:
-        """A plain model (Hub id, dir, embedded:...) with an optional PEFT adapter dir."""
-        cfg = cfg or configmod.resolve(flags={"model.name": name})
+        """A plain model (Hub id, dir, embedded:...) with an optional PEFT adapter dir. A merged export of a run
+        with neighbours (`prodesc export`) brings its catalog and its prompt and retrieval settings
+        (`rundir.settings(None, flags={"model.name": name})` reads them)."""
+        cfg = cfg or rundir.settings(None, flags={"model.name": name})
         if adapter is not None and not (adapter / "adapter_config.json").exists():
             raise ProdescError(f"{adapter} is not a PEFT adapter dir (no adapter_config.json)")
+        catalog = _catalog(Path(name) / CATALOG_DIR, cfg, name)
         model, tok = models.load(cfg.model, decode=cfg.generate.compile)
         if adapter is not None:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(adapter))
         model.eval()
-        return cls(model, tok, cfg, name=name)
+        return cls(model, tok, cfg, name=name, catalog=catalog)
 
-    def prompt_ids(self, title: str) -> list[int]:
-        """The prompt the model is given for a title (the same function training used)."""
-        return prompts.prompt_ids(self.tok, title, self.cfg.prompt)
+    @staticmethod
+    def catalog_of(run: Path, cfg: ProdescConfig) -> Catalog | None:
+        """A run's catalog (None for runs without neighbours), without loading the model."""
+        return _catalog(run / CATALOG_DIR, cfg, run.name)
+
+    def use_data_index(self, data: Path | None) -> None:
+        """Look the titles of a prepared data dir up in its index (`prodesc data index`) instead of embedding them."""
+        if self.catalog is not None:
+            self.catalog.use_data_index(data)
 
     def engine(self, slots: int, cache_len: int) -> Any:
         """A continuous-batching engine on this model (`prodesc serve`): `slots` rows at once, each with room for
@@ -89,7 +109,7 @@ class Generator:
 
         on_cuda = getattr(self.model, "device", None) is not None and self.model.device.type == "cuda"
         graphs = on_cuda and fast.fast_generation_enabled(self.model, self.cfg.generate.compile)
-        return Engine(self.model, self.tok, self.cfg.generate, slots, cache_len, graphs=graphs)
+        return Engine(self.model, self.tok, self.cfg.generate, slots, cache_len, graphs=graphs, stop_ids=self.stop_ids)
 
     def describe(
         self,
@@ -102,16 +122,25 @@ class Generator:
         """Generate a description per title (order kept). `adapter=False` runs the base model of a PEFT model.
         `stop(i)`, asked after every token, ends title i's answer early (the server: its client left)."""
         gen = gen or self.cfg.generate
+        near = self.neighbours(titles)
         order = sorted(range(len(titles)), key=lambda i: -len(titles[i]))  # similar lengths share a batch
         results: dict[int, dict[str, Any]] = {}
         bar = _progress(len(titles), progress)
         for start in range(0, len(order), gen.batch_size):
             idx = order[start : start + gen.batch_size]
-            for i, rec in zip(idx, self._batch([titles[i] for i in idx], gen, adapter, stop, idx), strict=True):
+            batch = self._batch([titles[i] for i in idx], [near[i] for i in idx], gen, adapter, stop, idx)
+            for i, rec in zip(idx, batch, strict=True):
                 results[i] = rec
             bar.update(len(idx))
         bar.close()
         return [results[i] for i in range(len(titles))]
+
+    def neighbours(self, titles: list[str]) -> list[list[dict[str, Any]]]:
+        """Each title's retrieval.k nearest catalog items ([] each when k = 0)."""
+        k = self.cfg.retrieval.k
+        if k and self.catalog is None:
+            raise ProdescError(_no_catalog(self.name, k))
+        return self.catalog.neighbours(titles, k) if k else [[] for _ in titles]
 
     def stream(self, title: str, gen: GenerateConfig | None = None, adapter: bool = True,
                stop: Callable[[], bool] | None = None) -> Iterator[str]:
@@ -141,7 +170,7 @@ class Generator:
         if failed:
             raise failed[0]
 
-    def _batch(self, titles: list[str], gen: GenerateConfig, adapter: bool,
+    def _batch(self, titles: list[str], near: list[list[dict]], gen: GenerateConfig, adapter: bool,
                stop: Callable[[int], bool] | None, rows: list[int]) -> list[dict[str, Any]]:
         import contextlib
 
@@ -149,7 +178,7 @@ class Generator:
 
         compiled = fast.fast_generation_enabled(self.model, gen.compile)  # static cache + compiled decode
         fill = batch_bucket(len(titles), gen.batch_size) - len(titles) if compiled else 0
-        inputs = self._encode(titles + titles[-1:] * fill)  # a few batch shapes, each compiled once
+        inputs = self._encode(titles + titles[-1:] * fill, near + near[-1:] * fill)  # few shapes, each compiled once
         width = inputs["input_ids"].shape[1]
         kwargs = self._gen_kwargs(gen, width, stop, rows + rows[-1:] * fill)
         if compiled:
@@ -160,10 +189,17 @@ class Generator:
         with ctx, torch.inference_mode():
             out = self.model.generate(**inputs, **kwargs)
         ms = (time.perf_counter() - t0) * 1000
-        return [self._record(t, row[width:].tolist(), ms) for t, row in zip(titles, out[: len(titles)], strict=True)]
+        rows = out[: len(titles)]
+        return [self._record(t, row[width:].tolist(), ms, nb) for t, row, nb in zip(titles, rows, near, strict=True)]
 
-    def _encode(self, titles: list[str]) -> dict[str, Any]:
-        ids = [prompts.prompt_ids(self.tok, t, self.cfg.prompt) for t in titles]
+    def prompt_ids(self, title: str, near: list[dict] | None = None) -> list[int]:
+        """The prompt of one title, its neighbours included (looked up when not given)."""
+        near = self.neighbours([title])[0] if near is None else near
+        return prompts.prompt_ids(self.tok, title, self.cfg.prompt, near, self.cfg.retrieval.chars)
+
+    def _encode(self, titles: list[str], near: list[list[dict]] | None = None) -> dict[str, Any]:
+        near = self.neighbours(titles) if near is None else near
+        ids = [self.prompt_ids(t, nb) for t, nb in zip(titles, near, strict=True)]
         batch = self.tok.pad({"input_ids": ids}, padding=True, return_tensors="pt")
         return {k: v.to(self.model.device) for k, v in batch.items()}
 
@@ -171,11 +207,13 @@ class Generator:
                     rows: list[int] = ()) -> dict[str, Any]:
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
+        from prodesc.generate.processors import AnswerNoRepeatNGram, AnswerRepetitionPenalty
+
         sample = gen.temperature >= MIN_SAMPLING_TEMPERATURE  # smaller ones overflow to a NaN distribution
         kw: dict[str, Any] = dict(
             max_new_tokens=gen.max_new_tokens,
             pad_token_id=self.tok.pad_token_id,
-            eos_token_id=self.tok.eos_token_id,
+            eos_token_id=self.stop_ids,  # every stop id, not only the tokenizer's EOS
             do_sample=sample,
         )
         if sample:
@@ -184,16 +222,16 @@ class Generator:
             from prodesc.generate.processors import StopRows
 
             kw["stopping_criteria"] = StoppingCriteriaList([StopRows(stop, rows)])
-        if gen.no_repeat_ngram_size:
-            kw["no_repeat_ngram_size"] = gen.no_repeat_ngram_size
         if gen.stop_boost_after:
             kw["exponential_decay_length_penalty"] = (gen.stop_boost_after, 1.05)
+        # Both count the answer only: the prompt's words (a neighbour's phrase, the title) stay free to copy.
+        processors = []
         if gen.repetition_penalty != 1.0:
-            from prodesc.generate.processors import AnswerRepetitionPenalty
-
-            kw["logits_processor"] = LogitsProcessorList(
-                [AnswerRepetitionPenalty(gen.repetition_penalty, prompt_width, self.exempt)]
-            )
+            processors.append(AnswerRepetitionPenalty(gen.repetition_penalty, prompt_width, self.exempt))
+        if gen.no_repeat_ngram_size:
+            processors.append(AnswerNoRepeatNGram(gen.no_repeat_ngram_size, prompt_width, self.exempt))
+        if processors:
+            kw["logits_processor"] = LogitsProcessorList(processors)
         return kw
 
     def _generate_into(self, streamer: Any, failed: list[BaseException], adapter: bool,
@@ -213,20 +251,24 @@ class Generator:
             failed.append(e)
             streamer.end()
 
-    def _record(self, title: str, new_ids: list[int], ms: float) -> dict[str, Any]:
-        eos, pad = self.tok.eos_token_id, self.tok.pad_token_id
-        stopped = eos in new_ids
+    def _record(self, title: str, new_ids: list[int], ms: float, near: list[dict]) -> dict[str, Any]:
+        stops, pad = set(self.stop_ids), self.tok.pad_token_id
+        end = next((i for i, t in enumerate(new_ids) if t in stops), None)
+        stopped = end is not None
         if stopped:
-            new_ids = new_ids[: new_ids.index(eos)]
+            new_ids = new_ids[:end]
         new_ids = [i for i in new_ids if i != pad]
         text = self.tok.decode(new_ids, skip_special_tokens=True).strip()
-        return {
+        rec = {
             "title": title,
             "prediction": text,
             "n_tokens": len(new_ids) + int(stopped),
             "stopped_by_eos": stopped,
             "latency_ms": round(ms, 1),
         }
+        if self.cfg.retrieval.k:
+            rec["neighbours"] = [{"uid": n["uid"], "title": n["title"], "score": n["score"]} for n in near]
+        return rec
 
 
 def generate_cli(
@@ -244,6 +286,7 @@ def generate_cli(
     sets: list[str] | None = None,
     resume: bool = False,
     allow_overlap: bool = False,
+    base: bool = False,
 ) -> int:
     """The `prodesc generate` verb: check the arguments, settings and items, load once, then describe: TITLE
     arguments to the terminal; `--input`/`--data` a chunk at a time to `--out` (stream.py), or the terminal."""
@@ -253,6 +296,8 @@ def generate_cli(
         raise ProdescError("pass exactly one of --run RUN_DIR or --model MODEL")
     if resume and out is None:
         raise ProdescError("--resume continues an --out file: pass --out FILE")
+    if base and run is None:
+        raise ProdescError("--base runs a run's base model with its prompts: pass --run RUN_DIR (or --model alone)")
     if titles:
         if any(not t.strip() for t in titles):
             raise ProdescError("an empty TITLE argument: give a product title")
@@ -261,17 +306,40 @@ def generate_cli(
         items, total = stream.item_source(input, data, split, limit)
     if data is not None and run is not None:  # a split of prepared data: were these items trained on?
         check_overlap(run, [{"title": x["title"], "content": x["reference"]} for x in items()], allow_overlap)
-    flags = {**(flags or {}), **({"model.name": model} if model else {})}
-    cfg = rundir.settings(run, config, flags, sets)
+    cfg = rundir.settings(run, config, {**(flags or {}), **({"model.name": model} if model else {})}, sets)
     done = stream.resume_point(out, items, resume) if out is not None else 0
-    gen = Generator.from_run(run, cfg) if run else Generator.from_model(model, adapter, cfg)
+    if run is not None:  # --base: unmerged, so the adapter can be switched off
+        gen = Generator.from_run(run, cfg, merge=False if base else None)
+    else:
+        gen = Generator.from_model(model, adapter, cfg)
+    gen.use_data_index(data)
+
+    def describe(batch: list[str], **kw: Any) -> list[dict[str, Any]]:
+        return gen.describe(batch, adapter=not base, **kw)
+
     if out is not None:
-        n = stream.generate_to_file(gen.describe, items, total, out, chunk=cfg.generate.write_every, done=done)
+        n = stream.generate_to_file(describe, items, total, out, chunk=cfg.generate.write_every, done=done)
         print(f"{out}: {n} predictions")
         return n
-    for rec in gen.describe([x["title"] for x in items()], progress=total > 1):
+    for rec in describe([x["title"] for x in items()], progress=total > 1):
         print(f"\n# {rec['title']}\n{rec['prediction']}")
     return total
+
+
+def _catalog(path: Path, cfg: ProdescConfig, name: str) -> Catalog | None:
+    """The catalog a model with neighbours needs (None for k = 0); a missing one fails before any weights load."""
+    if not cfg.retrieval.k:
+        return None
+    if not (path / "meta.json").exists():
+        raise ProdescError(_no_catalog(name, cfg.retrieval.k))
+    return Catalog.load(path, cfg.retrieval)
+
+
+def _no_catalog(name: str, k: int) -> str:
+    return (
+        f"retrieval.k={k} but {name} has no catalog index ({CATALOG_DIR}/): train it with retrieval.k > 0, "
+        "or set retrieval.k=0"
+    )
 
 
 def _gpu_unquantized(model: Any) -> bool:

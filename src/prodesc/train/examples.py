@@ -1,0 +1,87 @@
+"""Training examples: each record's prompt (its catalog neighbours above the title), answer and end token, made to
+fit `train.max_length` without ever losing the end token.
+
+    catalog, near = neighbours(cfg, data, rows)          # near["train"][i]: the neighbours of rows["train"][i]
+    examples, cut = encode(tok, cfg, rows["train"], near["train"])
+
+Neighbours come from the train split only, never the record itself nor its own family: a variant of the same
+product would teach the model to copy answers it will not have at test time, where families never straddle splits.
+TRL would cut an over-long example from the right, EOS first, teaching long answers never to end; here the
+neighbours shrink first, then the answer, and the end token stays (prompts.fit_example). `cut` counts what went.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prodesc import prompts
+from prodesc.catalog import Catalog, TitleVectors
+from prodesc.config import ProdescConfig
+from prodesc.errors import ProdescError
+
+CHARS_PER_TOKEN = 4  # English BPE text, roughly: to tell before loading anything whether neighbours can fit
+CUT_KEYS = ("neighbour_chars_cut", "neighbours_dropped", "content_tokens_cut", "dropped")
+
+
+def check(cfg: ProdescConfig) -> None:
+    """Neighbour settings that cannot fit train.max_length, refused before anything loads."""
+    r, t = cfg.retrieval, cfg.train
+    if not r.k:
+        return
+    need = r.k * (r.chars // CHARS_PER_TOKEN + 16)  # + the `[i] title` line
+    if need > t.max_length // 2:
+        raise ProdescError(
+            f"retrieval.k={r.k} neighbours of retrieval.chars={r.chars} (~{need} tokens) leave less than half of "
+            f"train.max_length={t.max_length} for the title and the answer: lower retrieval.chars or retrieval.k, "
+            "or raise train.max_length"
+        )
+
+
+def neighbours(
+    cfg: ProdescConfig, data: Path, rows: dict[str, list[dict]]
+) -> tuple[Catalog | None, dict[str, list[list[dict]]]]:
+    """The train-split catalog and each record's k neighbours (none when retrieval.k = 0)."""
+    if not cfg.retrieval.k:
+        return None, {split: [[] for _ in split_rows] for split, split_rows in rows.items()}
+    vectors = TitleVectors.for_data(data, cfg.retrieval)
+    catalog = Catalog.build(rows["train"], vectors, cfg.retrieval)
+    catalog.use_data_index(data)  # val titles: looked up too
+    near = {
+        split: catalog.neighbours([r["title"] for r in split_rows], cfg.retrieval.k, [r["family"] for r in split_rows])
+        for split, split_rows in rows.items()
+    }
+    return catalog, near
+
+
+def encode(
+    tok: Any, cfg: ProdescConfig, rows: list[dict], near: list[list[dict]]
+) -> tuple[list[dict[str, list[int]]], dict[str, int]]:
+    """The examples of one split within train.max_length, and the totals of what was cut to get there."""
+    examples, totals = [], dict.fromkeys(CUT_KEYS, 0)
+    totals["examples_cut"] = 0
+    for r, nb in zip(rows, near, strict=True):
+        ex, cut = prompts.fit_example(
+            tok, r["title"], r["content"], cfg.prompt, cfg.train.max_length, nb, cfg.retrieval.chars
+        )
+        for key in CUT_KEYS:
+            totals[key] += cut[key]
+        totals["examples_cut"] += any(cut.values())
+        if ex is not None:
+            examples.append(ex)
+    return examples, totals
+
+
+def describe_cuts(totals: dict[str, int], n: int, max_length: int) -> str | None:
+    """One line saying what fitting train.max_length cost, or None when nothing was cut."""
+    if not totals["examples_cut"]:
+        return None
+    parts = [
+        f"{totals['examples_cut']} of {n} training examples were longer than train.max_length={max_length}"
+        " and were fitted, the end token kept:",
+        f"neighbour descriptions shortened by {totals['neighbour_chars_cut']} chars in all,",
+        f"{totals['neighbours_dropped']} neighbours dropped, {totals['content_tokens_cut']} answer tokens cut,",
+        f"{totals['dropped']} examples dropped (prompt alone too long);",
+        "raise train.max_length to keep them whole",
+    ]
+    return " ".join(parts)

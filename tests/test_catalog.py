@@ -1,0 +1,100 @@
+"""The catalog index: `prodesc data index`, faiss search (exact and approximate), neighbours for training."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from typer.testing import CliRunner
+
+from prodesc.catalog import EXACT_MAX, Catalog, TitleVectors
+from prodesc.cli import app
+from prodesc.config import RetrievalConfig
+from prodesc.errors import ProdescError
+from prodesc.records import read_split
+
+
+def _catalog(n: int = 300, search: str = "auto", dim: int = 16) -> Catalog:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    items = pa.table({
+        "uid": [f"u{i}" for i in range(n)], "title": [f"t{i}" for i in range(n)],
+        "content": [f"c{i}" for i in range(n)], "family": [f"f{i // 3}" for i in range(n)],  # families of 3
+    })  # fmt: skip
+    return Catalog(items, x, RetrievalConfig(search=search))
+
+
+def test_search_finds_a_title_itself_first_with_its_cosine():
+    cat = _catalog()
+    [near] = cat.neighbours(["t7"], 3)
+    assert [n["uid"] for n in near][0] == "u7" and near[0]["score"] == pytest.approx(1.0, abs=1e-3)
+    assert near[0]["content"] == "c7" and near[0]["score"] >= near[1]["score"] >= near[2]["score"]
+
+
+def test_excluded_family_never_comes_back():
+    cat = _catalog()
+    near = cat.neighbours([f"t{i}" for i in range(30)], 4, [f"f{i // 3}" for i in range(30)])
+    for i, nb in enumerate(near):
+        assert len(nb) == 4 and all(n["family"] != f"f{i // 3}" for n in nb)
+
+
+def test_approximate_search_agrees_with_exact_on_a_small_catalog():
+    titles = [f"t{i}" for i in range(0, 300, 7)]
+    exact = _catalog(search="exact").neighbours(titles, 5)
+    hnsw = _catalog(search="approximate")
+    approx = hnsw.neighbours(titles, 5)
+    assert type(hnsw._index).__name__ == "IndexHNSWFlat"
+    pairs = zip(exact, approx, strict=True)
+    agree = np.mean([len({n["uid"] for n in a} & {n["uid"] for n in b}) / 5 for a, b in pairs])
+    assert agree >= 0.95
+    assert EXACT_MAX >= 10_000  # the measured switch-over (bench/results/catalog_search.json)
+
+
+def test_data_index_holds_every_split_and_replaces_the_embedder(tiny_rag_data, monkeypatch):
+    meta = json.loads((tiny_rag_data / "index" / "meta.json").read_text())
+    rows = [r for s in ("train", "val", "test") for r in read_split(tiny_rag_data, s)]
+    assert meta["count"] == len(rows) and meta["embedder"] == RetrievalConfig().embedder
+    vectors = TitleVectors.for_data(tiny_rag_data, RetrievalConfig())
+    from prodesc import embedder
+
+    monkeypatch.setattr(embedder, "load_embedder", lambda *a: pytest.fail("embedder loaded for an indexed title"))
+    got = vectors.encode([rows[0]["title"], rows[-1]["title"]])
+    assert got.shape == (2, meta["dim"]) and np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-2)
+
+
+def test_data_index_of_another_embedder_is_refused(tiny_rag_data):
+    with pytest.raises(ProdescError, match="was built with 'embedded:all-minilm-l6-v2'"):
+        TitleVectors.for_data(tiny_rag_data, RetrievalConfig(embedder="some/other-model"))
+
+
+def test_cli_data_index_refuses_an_existing_index_and_a_dir_without_splits(tiny_rag_data, tmp_path):
+    res = CliRunner().invoke(app, ["data", "index", str(tiny_rag_data)])
+    assert res.exit_code == 1 and "--overwrite" in res.output
+    res = CliRunner().invoke(app, ["data", "index", str(tmp_path)])
+    assert res.exit_code == 1 and "data prepare" in res.output
+
+
+def test_training_neighbours_are_never_the_record_nor_its_family(tiny_rag_data):
+    from fixtures_tiny import tiny_config
+    from prodesc.train import examples
+
+    rows = {s: read_split(tiny_rag_data, s) for s in ("train", "val")}
+    catalog, near = examples.neighbours(tiny_config("retrieval.k=3"), tiny_rag_data, rows)
+    assert len(catalog) == len(rows["train"])
+    families = {r["uid"]: r["family"] for r in rows["train"]}
+    shared = 0
+    for r, nb in zip(rows["train"], near["train"], strict=True):
+        assert len(nb) == 3 and all(n["uid"] != r["uid"] and families[n["uid"]] != r["family"] for n in nb)
+        shared += sum(families[n["uid"]] == r["family"] for n in nb)
+    assert shared == 0
+    assert all(n["uid"] in families for nb in near["val"] for n in nb)  # from the train split only
+
+
+def test_bad_retrieval_settings_are_one_line_errors():
+    from prodesc import config
+
+    with pytest.raises(ProdescError, match=r"retrieval.k: Input should be greater than or equal to 0"):
+        config.load(None, ["retrieval.k=-1"])
+    with pytest.raises(ProdescError, match=r"retrieval.chars: Input should be greater than or equal to 40"):
+        config.load(None, ["retrieval.chars=5"])
