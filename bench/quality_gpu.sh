@@ -32,7 +32,7 @@ WHEELS="transformers==5.24.0 trl==1.16.0 peft==0.21.2 datasets==5.2.0 dill==0.4.
 prodesc() { PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m prodesc.cli "$@"; }
 
 pack() {  # here: the 400 records prepared and indexed, the GGUF in two halves, the wheels
-  git check-ignore -q "$Q" || { echo "$Q must be git-ignored (.gitignore): it must not travel uncarried" >&2; exit 1; }
+  mkdir -p "$Q" && git check-ignore -q "$Q" || { echo "$Q must be git-ignored (.gitignore): it must not travel uncarried" >&2; exit 1; }
   rm -rf "$Q" && mkdir -p "$Q/part1" "$Q/part2" "$Q/whl"
   prodesc data prepare "$RECORDS" --out "$Q/data" --test-fraction 0.25 --val-fraction 0.05 --overwrite
   prodesc data index "$Q/data" --overwrite

@@ -339,7 +339,7 @@ def test_a_catalog_aware_run_answers_with_the_neighbours_in_its_prompt(tiny_rag_
 
     async def main():
         transport = httpx.ASGITransport(app=create_app(gen, ServeConfig()))
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=60) as http:
             body = {"titles": ["Red Mug"], "max_new_tokens": 3}
             chat = {"model": tiny_rag_run.name, "max_tokens": 3, "messages": [{"role": "user", "content": "Red Mug"}]}
             return await http.post("/v1/describe", json=body), await http.post("/v1/chat/completions", json=chat)
