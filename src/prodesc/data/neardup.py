@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 
 import numpy as np
 import pyarrow as pa
@@ -229,12 +229,7 @@ def merge_families(rep: np.ndarray, i: np.ndarray, j: np.ndarray, max_family: in
     so a family is still named by its first record's key."""
     size = np.bincount(rep, minlength=len(rep)).tolist()
     parent: dict[int, int] = {}
-
-    def find(x: int) -> int:
-        while parent.get(x, x) != x:
-            parent[x] = parent.get(parent[x], parent[x])  # path halving
-            x = parent[x]
-        return x
+    find = partial(find_root, parent)
 
     merged = skipped = 0
     for a, b in zip(rep[i].tolist(), rep[j].tolist(), strict=True):
@@ -254,3 +249,11 @@ def merge_families(rep: np.ndarray, i: np.ndarray, j: np.ndarray, max_family: in
     for x in parent:
         roots[x] = find(x)
     return roots[rep], merged, skipped
+
+
+def find_root(parent: dict[int, int], x: int) -> int:
+    """Union-find root of `x` in `parent` (absent = its own root), halving the path as it goes."""
+    while parent.get(x, x) != x:
+        parent[x] = parent.get(parent[x], parent[x])
+        x = parent[x]
+    return x

@@ -43,6 +43,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -131,12 +132,7 @@ def _families(fkey: np.ndarray, chash: np.ndarray) -> np.ndarray:
     a, b = shared[:-1], shared[1:]
     linked = (content_of[a] == content_of[b]) & (key_of[a] != key_of[b])
     parent: dict[int, int] = {}
-
-    def find(x: int) -> int:
-        while parent.get(x, x) != x:
-            parent[x] = parent.get(parent[x], parent[x])  # path halving
-            x = parent[x]
-        return x
+    find = partial(neardup.find_root, parent)
 
     first = key_first.tolist()
     for u, v in zip(key_of[a][linked].tolist(), key_of[b][linked].tolist(), strict=True):

@@ -109,7 +109,7 @@ class Service:
     def prompt(self, gen: Any, title: str, near: list[dict] | None = None) -> list[int]:
         """The prompt's token ids: the one seam where a request's prompt is built, with the title's catalog
         neighbours for a run trained with retrieval.k > 0 (looked up when not given)."""
-        return gen.prompt_ids(title, near) if near is not None else gen.prompt_ids(title)
+        return gen.prompt_ids(title, near) if near else gen.prompt_ids(title)
 
     async def base(self) -> Any:
         """The base model's generator, loaded (in a thread, once) on the first request for `<name>-base`: a second
