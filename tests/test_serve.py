@@ -534,23 +534,7 @@ def test_client_that_disconnects_frees_its_slot_and_is_never_generated() -> None
         first = asyncio.create_task(http.post("/v1/describe", json={"titles": ["A"]}))
         await until(gen.entered.is_set)
         hang_up, sent = asyncio.Event(), []
-        messages = [{"type": "http.request", "body": json.dumps({"titles": ["B"]}).encode(), "more_body": False}]
-
-        async def receive():
-            if messages:
-                return messages.pop(0)
-            await hang_up.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message):
-            sent.append(message)
-
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": "/v1/describe", "raw_path": b"/v1/describe", "query_string": b"",
-                 "root_path": "", "client": ("127.0.0.1", 5000),
-                 "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")],
-                 "server": ("test", 80)}
-        second = asyncio.create_task(app(scope, receive, send))
+        second = _asgi_call(app, "/v1/describe", {"titles": ["B"]}, hang_up, sent)
         await until(lambda: app.state.prodesc.batcher.depth == 1)
         hang_up.set()
         await second
