@@ -174,41 +174,11 @@ def test_stop_asked_mid_answer_ends_the_whole_call_within_a_token(gen):
     assert all(4 <= r["n_tokens"] <= 7 for r in recs), [r["n_tokens"] for r in recs]
 
 
-def test_stream_stops_when_asked(gen):
-    cfg = GenerateConfig(max_new_tokens=200)
-    full = list(gen.stream("Mog's Kittens", cfg))
-    asked = []
-    cut = list(gen.stream("Mog's Kittens", cfg, stop=lambda: asked.append(1) or len(asked) > 5))
-    assert len(asked) <= 7 and len("".join(cut)) < len("".join(full)) / 4
-
-
-@pytest.mark.timeout(60)
-def test_closing_a_stream_early_stops_and_joins_its_generation_thread(gen):
-    import threading
-
-    before = threading.active_count()
-    pieces = gen.stream("Mog's Kittens", GenerateConfig(max_new_tokens=1000))
-    next(pieces)
-    pieces.close()  # the server's reader gave up: the model must be free when close() returns
-    assert threading.active_count() == before
-
-
-@pytest.mark.timeout(60)
-def test_a_failing_stream_raises_instead_of_hanging(gen, monkeypatch):
-    def broken(**kwargs):
-        raise RuntimeError("probability tensor contains either inf, nan or element < 0")
-
-    monkeypatch.setattr(gen.model, "generate", broken)
-    with pytest.raises(RuntimeError, match="probability tensor"):
-        list(gen.stream("Mog's Kittens", GenerateConfig(max_new_tokens=8)))
-
-
 @pytest.mark.timeout(60)
 def test_a_temperature_too_small_to_sample_decodes_greedily(gen):
     greedy = gen.describe(["Mog's Kittens"], GenerateConfig(max_new_tokens=12))[0]["prediction"]
     tiny = GenerateConfig(max_new_tokens=12, temperature=1e-300)
-    assert gen.describe(["Mog's Kittens"], tiny)[0]["prediction"] == greedy
-    assert "".join(gen.stream("Mog's Kittens", tiny)).strip() == greedy  # this stream used to hang for good
+    assert gen.describe(["Mog's Kittens"], tiny)[0]["prediction"] == greedy  # it used to give NaN probabilities
 
 
 def test_generate_from_trained_items_is_refused_before_loading(tiny_run, tiny_data, monkeypatch):

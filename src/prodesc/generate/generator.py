@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -142,34 +142,6 @@ class Generator:
             raise ProdescError(_no_catalog(self.name, k))
         return self.catalog.neighbours(titles, k) if k else [[] for _ in titles]
 
-    def stream(self, title: str, gen: GenerateConfig | None = None, adapter: bool = True,
-               stop: Callable[[], bool] | None = None) -> Iterator[str]:
-        """Yield the description of one title piece by piece (for the server's streaming answers).
-        `adapter=False` streams the base model's answer of a PEFT model; `stop()`, asked after every token, ends
-        it early. Generation runs in a thread that never outlives this iterator: closing the iterator stops it
-        within a token and waits for it, so the model is free for the next caller, and its error is re-raised."""
-        from threading import Event, Thread
-
-        from transformers import TextIteratorStreamer
-
-        gen = gen or self.cfg.generate
-        closed = Event()
-        streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
-        inputs = self._encode([title])
-        width = inputs["input_ids"].shape[1]
-        ended = (lambda _: closed.is_set() or stop()) if stop is not None else (lambda _: closed.is_set())
-        kwargs = dict(**inputs, **self._gen_kwargs(gen, width, ended, [0]), streamer=streamer)
-        failed: list[BaseException] = []
-        thread = Thread(target=self._generate_into, args=(streamer, failed, adapter, kwargs), daemon=True)
-        thread.start()
-        try:
-            yield from streamer
-        finally:
-            closed.set()
-            thread.join()
-        if failed:
-            raise failed[0]
-
     def _batch(self, titles: list[str], near: list[list[dict]], gen: GenerateConfig, adapter: bool,
                stop: Callable[[int], bool] | None, rows: list[int]) -> list[dict[str, Any]]:
         import contextlib
@@ -233,23 +205,6 @@ class Generator:
         if processors:
             kw["logits_processor"] = LogitsProcessorList(processors)
         return kw
-
-    def _generate_into(self, streamer: Any, failed: list[BaseException], adapter: bool,
-                       kwargs: dict[str, Any]) -> None:
-        """The stream's generation thread. On an error it ends the stream itself (generate only ends it on
-        success), so the reader is never left waiting for text that will not come."""
-        import contextlib
-
-        import torch
-
-        no_adapter = getattr(self.model, "disable_adapter", None)
-        ctx = no_adapter() if (not adapter and no_adapter) else contextlib.nullcontext()
-        try:
-            with ctx, torch.inference_mode():
-                self.model.generate(**kwargs)
-        except BaseException as e:  # noqa: BLE001 - handed to the reader, which re-raises it
-            failed.append(e)
-            streamer.end()
 
     def _record(self, title: str, new_ids: list[int], ms: float, near: list[dict]) -> dict[str, Any]:
         stops, pad = set(self.stop_ids), self.tok.pad_token_id
