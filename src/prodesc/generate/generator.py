@@ -52,11 +52,8 @@ class Generator:
 
         cfg = cfg or rundir.settings(run)
         catalog = _catalog(run / CATALOG_DIR, cfg, run.name)  # before the weights: a missing index fails fast
-        base = read_manifest(run)["base_model"]
-        path = str(run / base["path"]) if base.get("path") else None
-        model, _ = models.load(cfg.model, path=path, decode=cfg.generate.compile)
+        model = PeftModel.from_pretrained(_run_base(run, cfg), str(run / "adapter"))
         tok = models.load_tokenizer(str(run / "adapter"))
-        model = PeftModel.from_pretrained(model, str(run / "adapter"))
         if merge if merge is not None else _gpu_unquantized(model):
             model = model.merge_and_unload()
         model.eval()
@@ -68,12 +65,8 @@ class Generator:
         `<name>-base`, loaded as a second copy beside the merged fine-tuned model."""
         cfg = cfg or rundir.settings(run)
         catalog = _catalog(run / CATALOG_DIR, cfg, run.name)
-        base = read_manifest(run)["base_model"]
-        path = str(run / base["path"]) if base.get("path") else None
-        model, _ = models.load(cfg.model, path=path, decode=cfg.generate.compile)
-        model.eval()
-        tok = models.load_tokenizer(str(run / "adapter"))
-        return cls(model, tok, cfg, name=f"{run.name}-base", catalog=catalog)
+        model = _run_base(run, cfg).eval()
+        return cls(model, models.load_tokenizer(str(run / "adapter")), cfg, name=f"{run.name}-base", catalog=catalog)
 
     @classmethod
     def from_model(cls, name: str, adapter: Path | None = None, cfg: ProdescConfig | None = None) -> Generator:
@@ -279,6 +272,13 @@ def generate_cli(
     for rec in describe([x["title"] for x in items()], progress=total > 1):
         print(f"\n# {rec['title']}\n{rec['prediction']}")
     return total
+
+
+def _run_base(run: Path, cfg: ProdescConfig) -> Any:
+    """The base model a run was trained on, loaded as its manifest says (tiny runs keep theirs in the run dir)."""
+    base = read_manifest(run)["base_model"]
+    path = str(run / base["path"]) if base.get("path") else None
+    return models.load(cfg.model, path=path, decode=cfg.generate.compile)[0]
 
 
 def _catalog(path: Path, cfg: ProdescConfig, name: str) -> Catalog | None:
