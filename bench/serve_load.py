@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from generate_throughput import _titles  # noqa: E402
+from serve_probe import stop_server  # noqa: E402
 
 
 def main() -> None:
@@ -96,12 +97,7 @@ def serve_runs(a: argparse.Namespace, streams: list[int]) -> list[dict]:
             out.append(row)
         return out
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc, 30)
 
 
 def _round(url: str, model: str, n: int, new_tokens: int) -> dict:

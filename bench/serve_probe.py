@@ -49,12 +49,7 @@ def main() -> None:
     try:
         summary = asyncio.run(_probe(url, server.pid, args.clients, args.rounds, args.passes, args.cap_s))
     finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(server, 10)
     print(json.dumps(summary, indent=1))
     if args.out:
         args.out.write_text(json.dumps(summary, indent=1) + "\n")
@@ -211,6 +206,16 @@ def _rss_mb(pid: int) -> float:
 
 def _metric(text: str, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def stop_server(proc: subprocess.Popen, wait_s: float) -> None:
+    """SIGTERM (uvicorn's graceful stop), then SIGKILL after `wait_s`."""
+    proc.terminate()
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 if __name__ == "__main__":
