@@ -15,7 +15,10 @@
 # configs/smollm2-135m.yaml preset plus its overrides (each ~2 min on an H200), writes test-split predictions of
 # the fine-tuned model and, once per distinct retrieval.k, of the base model with the same prompts (base_k0 = the
 # untouched model, base_k2 = neighbours without training), and packs them with each run's config and manifest into
-# $OUT/qgpu-<names>.tar.gz (one file: $OUT brings back 8 at most). --limit/--steps shrink it for a CPU check.
+# $OUT/qgpu-<names>.tar.gz (one file: $OUT brings back 8 at most; qgpu-part.tar.gz, rewritten after each NAME, is
+# what a call cut by its time limit brings back). --limit/--steps shrink it for a CPU check. A NAME of the form
+# NEW@RUN only decodes: RUN (trained earlier in the same call) with NEW's generate.* settings. QGPU_BASE=0 skips
+# the base model's answers (kept from an earlier call).
 # Why the split: a device call carries 64 MiB; the GGUF is 94 MiB, the wheels the device lacks ~35 MiB. The titles
 # are embedded here (prodesc data index): the device never loads the MiniLM embedder.
 set -euo pipefail
@@ -86,29 +89,38 @@ run() {  # device: train each NAME, predict the test split, pack everything smal
   setup
   local out=${OUT:-$Q/out} names=() seen=" " res="$T/results"
   rm -rf "$res" && mkdir -p "$res" "$out"
-  local gen=(--data "$T/data" --split test --set generate.batch_size=64 ${limit:+--limit "$limit"})
+  local gen=(--data "$T/data" --split test --set generate.batch_size=${QGPU_BATCH:-128} ${limit:+--limit "$limit"})
   while [ $# -gt 0 ]; do
     local name=$1 sets=() kv
     for kv in $2; do sets+=(--set "$kv"); done
     [ -n "$steps" ] && sets+=(--set "train.max_steps=$steps" --set "train.eval_steps=$steps" --set "train.save_steps=$steps")
     shift 2
     echo "== $name: ${sets[*]}"
-    local t0=$SECONDS
-    prodesc train --config configs/smollm2-135m.yaml --data "$T/data" --out "$T/runs/$name" --overwrite "${sets[@]}"
-    mkdir -p "$res/$name" && cp "$T/runs/$name"/{config.resolved.yaml,manifest.json,metrics.jsonl} "$res/$name/"
-    prodesc generate --run "$T/runs/$name" "${gen[@]}" --out "$res/$name.jsonl"
+    local t0=$SECONDS run=$name
+    if [[ $name == *@* ]]; then  # NAME@RUN: decoding only, RUN's adapter with other generate.* settings
+      run=${name#*@} && name=${name%@*}
+      [ -d "$T/runs/$run" ] || { echo "$run: not trained in this call (train it first)" >&2; exit 2; }
+      mkdir -p "$res/$name" && cp "$T/runs/$run"/{config.resolved.yaml,manifest.json,metrics.jsonl} "$res/$name/"
+      echo "decoded from $run with: ${sets[*]}" > "$res/$name/decoding.txt"
+      prodesc generate --run "$T/runs/$run" "${gen[@]}" "${sets[@]}" --out "$res/$name.jsonl"
+    else
+      prodesc train --config configs/smollm2-135m.yaml --data "$T/data" --out "$T/runs/$run" --overwrite "${sets[@]}"
+      mkdir -p "$res/$name" && cp "$T/runs/$run"/{config.resolved.yaml,manifest.json,metrics.jsonl} "$res/$name/"
+      prodesc generate --run "$T/runs/$run" "${gen[@]}" --out "$res/$name.jsonl"
+    fi
     local k
-    k=$("$PY" -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1]))['retrieval']['k'])" "$T/runs/$name/config.resolved.yaml")
-    if [[ $seen != *" $k "* ]]; then  # the base model's answers depend on the prompt (k), not on the training
-      prodesc generate --run "$T/runs/$name" --base "${gen[@]}" --out "$res/base_k$k.jsonl"
+    k=$("$PY" -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1]))['retrieval']['k'])" "$T/runs/$run/config.resolved.yaml")
+    if [[ ${QGPU_BASE:-1} == 1 && $seen != *" $k "* ]]; then  # base answers depend on the prompt (k) alone
+      prodesc generate --run "$T/runs/$run" --base "${gen[@]}" --out "$res/base_k$k.jsonl"
       seen+="$k "
     fi
     echo "== $name done in $((SECONDS - t0)) s"
     names+=("$name")
+    tar -czf "$out/qgpu-part.tar.gz" -C "$res" .  # after each: a call cut by its time limit keeps what finished
   done
   local tag
   tag=$(IFS=-; echo "${names[*]}")
-  tar -czf "$out/qgpu-$tag.tar.gz" -C "$res" .
+  mv "$out/qgpu-part.tar.gz" "$out/qgpu-$tag.tar.gz"
   ls -la "$out"
 }
 

@@ -108,6 +108,15 @@ def test_stop_boost_ends_runaway_answers(gen):
     assert boosted["stopped_by_eos"] and boosted["n_tokens"] < 200
 
 
+def test_stop_bias_moves_where_answers_end(gen):
+    def n(**kw):
+        return gen.describe(["Mog's Kittens"], GenerateConfig(max_new_tokens=200, **kw))[0]
+
+    assert n(stop_bias=20.0)["n_tokens"] == 1  # the end token wins at once
+    boosted, held = n(stop_boost_after=20), n(stop_boost_after=20, stop_bias=-20.0)
+    assert held["stopped_by_eos"] and held["n_tokens"] > boosted["n_tokens"]  # EOS calibrated down: longer
+
+
 def _titles(tmp_path, n: int):
     f = tmp_path / "titles.txt"
     f.write_text("".join(f"Product number {i} in Red, {i % 7 + 1} Pack\n" for i in range(n)))

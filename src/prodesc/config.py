@@ -212,6 +212,12 @@ class GenerateConfig(_Stage):
         0, ge=0, description="After N new tokens, raise EOS's score exponentially (x1.05 a token) so runaway "
         "answers end; 0 = off. Maps to transformers' exponential_decay_length_penalty."
     )
+    stop_bias: float = Field(
+        0.0, ge=-20, le=20, allow_inf_nan=False,
+        description="Added to the score of every stop id at each step (EOS calibration): below 0 answers run longer "
+        "(greedy decoding ends early: docs/QUALITY.md), above 0 shorter; 0 = off. Maps to transformers' "
+        "sequence_bias.",
+    )
     batch_size: int = Field(16, ge=1, description="Titles per generation call.")
     write_every: int = Field(
         1024, ge=1, description="generate --out: titles generated (sorted by length) between appends to the file."

@@ -80,6 +80,7 @@ def parameters(cfg: ProdescConfig) -> list[str]:
     missing = {
         "no_repeat_ngram_size": g.no_repeat_ngram_size,
         "stop_boost_after": g.stop_boost_after,
+        "stop_bias": g.stop_bias,
     }
     missing = {k: v for k, v in missing.items() if v}
     if missing:

@@ -189,6 +189,8 @@ class Generator:
             kw["stopping_criteria"] = StoppingCriteriaList([StopRows(stop, rows)])
         if gen.stop_boost_after:
             kw["exponential_decay_length_penalty"] = (gen.stop_boost_after, 1.05)
+        if gen.stop_bias:
+            kw["sequence_bias"] = [[[i], gen.stop_bias] for i in self.stop_ids]
         # Both count the answer only: the prompt's words (a neighbour's phrase, the title) stay free to copy.
         processors = []
         if gen.repetition_penalty != 1.0:
