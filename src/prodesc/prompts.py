@@ -238,6 +238,7 @@ class Layout:
     prompt_parts: tuple[str, ...] = ("", "")  # the rendered prompt is prompt_parts[0] + user text + [1]
     answer_parts: tuple[str, ...] = ("", "")  # what the answer adds: answer_parts[0] + content + [1]
     bos: int | None = None  # the tokenizer's BOS when it adds one: put first when the template wrote none
+    rust: bool = False  # tokenize with the fast tokenizer's Rust backend directly (what `tokenizer(...)` calls)
 
     @classmethod
     def of(cls, tokenizer: Any, cfg: PromptConfig) -> Layout:
@@ -254,14 +255,16 @@ class Layout:
         rest = full[len(prompt) :]
         if prompt.count(_USER) != 1 or not full.startswith(prompt) or rest.count(_ANSWER) != 1:
             return layout
-        layout = dataclasses.replace(
-            layout, exact=True, prompt_parts=tuple(prompt.split(_USER)), answer_parts=tuple(rest.split(_ANSWER))
-        )
+        parts = {"prompt_parts": tuple(prompt.split(_USER)), "answer_parts": tuple(rest.split(_ANSWER))}
         near = [{"title": "Blue  Mug", "content": "A blue mug for tea and coffee."}]
-        for title, content, nb in (("Red Mug", " A red mug.\n", ()), (" Red Mug ", "A red mug.", near)):
-            slow = fit_example(tokenizer, title, content, cfg, 1 << 20, nb, 20)
-            if layout.fit_batch([title], [content], 1 << 20, [nb], 20) != ([slow[0]], [slow[1]]):
-                return dataclasses.replace(layout, exact=False)
+        probes = [("Red Mug", " A red mug.\n", ()), (" Red Mug ", "A red mug…  Ünïcode.", near)]
+        slow = [fit_example(tokenizer, title, content, cfg, 1 << 20, nb, 20) for title, content, nb in probes]
+        for rust in (hasattr(tokenizer, "backend_tokenizer"), False):  # the backend when it gives the same ids
+            fast = dataclasses.replace(layout, exact=True, rust=rust, **parts)
+            if fast.fit_batch(*zip(*[p[:2] for p in probes], strict=True), 1 << 20, [p[2] for p in probes], 20) == (
+                [ex for ex, _ in slow], [cut for _, cut in slow]
+            ):
+                return fast
         return layout
 
     def fit_batch(
@@ -318,16 +321,23 @@ class Layout:
         ids = (p + c)[: max_length - 1] + c[-1:]  # the answer cut, its end token kept
         return {"input_ids": ids, "completion_mask": [0] * len(p) + [1] * room}, cut
 
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        if self.rust:  # skips transformers' per-text conversion: a third of the time on short texts
+            backend = self.tokenizer.backend_tokenizer
+            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # no offsets: tokenizers >= 0.21
+            return [e.ids for e in encode(texts, add_special_tokens=False)]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
     def _prompt_ids(self, users: list[str]) -> list[list[int]]:
         head, tail = self.prompt_parts
-        rows = self.tokenizer([head + u + tail for u in users], add_special_tokens=False)["input_ids"]
+        rows = self._ids([head + u + tail for u in users])
         if self.bos is None:
             return rows
         return [ids if ids and ids[0] == self.bos else [self.bos, *ids] for ids in rows]
 
     def _answer_ids(self, contents: Sequence[str]) -> list[list[int]]:
         head, tail = self.answer_parts
-        rows = self.tokenizer([head + c.strip() + tail for c in contents], add_special_tokens=False)["input_ids"]
+        rows = self._ids([head + c.strip() + tail for c in contents])
         return [_end_at_stop(self.tokenizer, ids) for ids in rows]
 
 
