@@ -107,7 +107,7 @@ def test_encoded_examples_are_cached_in_the_data_dir_and_read_back_without_encod
     import shutil
 
     data = tmp_path / "data"
-    shutil.copytree(tiny_data, data)
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns("encoded"))  # the runs' entries left out
     tok = _tokenizer("tiny", _Factory(tmp_path))
     rows = {s: train._read_split(data, s) for s in ("train", "val")}
     cfg = tiny_config("train.max_length=200")
