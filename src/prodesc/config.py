@@ -181,7 +181,7 @@ class TrainConfig(_Stage):
     encode_workers: int | None = Field(
         None, ge=1,
         description="Processes encoding the examples (datasets map num_proc, TRL's dataset_num_proc); "
-        "default min(8, CPUs), 1 below 20,000 examples where starting them costs more.",
+        "default min(8, CPUs, one per 20,000 examples): starting one costs more than it saves on fewer.",
     )
 
     @field_validator("max_steps")

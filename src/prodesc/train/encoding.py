@@ -34,7 +34,7 @@ from prodesc.train.examples import CUT_KEYS, describe_cuts
 
 ENCODED_DIR = "encoded"
 FORMAT = 1  # bump when what is stored changes: old entries are then never read
-SMALL = 20_000  # examples below which one process beats starting several (measured: ~1 s to fork and ship shards)
+SMALL = 20_000  # examples per process at least: on 2 cores 2 processes were slower than 1 on 20k (encode_examples)
 BATCH = 1000
 Near = dict[str, list[list[dict]]]
 
@@ -70,7 +70,7 @@ def workers(cfg: ProdescConfig, n: int) -> int:
     """train.encode_workers, else min(8, CPUs) for large inputs and 1 for small ones."""
     if cfg.train.encode_workers:
         return cfg.train.encode_workers
-    return 1 if n < SMALL else max(1, min(8, os.cpu_count() or 1, n // (SMALL // 4)))
+    return max(1, min(8, os.cpu_count() or 1, n // SMALL))  # one process per SMALL examples at least
 
 
 def cache_root(data: Path, cfg: ProdescConfig) -> Path:
