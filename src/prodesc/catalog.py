@@ -38,6 +38,8 @@ SPLITS = ("train", "val", "test")
 # vs 78 s (recall 1.0). Exact costs N^2: past ~50k approximate wins, and one query stays under 7 ms either way.
 EXACT_MAX = 50_000
 MAX_EXTRA = 256
+SEARCH_CHUNK = 8192  # titles searched at a time: the k + MAX_EXTRA candidates are held for one chunk, not for all
+GPU_SCORES = 1 << 28  # query x item scores per GPU matrix product (512 MiB in fp16), whatever the catalog's size
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 64
 ITEM_COLUMNS = ("uid", "title", "content", "family")
 
@@ -169,23 +171,31 @@ class Catalog:
         # enough candidates that k survive the exclusion (capped: a generic blurb can join hundreds of records)
         extra = min(self.largest_family, MAX_EXTRA) if exclude_families is not None else 0
         fetch = min(len(self), k + extra)
-        scores, idx = self._search(self.queries.encode(titles), fetch)
         families = self.items.column("family")
         out = []
-        for i in range(len(titles)):
-            skip = exclude_families[i] if exclude_families is not None else None
-            picked = [(j, s) for j, s in zip(idx[i], scores[i], strict=True) if j >= 0]
-            picked = [(j, s) for j, s in picked if skip is None or families[int(j)].as_py() != skip][:k]
-            rows = self.items.take([int(j) for j, _ in picked]).to_pylist() if picked else []
-            out.append([{**r, "score": round(float(s), 4)} for r, (_, s) in zip(rows, picked, strict=True)])
+        for start in range(0, len(titles), SEARCH_CHUNK):  # memory bounded by the chunk, whatever the sizes
+            scores, idx = self._search(self.queries.encode(titles[start : start + SEARCH_CHUNK]), fetch)
+            for i in range(len(idx)):
+                skip = exclude_families[start + i] if exclude_families is not None else None
+                picked = [(j, s) for j, s in zip(idx[i], scores[i], strict=True) if j >= 0]
+                picked = [(j, s) for j, s in picked if skip is None or families[int(j)].as_py() != skip][:k]
+                rows = self.items.take([int(j) for j, _ in picked]).to_pylist() if picked else []
+                out.append([{**r, "score": round(float(s), 4)} for r, (_, s) in zip(rows, picked, strict=True)])
         return out
 
+    def ready(self) -> None:
+        """Build the search index now rather than at the first search (eval times its queries alone)."""
+        if self._index is None and not (self._exact() and _cuda()):
+            self._index = _faiss_index(self.vectors, self._exact())
+
+    def _exact(self) -> bool:
+        return self.cfg.search == "exact" or (self.cfg.search == "auto" and len(self) <= EXACT_MAX)
+
     def _search(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
-        exact = self.cfg.search == "exact" or (self.cfg.search == "auto" and len(self) <= EXACT_MAX)
+        exact = self._exact()
         if exact and _cuda():
             return _search_torch(self.vectors, queries, fetch)
-        if self._index is None:
-            self._index = _faiss_index(self.vectors, exact)
+        self.ready()
         if not exact:
             self._index.hnsw.efSearch = max(HNSW_EF_SEARCH, 2 * fetch)
         scores, idx = self._index.search(queries, fetch)
@@ -211,8 +221,9 @@ def _search_torch(vectors: np.ndarray, queries: np.ndarray, fetch: int) -> tuple
 
     base = torch.from_numpy(vectors).to("cuda", torch.float16)
     scores, idx = [], []
-    for start in range(0, len(queries), 4096):  # bounded memory: 4096 x N scores at a time
-        q = torch.from_numpy(queries[start : start + 4096]).to("cuda", torch.float16)
+    rows = max(1, min(4096, GPU_SCORES // max(len(vectors), 1)))  # bounded memory: rows x N scores at a time
+    for start in range(0, len(queries), rows):
+        q = torch.from_numpy(queries[start : start + rows]).to("cuda", torch.float16)
         top = (q @ base.T).float().topk(fetch, dim=1)
         scores.append(top.values.cpu().numpy())
         idx.append(top.indices.cpu().numpy())

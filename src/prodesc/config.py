@@ -178,6 +178,11 @@ class TrainConfig(_Stage):
     seed: int = Field(0, description="Seed for init, shuffling and dropout.")
     torch_compile: bool = Field(False, description="torch.compile the model (GPU; first steps slower).")
     max_eval_samples: int | None = Field(256, description="Cap on val examples scored at each eval.")
+    encode_workers: int | None = Field(
+        None, ge=1,
+        description="Processes encoding the examples (datasets map num_proc, TRL's dataset_num_proc); "
+        "default min(8, CPUs, one per 20,000 examples): starting one costs more than it saves on fewer.",
+    )
 
     @field_validator("max_steps")
     @classmethod

@@ -2,7 +2,7 @@
 fit `train.max_length` without ever losing the end token.
 
     catalog, near = neighbours(cfg, data, rows)          # near["train"][i]: the neighbours of rows["train"][i]
-    examples, cut = encode(tok, cfg, rows["train"], near["train"])
+    # encoding.build turns them into examples (prompts.fit_example's, many at a time)
 
 Neighbours come from the train split only, never the record itself nor its own family: a variant of the same
 product would teach the model to copy answers it will not have at test time, where families never straddle splits.
@@ -13,9 +13,7 @@ neighbours shrink first, then the answer, and the end token stays (prompts.fit_e
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from prodesc import prompts
 from prodesc.catalog import Catalog, TitleVectors
 from prodesc.config import ProdescConfig
 from prodesc.errors import ProdescError
@@ -42,34 +40,28 @@ def neighbours(
     cfg: ProdescConfig, data: Path, rows: dict[str, list[dict]]
 ) -> tuple[Catalog | None, dict[str, list[list[dict]]]]:
     """The train-split catalog and each record's k neighbours (none when retrieval.k = 0)."""
+    found = catalog(cfg, data, rows)
+    return found, near(found, cfg, rows)
+
+
+def catalog(cfg: ProdescConfig, data: Path, rows: dict[str, list[dict]]) -> Catalog | None:
+    """The train split's catalog (None when retrieval.k = 0): its titles looked up in DATA/index/ when there is
+    one, so this is cheap; the search (`near`) is the costly part, done only when examples are encoded."""
     if not cfg.retrieval.k:
-        return None, {split: [[] for _ in split_rows] for split, split_rows in rows.items()}
-    vectors = TitleVectors.for_data(data, cfg.retrieval)
-    catalog = Catalog.build(rows["train"], vectors, cfg.retrieval)
-    catalog.use_data_index(data)  # val titles: looked up too
-    near = {
-        split: catalog.neighbours([r["title"] for r in split_rows], cfg.retrieval.k, [r["family"] for r in split_rows])
+        return None
+    built = Catalog.build(rows["train"], TitleVectors.for_data(data, cfg.retrieval), cfg.retrieval)
+    built.use_data_index(data)  # val titles: looked up too
+    return built
+
+
+def near(found: Catalog | None, cfg: ProdescConfig, rows: dict[str, list[dict]]) -> dict[str, list[list[dict]]]:
+    """Each record's k nearest train records, never itself nor one of its family."""
+    if found is None:
+        return {split: [[] for _ in split_rows] for split, split_rows in rows.items()}
+    return {
+        split: found.neighbours([r["title"] for r in split_rows], cfg.retrieval.k, [r["family"] for r in split_rows])
         for split, split_rows in rows.items()
     }
-    return catalog, near
-
-
-def encode(
-    tok: Any, cfg: ProdescConfig, rows: list[dict], near: list[list[dict]]
-) -> tuple[list[dict[str, list[int]]], dict[str, int]]:
-    """The examples of one split within train.max_length, and the totals of what was cut to get there."""
-    examples, totals = [], dict.fromkeys(CUT_KEYS, 0)
-    totals["examples_cut"] = 0
-    for r, nb in zip(rows, near, strict=True):
-        ex, cut = prompts.fit_example(
-            tok, r["title"], r["content"], cfg.prompt, cfg.train.max_length, nb, cfg.retrieval.chars
-        )
-        for key in CUT_KEYS:
-            totals[key] += cut[key]
-        totals["examples_cut"] += any(cut.values())
-        if ex is not None:
-            examples.append(ex)
-    return examples, totals
 
 
 def describe_cuts(totals: dict[str, int], n: int, max_length: int) -> str | None:

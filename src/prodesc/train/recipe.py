@@ -38,7 +38,7 @@ from prodesc.config import ProdescConfig
 from prodesc.data import write_index
 from prodesc.errors import ProdescError
 from prodesc.rundir import build_manifest, data_fingerprint
-from prodesc.train import checks, examples
+from prodesc.train import checks, encoding, examples
 from prodesc.train.checkpoints import resumable
 
 PEAK_BF16_FLOPS = {
@@ -89,11 +89,12 @@ def train(
     problems = checks.find_problems(cfg, data, out, resume, overwrite, rows)
     if problems:  # every rank reaches the same verdict before rank 0 touches the run dir
         raise ProdescError("cannot train:\n  " + "\n  ".join(problems))
-    catalog, near = examples.neighbours(cfg, data, rows)  # before the run dir and the weights: needs no model
+    catalog = examples.catalog(cfg, data, rows)  # before the run dir and the weights: needs no model
     checkpoint = _prepare_run_dir(cfg, out, resume, changed or [])
     started = time.time()
-    model, tok, base_ref = _setup_model(cfg, rows["train"], out)
-    train_ds, val_ds, lengths = _setup_data(tok, cfg, rows, near)
+    near = lambda: examples.near(catalog, cfg, rows)  # noqa: E731 - searched only when the examples are not cached
+    train_ds, val_ds, lengths = _setup_data(_setup_tokenizer(cfg, rows["train"], out), cfg, rows, near, data)
+    model, tok, base_ref = _setup_model(cfg, rows["train"], out)  # the weights, once the examples are ready
     trainer, watch = _setup_trainer(cfg, model, tok, train_ds, val_ds, out)
     _fit(trainer, watch, cfg, checkpoint)
     _save_adapter(trainer, tok, out)
@@ -138,19 +139,33 @@ def _read_split(data: Path, split: str) -> list[dict[str, str]]:
     return table.to_pylist()
 
 
+def _setup_tokenizer(cfg: ProdescConfig, train_rows: list[dict], out: Path) -> Any:
+    """The tokenizer alone, as training will hold it (pad fixed): the examples need no weights."""
+    src = _tiny_base(train_rows, cfg, out) if cfg.model.name == "tiny" else models.resolve(cfg.model.name,
+                                                                                           cfg.model.cache_dir)
+    tok = models.load_tokenizer(src, cfg.model)
+    models.fix_pad(tok)
+    return tok
+
+
 def _setup_model(cfg: ProdescConfig, train_rows: list[dict], out: Path) -> tuple[Any, Any, dict]:
     if cfg.model.name == "tiny":
-        base = out / "base"
-        with dist.main_first():  # rank 0 builds the random base; the others wait, then load that one
-            if dist.is_main() and not (base / "config.json").exists():  # a resumed run keeps its random base
-                models.build_tiny([f"{r['title']}\n{r['content']}" for r in train_rows], cfg.model, base)
-        model, tok = models.load(cfg.model, path=str(base), for_training=True)
+        model, tok = models.load(cfg.model, path=_tiny_base(train_rows, cfg, out), for_training=True)
         return model, tok, {"name": "tiny", "path": "base", **_weights(model)}
     model, tok = models.load(cfg.model, for_training=True)
     name = cfg.model.name
     if Path(name).exists():
         name = str(Path(name).resolve())
     return model, tok, {"name": name, "revision": cfg.model.revision, **_weights(model)}
+
+
+def _tiny_base(train_rows: list[dict], cfg: ProdescConfig, out: Path) -> str:
+    """RUN_DIR/base: rank 0 builds the random base (a resumed run keeps its own); the others wait, then use it."""
+    base = out / "base"
+    with dist.main_first():
+        if dist.is_main() and not (base / "config.json").exists():
+            models.build_tiny([f"{r['title']}\n{r['content']}" for r in train_rows], cfg.model, base)
+    return str(base)
 
 
 def _weights(model: Any) -> dict[str, Any]:
@@ -162,35 +177,14 @@ def _weights(model: Any) -> dict[str, Any]:
 
 
 def _setup_data(
-    tok: Any, cfg: ProdescConfig, rows: dict[str, list[dict]], near: dict[str, list[list[dict]]] | None = None
+    tok: Any,
+    cfg: ProdescConfig,
+    rows: dict[str, list[dict]],
+    near: Any = None,
+    data: Path | None = None,
 ) -> tuple[Any, Any, dict]:
-    from datasets import Dataset
-
-    near = near or {split: [[] for _ in split_rows] for split, split_rows in rows.items()}
-    train_exs, cut = examples.encode(tok, cfg, rows["train"], near["train"])
-    n_val = cfg.train.max_eval_samples or len(rows["val"])
-    val_exs, _ = examples.encode(tok, cfg, rows["val"][:n_val], near["val"][:n_val])
-    if not train_exs:
-        raise ProdescError(f"no training example fits train.max_length={cfg.train.max_length}: raise it")
-    note = examples.describe_cuts(cut, len(rows["train"]), cfg.train.max_length)
-    if note:
-        print(note)
-    train_ds = Dataset.from_list(train_exs)
-    val_ds = Dataset.from_list(val_exs) if val_exs else None
-    if val_ds is None:
-        print("val split is empty: no eval loss, no early stopping (prepare with --val-fraction > 0)")
-    lens = [len(x["input_ids"]) for x in train_exs]
-    return (
-        train_ds,
-        val_ds,
-        {
-            "examples": len(lens),
-            "truncated": cut["examples_cut"],
-            "cut": cut,
-            "tokens": sum(lens),
-            "supervised_tokens": sum(sum(x["completion_mask"]) for x in train_exs),
-        },
-    )
+    """Train and val datasets and their lengths (encoding.py; cached in `data` when given)."""
+    return encoding.build(tok, cfg, rows, near, data)
 
 
 def _setup_trainer(cfg: ProdescConfig, model: Any, tok: Any, train_ds: Any, val_ds: Any, out: Path) -> tuple:
@@ -200,7 +194,8 @@ def _setup_trainer(cfg: ProdescConfig, model: Any, tok: Any, train_ds: Any, val_
 
     from prodesc.train.callbacks import MetricsLogger, NanGuard, Throughput
 
-    args = SFTConfig(**_sft_args(cfg, out, has_val=val_ds is not None, model=model))
+    procs = encoding.workers(cfg, len(train_ds))  # TRL maps the examples once more (labels): as many processes
+    args = SFTConfig(**_sft_args(cfg, out, has_val=val_ds is not None, model=model), dataset_num_proc=procs)
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
