@@ -126,6 +126,7 @@ def _encode_splits(
 def encode(layout: prompts.Layout, cfg: ProdescConfig, rows: list[dict], near: list[list[dict]]) -> tuple[Any, dict]:
     """One split's examples (a Dataset of input_ids, completion_mask) within train.max_length, and what was cut."""
     from datasets import Dataset
+    from datasets.table import InMemoryTable
 
     columns: dict[str, list] = {"title": [r["title"] for r in rows], "content": [r["content"] for r in rows]}
     k, chars = cfg.retrieval.k, cfg.retrieval.chars
@@ -134,7 +135,10 @@ def encode(layout: prompts.Layout, cfg: ProdescConfig, rows: list[dict], near: l
                            for nb in near]  # fmt: skip
     fit = {"layout": layout, "max_length": cfg.train.max_length, "chars": chars}
     n_proc = workers(cfg, len(rows))
-    ds = Dataset.from_dict(columns).map(
+    # A fingerprint of our own: Dataset.from_dict would hash the whole table with dill (seconds at a million rows,
+    # and "Can't pickle MonthDayNano" with pyarrow 26 on Python 3.12). The cache key (cache_key) is ours anyway.
+    rows_ds = Dataset(InMemoryTable.from_pydict(columns), fingerprint=f"prodesc-rows-{uuid.uuid4().hex}")
+    ds = rows_ds.map(
         _fit_batch, batched=True, batch_size=BATCH, fn_kwargs=fit, remove_columns=list(columns),
         num_proc=n_proc if n_proc > 1 else None, desc="encoding examples" if len(rows) >= SMALL else None,
         new_fingerprint=f"prodesc-encode-{uuid.uuid4().hex}",  # hashing the tokenizer in fn_kwargs costs seconds
