@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,9 @@ from prodesc.generate.fast import batch_bucket
 
 log = logging.getLogger(__name__)
 PREFILL_ROWS = 64  # newcomers prefilled in one forward at most: a bigger prefill would stall the live rows' tokens
+# Model-thread time of a step by phase (`Engine.seconds`): on CUDA, forward and choose only launch work and sync
+# waits for it (the one device->host copy of the chosen tokens); on CPU everything is host time and sync is ~0.
+PHASES = ("prefill", "forward", "choose", "sync", "emit")
 
 
 @dataclass(eq=False)
@@ -70,6 +74,7 @@ class Engine:
         self._mask: Any = None  # [slots, cache_len] bool: the columns each slot's row may attend to
         self._col: Any = None  # [1] long on the model's device: `t` for the decode step's cache writes
         self._captured: dict[int, Any] = {}
+        self.seconds = dict.fromkeys(PHASES, 0.0)  # summed per phase (/metrics, bench/engine_overhead.py)
         # transformers 5.2x renamed past_key_values to cache (the old name warns); older 5.x only know the old one
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -110,7 +115,9 @@ class Engine:
             else:
                 row.on_end("cancelled")
         if new:
+            t0 = time.perf_counter()
             self._prefill(new)
+            self.seconds["prefill"] += time.perf_counter() - t0
         return len(new)
 
     def _prefill(self, new: list[Row]) -> None:
@@ -141,13 +148,14 @@ class Engine:
             r.start, r.pos = self._t - len(r.prompt), len(r.prompt)
             r.procs = self._row_processors(len(r.prompt))
         self.rows += new
-        self._emit(new, self._choose(new, logits))
+        self._emit(new, self._choose(new, logits).tolist())
 
     # ---- one token for every live row -------------------------------------------------------------------------
 
     def _decode(self) -> int:
         import torch
 
+        t0 = time.perf_counter()
         if self._t >= self.cache_len:
             self._shift(-min(r.start for r in self.rows))
         n = len(self.rows)
@@ -166,8 +174,19 @@ class Engine:
         for r in self.rows:
             r.pos += 1
         self._t += 1
-        self._emit(list(self.rows), self._choose(self.rows, logits[:n, -1]))
+        t0 = self._clock("forward", t0)
+        picked = self._choose(self.rows, logits[:n, -1])
+        t0 = self._clock("choose", t0)
+        tokens = picked.tolist()  # the step's one device->host copy
+        t0 = self._clock("sync", t0)
+        self._emit(list(self.rows), tokens)
+        self._clock("emit", t0)
         return n
+
+    def _clock(self, phase: str, t0: float) -> float:
+        now = time.perf_counter()
+        self.seconds[phase] += now - t0
+        return now
 
     def _step_forward(self, b: int, ids: Any, pos: Any, mask: Any) -> Any:
         return self._forward(ids, pos, mask, _SlotCache(self, decode=b))
@@ -227,7 +246,7 @@ class Engine:
             procs.append(AnswerRepetitionPenalty(g.repetition_penalty, prompt_len, self.exempt))
         return procs or None
 
-    def _choose(self, rows: list[Row], logits: Any) -> list[int]:
+    def _choose(self, rows: list[Row], logits: Any) -> Any:
         import torch
 
         scores = logits.float()
@@ -244,7 +263,7 @@ class Engine:
             p = torch.tensor([rows[i].top_p for i in sampled], device=scores.device)[:, None]
             probs = _top_p(scores[idx] / t, p).softmax(-1)
             picked[idx] = torch.multinomial(probs, 1)[:, 0]
-        return picked.tolist()
+        return picked
 
     def _emit(self, rows: list[Row], tokens: list[int]) -> None:
         for r, tok in zip(rows, tokens, strict=True):
