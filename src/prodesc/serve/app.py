@@ -203,7 +203,8 @@ class _JobStream(StreamingResponse):
 
 async def _sse(svc: Service, pieces: asyncio.Queue, head: dict[str, Any], deadline: float,
                include_usage: bool) -> AsyncIterator[str]:
-    """OpenAI chunks: a role delta, one content delta per piece, a finish chunk, (usage), then [DONE]."""
+    """OpenAI chunks: a role delta, content deltas (one per piece, or all the pieces pending when the client fell
+    behind), a finish chunk, (usage), then [DONE]."""
 
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
         body = {**head, "object": "chat.completion.chunk",
@@ -214,20 +215,22 @@ async def _sse(svc: Service, pieces: asyncio.Queue, head: dict[str, Any], deadli
     info: dict[str, Any] = {}
     while True:
         try:
-            item = await asyncio.wait_for(pieces.get(), max(deadline - time.monotonic(), 0.0))
+            items = [await asyncio.wait_for(pieces.get(), max(deadline - time.monotonic(), 0.0))]
         except TimeoutError:
-            item = Expired()
-        if item is DONE:
-            break
-        if isinstance(item, Exception):
-            err = svc.timeout() if isinstance(item, Expired) else ApiError(500, failure(item), "server_error")
+            items = [Expired()]
+        while not pieces.empty():  # a client that fell behind gets what is pending as one event
+            items.append(pieces.get_nowait())
+        text = "".join(item for item in items if isinstance(item, str))
+        if text:
+            yield chunk({"content": text})
+        end = next((item for item in items if item is DONE or isinstance(item, Exception)), None)
+        info = next((item for item in items if isinstance(item, dict)), info)
+        if isinstance(end, Exception):
+            err = svc.timeout() if isinstance(end, Expired) else ApiError(500, failure(end), "server_error")
             svc.metrics.errors.labels("/v1/chat/completions", kind(err.status)).inc()
             yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type}})}\n\n"
+        if end is not None:
             break
-        if isinstance(item, dict):
-            info = item
-        else:
-            yield chunk({"content": item})
     if info:
         svc.metrics.delivered.inc(info["n_tokens"])
         yield chunk({}, info["finish_reason"])
