@@ -5,11 +5,11 @@ forward pass, as rows grow.
     OMP_NUM_THREADS=1 python bench/engine_overhead.py --model-dir /tmp/m7t --rows 1,16,64 --profile 64
 
 Each round adds `rows` rows at once (every --sampled-every'th one sampled at temperature 0.8, top_p 0.9, the rest
-greedy)
-with the smollm2-135m preset's answer processors (repetition_penalty 1.1, no_repeat_ngram_size 4,
-stop_boost_after 32) and runs them for --new-tokens steps. Printed per decode step (ms, mean after the first
-8 steps): the engine's own phases (`Engine.seconds`: forward, choose, sync, emit; prefill left out) and the
-streamed-text work the server does for the same tokens (`service._stream_sinks`, one sink per row).
+greedy) with the smollm2-135m preset's answer processors (repetition_penalty 1.1, no_repeat_ngram_size 4,
+stop_boost_after 32; --plain: none, as bench/serve_load.py serves) and runs them for --new-tokens steps. Printed
+per decode step (ms, mean after the first 8 steps): the engine's own phases (`Engine.seconds`: forward, choose,
+sync, emit; prefill left out) and the streamed-text work the server does for the same tokens
+(`service._stream_sinks`, one sink per row).
 `--profile N` prints cProfile's top functions of the round with N rows.
 """
 
@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,16,64")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--sampled-every", type=int, default=4, help="every k-th row sampled (0: all greedy)")
+    ap.add_argument("--plain", action="store_true", help="no answer processors (the defaults serve_load.py serves)")
     ap.add_argument("--profile", type=int, default=0, help="cProfile the round with this many rows")
     a = ap.parse_args()
     import torch
@@ -37,9 +38,9 @@ def main() -> None:
     from prodesc.generate import Generator
 
     torch.set_num_threads(1)
-    cfg = config.resolve(flags={"model.name": a.model_dir, "model.dtype": "float32",
-                                "generate.repetition_penalty": 1.1, "generate.no_repeat_ngram_size": 4,
-                                "generate.stop_boost_after": 32})
+    procs = {} if a.plain else {"generate.repetition_penalty": 1.1, "generate.no_repeat_ngram_size": 4,
+                                "generate.stop_boost_after": 32}
+    cfg = config.resolve(flags={"model.name": a.model_dir, "model.dtype": "float32", **procs})
     gen = Generator.from_model(a.model_dir, None, cfg)
     for n in [int(x) for x in a.rows.split(",")]:
         prof = cProfile.Profile() if n == a.profile else None

@@ -141,6 +141,18 @@ def test_an_unwanted_row_stops_within_a_token_and_frees_its_slot(base: Generator
     assert base.tok.decode(ended[1][1], skip_special_tokens=True).strip() == solo(base, "Blue Lamp 2", 30)
 
 
+def test_the_engine_calls_on_wait_once_a_step_before_handing_out_its_tokens(base: Generator) -> None:
+    """The server hands a step's tokens to its event loop from `on_wait`, while the next step runs on the device."""
+    row = Row(base.prompt_ids("Red Mug 1"), 5, 0.0, 1.0)
+    engine, seen = base.engine(2, 256), []
+    engine.on_wait = lambda: seen.append(len(row.tokens))
+    engine.add(row)
+    with one_torch_thread():
+        while engine.busy:
+            engine.step()
+    assert seen == [0, 1, 2, 3, 4] and len(row.tokens) == 5  # the prefill's token, then one per decode step
+
+
 def test_a_row_longer_than_the_cache_is_refused(base: Generator) -> None:
     engine = base.engine(2, 64)
     with pytest.raises(ValueError, match="cache_len"):

@@ -78,6 +78,10 @@ class Engine:
         self._procs: Any = None
         self._captured: dict[int, Any] = {}
         self.seconds = dict.fromkeys(PHASES, 0.0)  # summed per phase (/metrics, bench/engine_overhead.py)
+        # Called once a step's work is queued on the device, right before waiting for its tokens: the server hands
+        # the previous step's tokens to its event loop here, so the loop's Python runs while this thread waits for
+        # the GPU (GIL released) instead of fighting it for the GIL while it launches the step.
+        self.on_wait: Callable[[], None] = lambda: None
         # transformers 5.2x renamed past_key_values to cache (the old name warns); older 5.x only know the old one
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -153,7 +157,9 @@ class Engine:
         for r in new:
             r.start = self._t - len(r.prompt)
         self.rows += new
-        self._emit(new, self._choose(new, logits, s0).tolist())
+        picked = self._choose(new, logits, s0)
+        self.on_wait()
+        self._emit(new, picked.tolist())
 
     def _allocate_slots(self, dev: Any) -> None:
         import torch
@@ -187,6 +193,7 @@ class Engine:
         t0 = self._clock("forward", t0)
         picked = self._choose(self.rows, logits[:n, -1], 0)
         t0 = self._clock("choose", t0)
+        self.on_wait()
         tokens = picked.tolist()  # the step's one device->host copy
         t0 = self._clock("sync", t0)
         self._emit(list(self.rows), tokens)

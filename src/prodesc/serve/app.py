@@ -217,10 +217,12 @@ async def _sse(svc: Service, pieces: asyncio.Queue, head: dict[str, Any], deadli
     yield chunk({"role": "assistant", "content": ""})
     info: dict[str, Any] = {}
     while True:
-        try:
-            items = [await asyncio.wait_for(pieces.get(), max(deadline - time.monotonic(), 0.0))]
-        except TimeoutError:
-            items = [Expired()]
+        items = []
+        if pieces.empty():  # else no wait_for (a task and a timer each call on Python 3.11)
+            try:
+                items.append(await asyncio.wait_for(pieces.get(), max(deadline - time.monotonic(), 0.0)))
+            except TimeoutError:
+                items.append(Expired())
         while not pieces.empty():  # a client that fell behind gets what is pending as one event
             items.append(pieces.get_nowait())
         text = "".join(item for item in items if isinstance(item, str))
