@@ -15,7 +15,9 @@ model almost never emits EOS, so every answer runs to --new-tokens (greedy).
 For each N (default 1, 16, 64, 256): N streams start together (split over client processes, each an asyncio
 loop of `openai.AsyncOpenAI` streams with usage), after one warm-up round that captures the decode step's CUDA
 graphs. Reported: aggregate new tokens/s (completion tokens / wall time from the first request to the last
-[DONE]), time to first token and inter-token latency (p50/p95 over all streams' content chunks). Then the server
+[DONE]), time to first token and inter-token latency (p50/p95 over all streams' content chunks), and the engine's
+model-thread ms per step by phase (`engine_ms_per_step`, from /metrics: sync is the wait for the GPU, `host` a
+decode step's forward + choose + emit, prefill apart; steps, rows per step). Then the server
 stops and the same process loads the model once more for offline `Generator.describe` at batch N (the
 `prodesc generate` path: static cache, compiled decode, power-of-two buckets), timed after a compiling call.
 Targets (issue 15, one H200): 64 streams >= 85% of offline batch 64; TTFT p95 <= 500 ms at 16; one stream >= 150.
@@ -92,7 +94,9 @@ def serve_runs(a: argparse.Namespace, streams: list[int]) -> list[dict]:
         print(f"warm-up in {time.time() - t0:.0f} s", flush=True)
         out = []
         for n in streams:
+            before = _engine_metrics(port)
             row = {"streams": n, **_round(url, name, n, a.new_tokens)}
+            row["engine_ms_per_step"] = _per_step(before, _engine_metrics(port))
             print(json.dumps(row), flush=True)
             out.append(row)
         return out
@@ -213,7 +217,35 @@ def _compare(result: dict) -> None:
         print(f"{n:4d} {r['new_tokens_per_s']:12.1f} {off.get(n) or 0:13.1f} {r.get('vs_offline', 0):6.2f} "
               f"{r['ttft_ms_p50']:7.0f}/{r['ttft_ms_p95']:<8.0f} {r['itl_ms_p50']:6.1f}/{r['itl_ms_p95']:<8.1f} "
               f"{r['failed']:6d}")
+    for n, r in served.items():
+        print(f"engine ms per step at N={n}: {json.dumps(r.get('engine_ms_per_step', {}))}")
     print("targets: " + json.dumps(t), flush=True)
+
+
+def _engine_metrics(port: int) -> dict[str, float]:
+    """The server's engine phase seconds, decode steps and rows stepped so far, from /metrics."""
+    import httpx
+
+    out = {}
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name.startswith("prodesc_engine_seconds{phase="):
+            out[name.split('"')[1]] = float(value)
+        elif name in ("prodesc_decode_steps_total", "prodesc_batch_size_sum"):
+            out[name] = float(value)
+    return out
+
+
+def _per_step(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """A round's model-thread ms per step by phase (sync: waiting for the GPU; the rest: host work), and the
+    mean rows per step."""
+    steps = after.get("prodesc_decode_steps_total", 0) - before.get("prodesc_decode_steps_total", 0)
+    if steps <= 0:
+        return {}
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    out = {k: round(v / steps * 1000, 3) for k, v in delta.items() if not k.startswith("prodesc_")}
+    out["host"] = round(sum(out.get(k, 0.0) for k in ("forward", "choose", "emit")), 3)  # a decode step's
+    return {**out, "steps": int(steps), "rows": round(delta.get("prodesc_batch_size_sum", 0) / steps, 1)}
 
 
 def _cache_len(new_tokens: int) -> int:

@@ -72,6 +72,64 @@ def test_mixed_settings_in_one_batch_each_get_their_own_answer(base: Generator) 
                for t, g in zip(sampled, greedy_of_same, strict=True))  # temperature 1.3 did sample
 
 
+@pytest.mark.parametrize(("size", "penalty", "boost_after"), [(3, 1.3, 4), (1, 1.0, 0), (4, 1.5, 0), (0, 1.1, 2)])
+def test_batched_processors_give_every_row_the_scores_of_its_own_processors(size: int, penalty: float,
+                                                                             boost_after: int) -> None:
+    """Rows join at different steps (different answer lengths), one leaves (the last slot moves into its place);
+    on random scores each step, every row's scores equal those of the per-row processors the engine used to call
+    (no-repeat n-grams, EOS boost, repetition penalty; answer only, exempt tokens untouched)."""
+    import torch
+    from transformers import ExponentialDecayLengthPenalty, LogitsProcessorList
+
+    from prodesc.config import GenerateConfig
+    from prodesc.generate.processors import AnswerNoRepeatNGram, AnswerRepetitionPenalty, BatchedAnswerProcessors
+
+    torch.manual_seed(size)
+    vocab, eos, exempt = 12, 0, [0, 1]  # a small vocabulary: answers repeat n-grams often
+    gen = GenerateConfig(no_repeat_ngram_size=size, repetition_penalty=penalty, stop_boost_after=boost_after)
+    batched = BatchedAnswerProcessors(gen, 6, 64, eos, exempt, "cpu")
+    rows: list[tuple[list[int], list[int], LogitsProcessorList]] = []  # (prompt, answer, its own processors)
+    for step in range(40):
+        if step % 4 == 0 and len(rows) < 6:
+            prompt = torch.randint(0, vocab, (3 + step % 5,)).tolist()
+            own = LogitsProcessorList()
+            if size:
+                own.append(AnswerNoRepeatNGram(size, len(prompt), exempt))
+            if boost_after:
+                own.append(ExponentialDecayLengthPenalty((boost_after, 1.05), eos, len(prompt)))
+            if penalty != 1.0:
+                own.append(AnswerRepetitionPenalty(penalty, len(prompt), exempt))
+            batched.join(len(rows), 1)
+            rows.append((prompt, [], own))
+        if step == 25:  # the row in slot 1 leaves: the last one takes its slot
+            batched.move(len(rows) - 1, 1)
+            rows[1] = rows.pop()
+        scores = torch.randn(len(rows), vocab) * 3
+        got = batched.apply(0, scores.clone(), max(len(answer) for _, answer, _ in rows))
+        for i, (prompt, answer, own) in enumerate(rows):
+            want = own(torch.tensor([prompt + answer]), scores[i:i + 1].clone())
+            assert torch.equal(got[i:i + 1], want), f"step {step}, row {i}"
+        picked = torch.randint(0, 5, (len(rows),))  # tokens 0-4: repeats, and exempt ones among them
+        batched.record(0, picked)
+        for (_, answer, _), token in zip(rows, picked.tolist(), strict=True):
+            answer.append(token)
+
+
+def test_rows_with_answer_processors_get_their_solo_answers(base: Generator) -> None:
+    """The smollm2 preset's processors (n-grams, repetition penalty, EOS boost) in the engine, batched over rows
+    that join at different steps: every greedy row equals its solo `describe` answer."""
+    import copy
+
+    gen = copy.copy(base)
+    gen.cfg = base.cfg.model_copy(update={"generate": base.cfg.generate.model_copy(
+        update={"no_repeat_ngram_size": 3, "repetition_penalty": 1.3, "stop_boost_after": 6})})
+    rows = [Row(gen.prompt_ids(title), 20, 0.0, 1.0) for title in TITLES[:5]]
+    ended = run_engine(gen, rows, join_every=2, slots=3, cache_len=256)
+    for i, title in enumerate(TITLES[:5]):
+        text = gen.tok.decode([t for t in ended[i][1] if t not in gen.stop_ids], skip_special_tokens=True)
+        assert text.strip() == solo(gen, title, 20), f"row {i} ({title!r}) differs from its solo answer"
+
+
 def test_an_unwanted_row_stops_within_a_token_and_frees_its_slot(base: Generator) -> None:
     gone = threading.Event()
     leaver = Row(base.prompt_ids("Red Mug 1"), 200, 0.0, 1.0, wanted=lambda: not gone.is_set())
@@ -81,6 +139,18 @@ def test_an_unwanted_row_stops_within_a_token_and_frees_its_slot(base: Generator
     assert ended[0] == ("cancelled", ended[0][1]) and len(ended[0][1]) == 5
     assert ended[1][0] in ("stop", "length")  # it waited for the one slot, then got it
     assert base.tok.decode(ended[1][1], skip_special_tokens=True).strip() == solo(base, "Blue Lamp 2", 30)
+
+
+def test_the_engine_calls_on_wait_once_a_step_before_handing_out_its_tokens(base: Generator) -> None:
+    """The server hands a step's tokens to its event loop from `on_wait`, while the next step runs on the device."""
+    row = Row(base.prompt_ids("Red Mug 1"), 5, 0.0, 1.0)
+    engine, seen = base.engine(2, 256), []
+    engine.on_wait = lambda: seen.append(len(row.tokens))
+    engine.add(row)
+    with one_torch_thread():
+        while engine.busy:
+            engine.step()
+    assert seen == [0, 1, 2, 3, 4] and len(row.tokens) == 5  # the prefill's token, then one per decode step
 
 
 def test_a_row_longer_than_the_cache_is_refused(base: Generator) -> None:

@@ -217,6 +217,8 @@ def test_metrics_expose_requests_latency_tokens_and_batch_sizes(server: Server) 
     assert server.metric("prodesc_tokens_per_second") > 0
     assert server.metric("prodesc_batch_size_count") >= 1
     assert server.metric("prodesc_batch_size_bucket", le="1.0") < server.metric("prodesc_batch_size_bucket", le="+Inf")
+    phases = {p: server.metric("prodesc_engine_seconds", phase=p) for p in ("prefill", "forward", "choose", "emit")}
+    assert all(v > 0 for v in phases.values()), phases  # where the model thread's time goes, per step phase
 
 
 BAD_DESCRIBE = {
@@ -602,6 +604,25 @@ def test_stream_sends_openai_chunks_then_done_and_base_streams_without_adapter()
         assert text == f"{tag}: Red Mug"
         assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
         assert chunks[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_a_stream_that_fell_behind_gets_its_pending_pieces_as_one_event() -> None:
+    """Pieces that queued up while the client was slow go out as one content delta, not one event each."""
+    from prodesc.serve.app import _sse
+    from prodesc.serve.batching import DONE
+
+    async def events() -> list[str]:
+        svc = create_app(FakeGenerator(), ServeConfig()).state.prodesc
+        pieces: asyncio.Queue = asyncio.Queue()
+        for item in ["Red", " Mug", " for", " tea", {"n_tokens": 4, "prompt_tokens": 9, "finish_reason": "length"},
+                     DONE]:
+            pieces.put_nowait(item)
+        return [e async for e in _sse(svc, pieces, {"id": "x"}, time.monotonic() + 5, include_usage=True)]
+
+    chunks = [json.loads(e.removeprefix("data: ")) for e in asyncio.run(events())[:-1]]
+    assert [c["choices"][0]["delta"] for c in chunks if c["choices"]] == [
+        {"role": "assistant", "content": ""}, {"content": "Red Mug for tea"}, {}]
+    assert chunks[2]["choices"][0]["finish_reason"] == "length" and chunks[3]["usage"]["completion_tokens"] == 4
 
 
 def test_body_over_the_size_cap_gets_413() -> None:

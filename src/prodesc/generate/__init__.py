@@ -8,7 +8,7 @@ static-cache decoding on CUDA), `continuous` (the continuous-batching engine `pr
 `Row`).
 """
 
-from prodesc.generate.continuous import Engine, Row
+from prodesc.generate.continuous import PHASES, Engine, Row
 from prodesc.generate.generator import Generator
 
-__all__ = ["Engine", "Generator", "Row"]
+__all__ = ["PHASES", "Engine", "Generator", "Row"]

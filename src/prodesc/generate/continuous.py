@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,9 @@ from prodesc.generate.fast import batch_bucket
 
 log = logging.getLogger(__name__)
 PREFILL_ROWS = 64  # newcomers prefilled in one forward at most: a bigger prefill would stall the live rows' tokens
+# Model-thread time of a step by phase (`Engine.seconds`): on CUDA, forward and choose only launch work and sync
+# waits for it (the one device->host copy of the chosen tokens); on CPU everything is host time and sync is ~0.
+PHASES = ("prefill", "forward", "choose", "sync", "emit")
 
 
 @dataclass(eq=False)
@@ -47,8 +51,6 @@ class Row:
     wanted: Callable[[], bool] = lambda: True
     tokens: list[int] = field(default_factory=list)
     start: int = 0  # the first cache column of this row's prompt
-    pos: int = 0  # the position id of the next token fed
-    procs: Any = None  # logits processors that need the row's own history (repetition, n-grams, EOS boost)
     deadline: float = math.inf  # for the server's stuck check
     job: Any = None  # the server's request this row answers
 
@@ -69,7 +71,17 @@ class Engine:
         self._t = 0  # the shared write column
         self._mask: Any = None  # [slots, cache_len] bool: the columns each slot's row may attend to
         self._col: Any = None  # [1] long on the model's device: `t` for the decode step's cache writes
+        # On the model's device, per slot, so a decode step needs no per-row copy from the host: the token to feed
+        # next, its position id, and the answer-only processors' state (generate/processors.py)
+        self._last: Any = None
+        self._pos: Any = None
+        self._procs: Any = None
         self._captured: dict[int, Any] = {}
+        self.seconds = dict.fromkeys(PHASES, 0.0)  # summed per phase (/metrics, bench/engine_overhead.py)
+        # Called once a step's work is queued on the device, right before waiting for its tokens: the server hands
+        # the previous step's tokens to its event loop here, so the loop's Python runs while this thread waits for
+        # the GPU (GIL released) instead of fighting it for the GIL while it launches the step.
+        self.on_wait: Callable[[], None] = lambda: None
         # transformers 5.2x renamed past_key_values to cache (the old name warns); older 5.x only know the old one
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -110,7 +122,9 @@ class Engine:
             else:
                 row.on_end("cancelled")
         if new:
+            t0 = time.perf_counter()
             self._prefill(new)
+            self.seconds["prefill"] += time.perf_counter() - t0
         return len(new)
 
     def _prefill(self, new: list[Row]) -> None:
@@ -134,40 +148,62 @@ class Engine:
         cache = _SlotCache(self, prefill=(s0, width))
         logits = self._forward(ids, pos, mask[:, None], cache)[:, -1]
         if self._mask is None:
-            self._mask = torch.zeros(self.slots, self.cache_len, dtype=torch.bool, device=dev)
-        self._mask[s0:s0 + len(new)] = False
-        self._mask[s0:s0 + len(new), self._t - width:self._t] = real
+            self._allocate_slots(dev)
+        k = len(new)
+        self._mask[s0:s0 + k] = False
+        self._mask[s0:s0 + k, self._t - width:self._t] = real
+        self._pos[s0:s0 + k] = torch.tensor([len(r.prompt) for r in new], device=dev)
+        self._procs.join(s0, k)
         for r in new:
-            r.start, r.pos = self._t - len(r.prompt), len(r.prompt)
-            r.procs = self._row_processors(len(r.prompt))
+            r.start = self._t - len(r.prompt)
         self.rows += new
-        self._emit(new, self._choose(new, logits))
+        picked = self._choose(new, logits, s0)
+        self.on_wait()
+        self._emit(new, picked.tolist())
+
+    def _allocate_slots(self, dev: Any) -> None:
+        import torch
+
+        from prodesc.generate.processors import BatchedAnswerProcessors
+
+        self._mask = torch.zeros(self.slots, self.cache_len, dtype=torch.bool, device=dev)
+        self._last = torch.full((self.slots,), self.pad, dtype=torch.long, device=dev)
+        self._pos = torch.zeros(self.slots, dtype=torch.long, device=dev)
+        self._procs = BatchedAnswerProcessors(self.gen, self.slots, self.cache_len, self.eos, self.exempt, dev)
 
     # ---- one token for every live row -------------------------------------------------------------------------
 
     def _decode(self) -> int:
         import torch
 
+        t0 = time.perf_counter()
         if self._t >= self.cache_len:
             self._shift(-min(r.start for r in self.rows))
         n = len(self.rows)
         b = batch_bucket(n, self.slots) if self.graphs else n
-        dev = self.model.device
-        last = [r.tokens[-1] for r in self.rows] + [self.pad] * (b - n)
-        pos = [r.pos for r in self.rows] + [0] * (b - n)
         if self._col is None:
-            self._col = torch.zeros(1, dtype=torch.long, device=dev)
+            self._col = torch.zeros(1, dtype=torch.long, device=self.model.device)
         self._col.fill_(self._t)
         self._mask[:b, self._t] = True  # every row (padding slots too: no NaN) sees the column it writes
-        inputs = (torch.tensor(last, device=dev)[:, None], torch.tensor(pos, device=dev)[:, None],
-                  self._mask[:b, None, None, :])
+        inputs = (self._last[:b, None], self._pos[:b, None], self._mask[:b, None, None, :])  # padding: any token
         logits = self._replay(b, *inputs) if self.graphs else self._step_forward(b, *inputs)
         self._mask[n:b, self._t] = False
-        for r in self.rows:
-            r.pos += 1
+        self._pos[:n] += 1
         self._t += 1
-        self._emit(list(self.rows), self._choose(self.rows, logits[:n, -1]))
+        t0 = self._clock("forward", t0)
+        picked = self._choose(self.rows, logits[:n, -1], 0)
+        t0 = self._clock("choose", t0)
+        self.on_wait()
+        tokens = picked.tolist()  # the step's one device->host copy
+        t0 = self._clock("sync", t0)
+        self._emit(list(self.rows), tokens)
+        self._clock("emit", t0)
         return n
+
+    def _clock(self, phase: str, t0: float) -> float:
+        now = time.perf_counter()
+        self.seconds[phase] += now - t0
+        return now
 
     def _step_forward(self, b: int, ids: Any, pos: Any, mask: Any) -> Any:
         return self._forward(ids, pos, mask, _SlotCache(self, decode=b))
@@ -211,40 +247,32 @@ class Engine:
 
     # ---- choosing tokens, each row with its own settings --------------------------------------------------------
 
-    def _row_processors(self, prompt_len: int) -> Any:
-        """The logits processors `Generator.describe` uses that depend on a row's history, built for this row
-        alone (its own prompt length), so its answer is the one it would get on its own."""
-        from transformers import ExponentialDecayLengthPenalty, LogitsProcessorList
-
-        from prodesc.generate.processors import AnswerNoRepeatNGram, AnswerRepetitionPenalty
-
-        g, procs = self.gen, LogitsProcessorList()
-        if g.no_repeat_ngram_size:  # answer-only, as in `Generator.describe`: a neighbour's phrase may be copied
-            procs.append(AnswerNoRepeatNGram(g.no_repeat_ngram_size, prompt_len, self.exempt))
-        if g.stop_boost_after:
-            procs.append(ExponentialDecayLengthPenalty((g.stop_boost_after, 1.05), self.eos, prompt_len))
-        if g.repetition_penalty != 1.0:
-            procs.append(AnswerRepetitionPenalty(g.repetition_penalty, prompt_len, self.exempt))
-        return procs or None
-
-    def _choose(self, rows: list[Row], logits: Any) -> list[int]:
+    def _choose(self, rows: list[Row], logits: Any, s0: int) -> Any:
+        """The next token of the rows in slots s0.. (a tensor on the device): the answer-only processors for all
+        of them at once, then greedy rows by argmax and sampled rows with their own temperature and top_p."""
         import torch
 
         scores = logits.float()
-        for i, r in enumerate(rows):
-            if r.procs is not None:
-                ids = torch.tensor([r.prompt + r.tokens], device=scores.device)
-                scores[i:i + 1] = r.procs(ids, scores[i:i + 1])
+        if self._procs.active:
+            scores = self._procs.apply(s0, scores, max(len(r.tokens) for r in rows))
         picked = scores.argmax(-1)
         temps = [r.temperature if r.temperature >= MIN_SAMPLING_TEMPERATURE else 0.0 for r in rows]
         sampled = [i for i, t in enumerate(temps) if t > 0]
         if sampled:
-            idx = torch.tensor(sampled, device=scores.device)
-            t = torch.tensor([temps[i] for i in sampled], device=scores.device)[:, None]
-            p = torch.tensor([rows[i].top_p for i in sampled], device=scores.device)[:, None]
-            probs = _top_p(scores[idx] / t, p).softmax(-1)
-            picked[idx] = torch.multinomial(probs, 1)[:, 0]
-        return picked.tolist()
+            dev = scores.device
+            every = len(sampled) == len(rows)
+            idx = None if every else torch.tensor(sampled, device=dev)
+            t = torch.tensor([temps[i] for i in sampled], device=dev)[:, None]
+            scores = (scores if every else scores[idx]) / t
+            top_p = [rows[i].top_p for i in sampled]
+            if min(top_p) < 1.0:  # top_p 1 keeps every token: no sort
+                scores = _top_p(scores, torch.tensor(top_p, device=dev)[:, None])
+            drawn = torch.multinomial(scores.softmax(-1), 1)[:, 0]
+            picked = drawn if every else picked.index_copy(0, idx, drawn)
+        self._last[s0:s0 + len(rows)] = picked
+        if self._procs.active:
+            self._procs.record(s0, picked)
+        return picked
 
     def _emit(self, rows: list[Row], tokens: list[int]) -> None:
         for r, tok in zip(rows, tokens, strict=True):
@@ -276,6 +304,9 @@ class Engine:
             keys[dst].copy_(keys[src])
             values[dst].copy_(values[src])
         self._mask[dst] = self._mask[src]
+        self._last[dst] = self._last[src]
+        self._pos[dst] = self._pos[src]
+        self._procs.move(src, dst)
 
     def _shift(self, by: int) -> None:
         """Move every slot's columns by `by` (negative: left), so the shared column has room."""

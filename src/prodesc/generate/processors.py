@@ -93,3 +93,84 @@ class AnswerNoRepeatNGram(LogitsProcessor):
         if self.n > 1 and len(answer) >= self.n:
             gram = answer[-self.n :]
             self.seen[row].setdefault(tuple(gram[:-1]), set()).add(gram[-1])
+
+
+class BatchedAnswerProcessors:
+    """The answer-only processors of `Generator.describe` (no-repeat n-grams, the EOS boost after
+    `stop_boost_after` tokens, the repetition penalty) for every row of the serving engine at once: a few tensor
+    ops per step, touching only each row's answer tokens, however many rows, instead of the processors above
+    called row by row.
+
+    Each engine slot's answer so far lives on the model's device (its tokens and their count). `join` starts
+    slots afresh, `apply` processes the scores of slots s0..s0+n-1 in place, `record` appends the tokens chosen
+    for them, `move` copies a slot into another. Every row gets the scores its own `AnswerNoRepeatNGram`,
+    `ExponentialDecayLengthPenalty` and `AnswerRepetitionPenalty` give (tests/test_continuous.py).
+    """
+
+    def __init__(self, gen: Any, slots: int, cache_len: int, eos: int, exempt_ids: list[int], device: Any) -> None:
+        import torch
+
+        self.n, self.boost_after, self.penalty = gen.no_repeat_ngram_size, gen.stop_boost_after, gen.repetition_penalty
+        self.eos, self.exempt, self.device = eos, exempt_ids, device
+        self.active = bool(self.n or self.boost_after or self.penalty != 1.0)
+        self.lens = torch.zeros(slots, dtype=torch.long, device=device)  # answer tokens so far, per slot
+        self.answers = torch.zeros(slots, cache_len if self.active else 1, dtype=torch.long, device=device)
+        self.penalisable: Any = None  # [vocab] bool: False for special and stop tokens (made on first use)
+
+    def join(self, s0: int, count: int) -> None:
+        self.lens[s0:s0 + count] = 0
+
+    def move(self, src: int, dst: int) -> None:
+        self.lens[dst] = self.lens[src]
+        self.answers[dst] = self.answers[src]
+
+    def apply(self, s0: int, scores: Any, longest: int) -> Any:
+        """Scores [n, vocab] of slots s0..s0+n-1, processed in place; `longest`: their longest answer so far."""
+        import torch
+
+        n, vocab = scores.shape
+        if self.penalisable is None:
+            self.penalisable = torch.ones(vocab, dtype=torch.bool, device=self.device)
+            self.penalisable[[i for i in self.exempt if i < vocab]] = False
+        lens, answers = self.lens[s0:s0 + n], self.answers[s0:s0 + n, :longest]
+        if self.n and longest >= self.n:
+            tokens, banned = self._banned(answers, lens)
+            inf = torch.full(tokens.shape, float("inf"), dtype=scores.dtype, device=self.device)
+            scores.scatter_reduce_(1, tokens, torch.where(banned, -inf, inf), reduce="amin")
+        if self.boost_after and longest > self.boost_after:
+            eos = scores[:, self.eos]
+            steps = (lens - self.boost_after).clamp(min=0).double()
+            boost = eos.abs() * (torch.pow(1.05, steps) - 1).to(scores.dtype)
+            scores[:, self.eos] = eos + boost.masked_fill(~eos.isfinite(), 0.0)
+        if self.penalty != 1.0 and longest > 0:
+            # positions past a row's answer repeat its last token, so duplicate indices always write equal values
+            last = answers.gather(1, (lens[:, None] - 1).clamp(min=0))
+            tokens = torch.where(torch.arange(longest, device=self.device) < lens[:, None], answers, last)
+            seen = scores.gather(1, tokens)
+            hit = torch.where(seen < 0, seen * self.penalty, seen / self.penalty)
+            keep = self.penalisable[tokens] & (lens > 0)[:, None]
+            scores.scatter_(1, tokens, torch.where(keep, hit, seen))
+        return scores
+
+    def record(self, s0: int, tokens: Any) -> None:
+        """Append each slot's chosen token ([n] long on the device) to its answer."""
+        n = tokens.shape[0]
+        lens = self.lens[s0:s0 + n]
+        self.answers[s0:s0 + n].scatter_(1, lens[:, None], tokens[:, None])
+        lens += 1
+
+    def _banned(self, answers: Any, lens: Any) -> tuple[Any, Any]:
+        """Each n-gram's last token [n, grams] and whether it is banned: the n-gram is complete in the answer,
+        starts with the answer's last size-1 tokens, and its last token is not exempt."""
+        import torch
+
+        size = self.n
+        grams = answers.unfold(1, size, 1)  # [n, grams, size]: every n-gram start, complete or not
+        ends = torch.arange(grams.shape[1], device=self.device) + size - 1  # each n-gram's last position
+        done = ends[None, :] < lens[:, None]
+        if size > 1:
+            at = lens[:, None] - size + 1 + torch.arange(size - 1, device=self.device)
+            tail = answers.gather(1, at.clamp(min=0))
+            done &= (grams[:, :, :-1] == tail[:, None, :]).all(-1)
+        tokens = grams[:, :, -1]
+        return tokens, done & self.penalisable[tokens]

@@ -154,6 +154,9 @@ class Batcher:
     def _step(self, engine: Any) -> None:
         rows = engine.rows + list(engine.waiting)
         self._running = max((r.deadline for r in rows), default=math.inf)
+        waits = hasattr(engine, "on_wait")  # it hands the tokens over itself once its next step is on the device
+        if waits:
+            engine.on_wait = self._flush
         t0 = time.perf_counter()
         try:
             tokens = engine.step()
@@ -161,9 +164,11 @@ class Batcher:
             log.error("generation step failed", exc_info=e)
             for row in engine.fail():
                 self._call(self._fail, row.job, e)
+            self._flush()
             return
         finally:
             self._running = None
+        if not (waits and engine.busy):
             self._flush()
         self.on_step(tokens, time.perf_counter() - t0)  # a token per row that took part
 
@@ -182,6 +187,7 @@ class Batcher:
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> None:
         self._calls.append((fn, args))  # handed over once per step: one wake-up of the loop, not one per row
+        # (the real engine's on_wait: while its next step runs on the device; others: after each step)
 
     def _flush(self) -> None:
         calls, self._calls = self._calls, []

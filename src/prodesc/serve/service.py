@@ -19,8 +19,9 @@ from fastapi import Request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from prodesc.config import MIN_SAMPLING_TEMPERATURE, ServeConfig
-from prodesc.generate import Row
+from prodesc.generate import PHASES, Row
 from prodesc.serve.batching import DONE, Batcher, Expired, Job, QueueFull
+from prodesc.serve.detok import IncrementalText
 from prodesc.serve.schemas import ApiError, Params
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class Service:
                                window_s=cfg.batch_window_ms / 1000, queue_size=cfg.queue_size,
                                on_step=self.metrics.step, on_row_end=self.metrics.tokens.inc)
         self.metrics.queue.set_function(lambda: self.batcher.depth)
+        for phase in PHASES:
+            self.metrics.engine.labels(phase).set_function(lambda p=phase: self._engine_seconds(p))
         self.page = importlib.resources.files("prodesc.serve").joinpath("static/index.html").read_text("utf-8")
         self._base: asyncio.Future | None = None  # the base generator, loading or loaded
 
@@ -162,6 +165,9 @@ class Service:
             rec["neighbours"] = [{k: n[k] for k in ("uid", "title", "score") if k in n} for n in near]
         return rec
 
+    def _engine_seconds(self, phase: str) -> float:
+        return sum(getattr(e, "seconds", {}).get(phase, 0.0) for e in list(self.batcher.engines.values()))
+
     def timeout(self) -> ApiError:
         return ApiError(504, f"no answer within serve.request_timeout_s={self.cfg.request_timeout_s}s: retry, ask "
                         "fewer tokens, or raise the timeout", "timeout")
@@ -176,26 +182,22 @@ class Service:
 
 
 def _stream_sinks(tok: Any, pieces: asyncio.Queue, prompt_tokens: int) -> tuple[Any, Any]:
-    """A stream's `on_token`/`on_done` (on the event loop): text pieces as tokens decode to whole characters,
-    then a dict with the token counts and finish reason and DONE; or Expired/an exception; nothing once the
-    client has left."""
-    ids: list[int] = []
-    sent = [""]
-
-    def flush() -> None:
-        text = tok.decode(ids, skip_special_tokens=True)
-        if not text.endswith("\ufffd") and len(text) > len(sent[0]):  # \ufffd: a character cut mid-bytes
-            pieces.put_nowait(text[len(sent[0]):])
-            sent[0] = text
+    """A stream's `on_token`/`on_done` (on the event loop): text pieces as tokens decode to whole characters
+    (decoding only the new tokens: detok.py), then a dict with the token counts and finish reason and DONE; or
+    Expired/an exception; nothing once the client has left."""
+    text = IncrementalText(tok)
 
     def on_token(token: int) -> None:
-        ids.append(token)
-        flush()
+        piece = text.add(token)
+        if piece:
+            pieces.put_nowait(piece)
 
     def on_done(end: Any) -> None:
         if isinstance(end, tuple):
             tokens, reason = end
-            flush()
+            piece = text.finish()
+            if piece:
+                pieces.put_nowait(piece)
             pieces.put_nowait({"n_tokens": len(tokens), "prompt_tokens": prompt_tokens,
                                "finish_reason": "stop" if reason == "stop" else "length"})
         elif end is not None:
@@ -227,6 +229,10 @@ class Metrics:
                                  "generated went to clients that left or timed out).", registry=r)
         self.tokens_per_s = Gauge("prodesc_tokens_per_second", "Generated tokens/s of the latest step.", registry=r)
         self.queue = Gauge("prodesc_queue_depth", "Requests waiting for the model.", registry=r)
+        self.engine = Gauge("prodesc_engine_seconds", "Model-thread seconds by step phase since start, all models "
+                            "(generate/continuous.py PHASES; on CUDA sync is the wait for the device, the other "
+                            "phases are host work). Divide by prodesc_decode_steps_total for a step's.",
+                            ["phase"], registry=r)
 
     def step(self, tokens: int, seconds: float) -> None:
         """One engine step that gave `tokens` rows a token (on the model thread; the metrics are thread-safe)."""
