@@ -72,22 +72,25 @@ def test_mixed_settings_in_one_batch_each_get_their_own_answer(base: Generator) 
                for t, g in zip(sampled, greedy_of_same, strict=True))  # temperature 1.3 did sample
 
 
-@pytest.mark.parametrize(("size", "penalty", "boost_after"), [(3, 1.3, 4), (1, 1.0, 0), (4, 1.5, 0), (0, 1.1, 2)])
+@pytest.mark.parametrize(("size", "penalty", "boost_after", "bias"),
+                         [(3, 1.3, 4, 0.0), (1, 1.0, 0, 0.0), (4, 1.5, 0, -2.0), (0, 1.1, 2, -3.0), (2, 1.0, 3, 1.5)])
 def test_batched_processors_give_every_row_the_scores_of_its_own_processors(size: int, penalty: float,
-                                                                             boost_after: int) -> None:
+                                                                             boost_after: int, bias: float) -> None:
     """Rows join at different steps (different answer lengths), one leaves (the last slot moves into its place);
     on random scores each step, every row's scores equal those of the per-row processors the engine used to call
-    (no-repeat n-grams, EOS boost, repetition penalty; answer only, exempt tokens untouched)."""
+    (no-repeat n-grams, stop bias and EOS boost on every stop id, repetition penalty; answer only, exempt tokens
+    untouched)."""
     import torch
-    from transformers import ExponentialDecayLengthPenalty, LogitsProcessorList
+    from transformers import ExponentialDecayLengthPenalty, LogitsProcessorList, SequenceBiasLogitsProcessor
 
     from prodesc.config import GenerateConfig
     from prodesc.generate.processors import AnswerNoRepeatNGram, AnswerRepetitionPenalty, BatchedAnswerProcessors
 
     torch.manual_seed(size)
-    vocab, eos, exempt = 12, 0, [0, 1]  # a small vocabulary: answers repeat n-grams often
-    gen = GenerateConfig(no_repeat_ngram_size=size, repetition_penalty=penalty, stop_boost_after=boost_after)
-    batched = BatchedAnswerProcessors(gen, 6, 64, eos, exempt, "cpu")
+    vocab, stops, exempt = 12, [0, 2], [0, 1, 2]  # a small vocabulary: answers repeat n-grams often
+    gen = GenerateConfig(no_repeat_ngram_size=size, repetition_penalty=penalty, stop_boost_after=boost_after,
+                         stop_bias=bias)
+    batched = BatchedAnswerProcessors(gen, 6, 64, stops, exempt, "cpu")
     rows: list[tuple[list[int], list[int], LogitsProcessorList]] = []  # (prompt, answer, its own processors)
     for step in range(40):
         if step % 4 == 0 and len(rows) < 6:
@@ -95,8 +98,10 @@ def test_batched_processors_give_every_row_the_scores_of_its_own_processors(size
             own = LogitsProcessorList()
             if size:
                 own.append(AnswerNoRepeatNGram(size, len(prompt), exempt))
+            if bias:  # the order of transformers' generate: sequence bias, then the length penalty
+                own.append(SequenceBiasLogitsProcessor([[[i], bias] for i in stops]))
             if boost_after:
-                own.append(ExponentialDecayLengthPenalty((boost_after, 1.05), eos, len(prompt)))
+                own.append(ExponentialDecayLengthPenalty((boost_after, 1.05), stops, len(prompt)))
             if penalty != 1.0:
                 own.append(AnswerRepetitionPenalty(penalty, len(prompt), exempt))
             batched.join(len(rows), 1)
@@ -116,13 +121,13 @@ def test_batched_processors_give_every_row_the_scores_of_its_own_processors(size
 
 
 def test_rows_with_answer_processors_get_their_solo_answers(base: Generator) -> None:
-    """The smollm2 preset's processors (n-grams, repetition penalty, EOS boost) in the engine, batched over rows
-    that join at different steps: every greedy row equals its solo `describe` answer."""
+    """The smollm2 preset's processors (n-grams, repetition penalty, EOS boost, stop bias) in the engine, batched
+    over rows that join at different steps: every greedy row equals its solo `describe` answer."""
     import copy
 
     gen = copy.copy(base)
     gen.cfg = base.cfg.model_copy(update={"generate": base.cfg.generate.model_copy(
-        update={"no_repeat_ngram_size": 3, "repetition_penalty": 1.3, "stop_boost_after": 6})})
+        update={"no_repeat_ngram_size": 3, "repetition_penalty": 1.3, "stop_boost_after": 6, "stop_bias": -1.0})})
     rows = [Row(gen.prompt_ids(title), 20, 0.0, 1.0) for title in TITLES[:5]]
     ended = run_engine(gen, rows, join_every=2, slots=3, cache_len=256)
     for i, title in enumerate(TITLES[:5]):

@@ -169,7 +169,7 @@ class Engine:
         self._mask = torch.zeros(self.slots, self.cache_len, dtype=torch.bool, device=dev)
         self._last = torch.full((self.slots,), self.pad, dtype=torch.long, device=dev)
         self._pos = torch.zeros(self.slots, dtype=torch.long, device=dev)
-        self._procs = BatchedAnswerProcessors(self.gen, self.slots, self.cache_len, self.eos, self.exempt, dev)
+        self._procs = BatchedAnswerProcessors(self.gen, self.slots, self.cache_len, list(self.stops), self.exempt, dev)
 
     # ---- one token for every live row -------------------------------------------------------------------------
 

@@ -96,7 +96,7 @@ class AnswerNoRepeatNGram(LogitsProcessor):
 
 
 class BatchedAnswerProcessors:
-    """The answer-only processors of `Generator.describe` (no-repeat n-grams, the EOS boost after
+    """The answer-only processors of `Generator.describe` (no-repeat n-grams, the stop bias, the EOS boost after
     `stop_boost_after` tokens, the repetition penalty) for every row of the serving engine at once: a few tensor
     ops per step, touching only each row's answer tokens, however many rows, instead of the processors above
     called row by row.
@@ -107,11 +107,13 @@ class BatchedAnswerProcessors:
     `ExponentialDecayLengthPenalty` and `AnswerRepetitionPenalty` give (tests/test_continuous.py).
     """
 
-    def __init__(self, gen: Any, slots: int, cache_len: int, eos: int, exempt_ids: list[int], device: Any) -> None:
+    def __init__(self, gen: Any, slots: int, cache_len: int, stops: list[int], exempt_ids: list[int],
+                 device: Any) -> None:
         import torch
 
         self.n, self.boost_after, self.penalty = gen.no_repeat_ngram_size, gen.stop_boost_after, gen.repetition_penalty
-        self.eos, self.exempt, self.device = eos, exempt_ids, device
+        self.bias = gen.stop_bias
+        self.eos, self.exempt, self.device = sorted(stops), exempt_ids, device  # every stop id, as describe's
         self.active = bool(self.n or self.boost_after or self.penalty != 1.0)
         self.lens = torch.zeros(slots, dtype=torch.long, device=device)  # answer tokens so far, per slot
         self.answers = torch.zeros(slots, cache_len if self.active else 1, dtype=torch.long, device=device)
@@ -137,10 +139,12 @@ class BatchedAnswerProcessors:
             tokens, banned = self._banned(answers, lens)
             inf = torch.full(tokens.shape, float("inf"), dtype=scores.dtype, device=self.device)
             scores.scatter_reduce_(1, tokens, torch.where(banned, -inf, inf), reduce="amin")
+        if self.bias:  # before the boost, as transformers orders sequence_bias before the length penalty
+            scores[:, self.eos] += self.bias
         if self.boost_after and longest > self.boost_after:
             eos = scores[:, self.eos]
             steps = (lens - self.boost_after).clamp(min=0).double()
-            boost = eos.abs() * (torch.pow(1.05, steps) - 1).to(scores.dtype)
+            boost = eos.abs() * (torch.pow(1.05, steps) - 1).to(scores.dtype)[:, None]
             scores[:, self.eos] = eos + boost.masked_fill(~eos.isfinite(), 0.0)
         if self.penalty != 1.0 and longest > 0:
             # positions past a row's answer repeat its last token, so duplicate indices always write equal values
