@@ -71,6 +71,9 @@ def export(
         (tmp / "prodesc_export.json").write_text(json.dumps(info, indent=2))
     what = f"GGUF {name} + Modelfile" if format == "gguf" else "merged model" if merge else "adapter"
     print(f"exported {what} to {out}")
+    if format == "gguf" and cfg.retrieval.k:
+        print(f"note: the run puts {cfg.retrieval.k} catalog neighbours in each prompt; the GGUF has no catalog, so "
+              "it answers from the title alone (see the Modelfile)")
     return out
 
 
