@@ -51,6 +51,22 @@ def test_approximate_search_agrees_with_exact_on_a_small_catalog():
     assert EXACT_MAX >= 10_000  # the measured switch-over (bench/results/catalog_search.json)
 
 
+def test_an_approximate_catalog_saves_its_graph_and_loads_it_without_building_again(tmp_path, monkeypatch):
+    import prodesc.catalog as catalog_module
+
+    titles = [f"t{i}" for i in range(0, 300, 7)]
+    hnsw = _catalog(search="approximate")
+    hnsw.save(tmp_path / "hnsw")
+    _catalog(search="exact").save(tmp_path / "flat")
+    assert (tmp_path / "hnsw" / catalog_module.FAISS_FILE).exists()
+    assert not (tmp_path / "flat" / catalog_module.FAISS_FILE).exists()  # a flat index is as quick to build as to read
+    monkeypatch.setattr(catalog_module, "_faiss_index", lambda *a: pytest.fail("the saved graph was built again"))
+    loaded = Catalog.load(tmp_path / "hnsw", RetrievalConfig(search="approximate"))
+    assert [[n["uid"] for n in nb] for nb in loaded.neighbours(titles, 5)] == [
+        [n["uid"] for n in nb] for nb in hnsw.neighbours(titles, 5)
+    ]
+
+
 def test_data_index_holds_every_split_and_replaces_the_embedder(tiny_rag_data, monkeypatch):
     meta = json.loads((tiny_rag_data / "index" / "meta.json").read_text())
     rows = [r for s in ("train", "val", "test") for r in read_split(tiny_rag_data, s)]

@@ -37,6 +37,7 @@ SPLITS = ("train", "val", "test")
 # training does): 20k items 18 s exact vs 19 s HNSW (build included; recall@10 0.97), 50k 79 s vs 68 s, 100k 613 s
 # vs 78 s (recall 1.0). Exact costs N^2: past ~50k approximate wins, and one query stays under 7 ms either way.
 EXACT_MAX = 50_000
+FAISS_FILE = "hnsw.faiss"  # an approximate catalog's search graph, saved beside its vectors
 MAX_EXTRA = 256
 SEARCH_CHUNK = 8192  # titles searched at a time: the k + MAX_EXTRA candidates are held for one chunk, not for all
 GPU_SCORES = 1 << 28  # query x item scores per GPU matrix product (512 MiB in fp16), whatever the catalog's size
@@ -147,11 +148,23 @@ class Catalog:
         meta, items, matrix = _read(path)
         if meta["embedder"] != cfg.embedder:
             cfg = cfg.model_copy(update={"embedder": meta["embedder"]})  # queries must use the catalog's embedder
-        return cls(items, matrix, cfg)
+        catalog = cls(items, matrix, cfg)
+        if (path / FAISS_FILE).exists() and not catalog._exact():  # the graph train built: not built again
+            import faiss
+
+            catalog._index = faiss.read_index(str(path / FAISS_FILE))
+        return catalog
 
     def save(self, out: Path) -> None:
+        """Items, vectors and, for an approximate (HNSW) catalog, its search graph: ~30 s to build at a million
+        items, built once here and read back by generate, eval, serve and export."""
         out.mkdir(parents=True, exist_ok=True)
         _write(out, self.items, self.vectors, self.cfg.embedder)
+        if not self._exact():
+            import faiss
+
+            self.ready()
+            faiss.write_index(self._index, str(out / FAISS_FILE))
 
     def __len__(self) -> int:
         return self.items.num_rows
