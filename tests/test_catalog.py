@@ -67,6 +67,31 @@ def test_an_approximate_catalog_saves_its_graph_and_loads_it_without_building_ag
     ]
 
 
+def test_train_and_eval_share_one_search_graph_per_data_dir(tiny_rag_data, monkeypatch):
+    import prodesc.catalog as catalog_module
+
+    rows = read_split(tiny_rag_data, "train")
+    cfg = RetrievalConfig(search="approximate")
+
+    def catalog():
+        built = Catalog.build(rows, TitleVectors.for_data(tiny_rag_data, cfg), cfg)
+        built.share_graph(tiny_rag_data)
+        return built
+
+    first = catalog()
+    [graph] = list((tiny_rag_data / "index").glob("graph-*.faiss"))
+    titles = [r["title"] for r in rows[:20]]
+    monkeypatch.setattr(catalog_module, "_faiss_index", lambda *a: pytest.fail("the shared graph was built again"))
+    assert catalog().neighbours(titles, 3) == first.neighbours(titles, 3)
+    other = Catalog.build(rows[:-1], TitleVectors.for_data(tiny_rag_data, cfg), cfg)  # other items: another graph
+    monkeypatch.undo()
+    other.share_graph(tiny_rag_data)
+    graphs = list((tiny_rag_data / "index").glob("graph-*.faiss"))
+    assert len(graphs) == 2 and graph in graphs
+    for g in graphs:  # the fixture's data dir is shared with other tests
+        g.unlink()
+
+
 def test_data_index_holds_every_split_and_replaces_the_embedder(tiny_rag_data, monkeypatch):
     meta = json.loads((tiny_rag_data / "index" / "meta.json").read_text())
     rows = [r for s in ("train", "val", "test") for r in read_split(tiny_rag_data, s)]

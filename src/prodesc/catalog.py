@@ -19,6 +19,7 @@ approximate (HNSW) beyond; on a CUDA GPU the exact search is one matrix product 
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -173,6 +174,28 @@ class Catalog:
         """Titles of a prepared data dir are looked up in its index (`prodesc data index`), not embedded."""
         if data is not None and (data / INDEX_DIR / "meta.json").exists():
             self.queries.add_store(data / INDEX_DIR)
+
+    def share_graph(self, data: Path | None) -> None:
+        """An approximate catalog of a prepared data dir's items: its search graph read from DATA/index/ when an
+        earlier train or eval of the same items saved it, else built now and saved there (if writable). Training
+        and eval's retrieval baseline on a million items then build it once per data dir, not each time."""
+        if data is None or self._exact() or not (data / INDEX_DIR / "meta.json").exists():
+            return
+        import hashlib
+
+        import faiss
+
+        key = hashlib.sha256("\n".join(self.items.column("uid").to_pylist()).encode())
+        key.update(f"{self.cfg.embedder} {self.vectors.shape} {HNSW_M} {HNSW_EF_CONSTRUCTION}".encode())
+        path = data / INDEX_DIR / f"graph-{key.hexdigest()[:16]}.faiss"
+        if path.exists():
+            self._index = faiss.read_index(str(path))
+            return
+        self.ready()
+        if os.access(path.parent, os.W_OK):
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            faiss.write_index(self._index, str(tmp))
+            tmp.replace(path)  # whole or absent: a killed write leaves only the temp file
 
     def neighbours(
         self, titles: Sequence[str], k: int, exclude_families: Sequence[str | None] | None = None

@@ -51,6 +51,7 @@ def catalog(cfg: ProdescConfig, data: Path, rows: dict[str, list[dict]]) -> Cata
         return None
     built = Catalog.build(rows["train"], TitleVectors.for_data(data, cfg.retrieval), cfg.retrieval)
     built.use_data_index(data)  # val titles: looked up too
+    built.share_graph(data)  # a million-item search graph: built once per data dir
     return built
 
 
