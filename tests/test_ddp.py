@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,10 +53,18 @@ def _log(run: Path) -> list[dict]:
 def runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("ddp")
     single = train.train(tiny_config(*STEPS, "train.batch_size=8"), tiny_data, root / "single")
-    out = root / "ddp"
-    ddp = _launch("-c", TINY, "--data", str(tiny_data), "--out", str(out), *_sets(*STEPS, "train.batch_size=4"))
+    out, data = root / "ddp", root / "data"  # a copy without the single run's encoded examples
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns("encoded"))
+    ddp = _launch("-c", TINY, "--data", str(data), "--out", str(out), *_sets(*STEPS, "train.batch_size=4"))
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    return {"single": single, "ddp": out, "ddp_out": ddp.stdout, "data": tiny_data}
+    return {"single": single, "ddp": out, "ddp_out": ddp.stdout, "data": data}
+
+
+def test_ddp_rank_zero_encodes_the_examples_once_and_the_other_rank_reads_them(runs):
+    out = runs["ddp_out"]
+    encoded = re.findall(r"^encoded [\d,]+ examples in", out, re.M)
+    assert len(encoded) == 1 and len(re.findall(r"^examples read from ", out, re.M)) == 1, out[-2000:]
+    assert len(list((runs["data"] / "encoded").iterdir())) == 1
 
 
 def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(runs):

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -53,10 +54,16 @@ def build(
     else:
         path = cache_root(data, cfg) / cache_key(tok, cfg, data)
         with dist.main_first():  # rank 0 encodes and stores; the others then find it stored
-            if not (path / "stats.json").is_file():
+            fresh = not (path / "stats.json").is_file()
+            if fresh:
+                t = time.perf_counter()
                 splits, stats = _encode_splits(tok, cfg, rows, near)
                 _store(path, splits, stats)
+                print(f"encoded {stats['examples']:,} examples in {time.perf_counter() - t:.1f} s into {path} "
+                      "(later runs with the same data and settings read them back)")
             splits, stats = _load(path)
+        if not fresh:
+            print(f"examples read from {path} (encoded earlier with the same data and settings)")
     note = describe_cuts(stats["cut"], stats["records"], cfg.train.max_length)
     if note:
         print(note)
