@@ -169,7 +169,7 @@ def build_manifest(base: dict, data: dict, stats: dict) -> dict[str, Any]:
 def data_fingerprint(data: Path, families: list[str]) -> dict[str, Any]:
     """sha256 of each split file, plus the training families (their list sits in train_families.txt.gz)."""
     digest = hashlib.sha256("\n".join(families).encode()).hexdigest()
-    files = {p.name: _sha256(p) for p in sorted(data.glob("*.parquet"))}
+    files = {p.name: file_sha256(p) for p in sorted(data.glob("*.parquet"))}
     return {
         "dir": str(data.resolve()),
         "files": files,
@@ -198,7 +198,8 @@ def train_families(run: Path) -> set[str]:
         return {line.rstrip("\n") for line in f if line.strip()}
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """A file's SHA-256, read 1 MiB at a time."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -29,8 +29,8 @@ def write(out_dir: Path, gguf_name: str, merged: Path, cfg: ProdescConfig, run_n
         f"#   ollama create {run_name} -f Modelfile && ollama run {run_name} \"Girls Ballet Tutu Neon Pink\"",
         "# Send the bare product title: the template adds the instruction the model was trained with.",
         *([f"# This run was trained with {cfg.retrieval.k} catalog neighbours above each title; a GGUF carries no "
-           "catalog, so its prompts hold the title alone and answers lose what the neighbours gave (docs/QUALITY.md: "
-           "about the plain fine-tune's quality). `prodesc serve --run` or an `--format hf` export keep them."]
+           "catalog, so its prompts hold the title alone and answers lose what the neighbours gave (not measured). "
+           "`prodesc serve --run` or an `--format hf` export keep them."]
           if cfg.retrieval.k else []),
         f"FROM ./{gguf_name}",
         f'TEMPLATE """{template(tokenizer, _adds_bos(out_dir / gguf_name))}"""',

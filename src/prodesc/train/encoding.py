@@ -20,15 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prodesc import dist, models, prompts
+from prodesc import dist, models, prompts, rundir
 from prodesc.config import ProdescConfig
 from prodesc.errors import ProdescError
 from prodesc.train.examples import CUT_KEYS, describe_cuts
@@ -95,7 +93,7 @@ def cache_key(tok: Any, cfg: ProdescConfig, data: Path) -> str:
         files += [f"index/{name}" for name in ("meta.json", "items.parquet", "vectors.npy")]
     parts = {
         "format": FORMAT,
-        "files": {f: _file_hash(data / f) for f in files if (data / f).is_file()},
+        "files": {f: rundir.file_sha256(data / f) for f in files if (data / f).is_file()},
         "tokenizer": tokenizer_hash(tok),
         "prompt": cfg.prompt.model_dump(mode="json"),
         "retrieval": r.model_dump(mode="json", include={"k", "chars", "embedder", "search"}) if r.k else {"k": 0},
@@ -190,17 +188,11 @@ def _token_totals(ds: Any) -> dict[str, int]:
 
 
 def _store(path: Path, splits: dict[str, Any], stats: dict) -> None:
-    """Written beside, then renamed into place: a killed run leaves no half entry that a later one would read."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    """Written beside, then swapped into place (rundir.atomic_dir): a killed run leaves no half entry to read."""
+    with rundir.atomic_dir(path, overwrite=True, what="encoded examples") as tmp:
         for name, ds in splits.items():
             ds.save_to_disk(str(tmp / name))
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-        if not path.exists():
-            tmp.rename(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load(path: Path) -> tuple[dict[str, Any], dict]:
@@ -208,13 +200,3 @@ def _load(path: Path) -> tuple[dict[str, Any], dict]:
 
     splits = {name: load_from_disk(str(path / name)) for name in ("train", "val")}
     return splits, json.loads((path / "stats.json").read_text())
-
-
-def _file_hash(path: Path) -> str:
-    import xxhash
-
-    h = xxhash.xxh3_128()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
