@@ -9,7 +9,7 @@ Mistral tokenizer). This keeps two offsets into the ids (the prefix/read-offset 
 `TextIteratorStreamer` and text-generation-inference): it decodes only the tokens since the last piece plus the
 few before them, and sends the difference between the two decodes, so a tokenizer's context-dependent joins
 (SentencePiece's leading-space strip, byte-fallback bytes that make one character) come out as in the full decode.
-The pieces of an answer, joined, equal `tok.decode(ids, skip_special_tokens=True)` (tests/test_serve.py).
+The pieces of an answer, joined, equal `tok.decode(ids, skip_special_tokens=True)` (tests/test_detok.py).
 """
 
 from __future__ import annotations
