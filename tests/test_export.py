@@ -149,6 +149,8 @@ def test_merged_export_of_a_rag_run_carries_its_catalog_and_uses_it(tiny_rag_run
     assert (out / "catalog" / "vectors.npy").exists()
     saved = json.loads((out / "prodesc_export.json").read_text())
     assert saved["retrieval"]["k"] == 2 and saved["retrieval"]["chars"] == 120
+    answers = json.loads((tiny_rag_run / "manifest.json").read_text())["training"]["examples"]["answer_tokens"]
+    assert saved["length_prior"] == answers["p60"] > 0  # generate.stop_boost_after: auto, learnt by the run
     exported = Generator.from_model(str(out)).describe(["Mog's Kittens"], GenerateConfig(max_new_tokens=4))[0]
     run = Generator.from_run(tiny_rag_run).describe(["Mog's Kittens"], GenerateConfig(max_new_tokens=4))[0]
     assert exported["neighbours"] == run["neighbours"] and exported["prediction"] == run["prediction"]

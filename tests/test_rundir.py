@@ -74,3 +74,44 @@ def test_atomic_dir_removes_temp_dirs_of_dead_processes(tmp_path):
     with rundir.atomic_dir(tmp_path / "out") as tmp:
         (tmp / "a").write_text("a")
     assert not stale.exists() and live.exists()
+
+
+def _run_with_answers(tmp_path: Path, answers: dict | None, boost: str = "auto") -> Path:
+    import json
+
+    from prodesc import config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rundir.write_resolved(config.resolve(sets=[f"generate.stop_boost_after={boost}"]), run)
+    examples = {"examples": 10, **({"answer_tokens": answers} if answers is not None else {})}
+    (run / "manifest.json").write_text(json.dumps({"training": {"examples": examples}}))
+    return run
+
+
+def test_auto_length_prior_is_the_runs_60th_percentile_of_answer_tokens(tmp_path):
+    run = _run_with_answers(tmp_path, {"p50": 20, "p60": 37, "p75": 50, "p90": 80})
+    assert rundir.settings(run).generate.stop_boost_after == 37
+    assert rundir.settings(run, sets=["generate.stop_boost_after=12"]).generate.stop_boost_after == 12  # a number wins
+
+
+def test_auto_length_prior_of_a_run_without_answer_lengths_says_what_to_set(tmp_path):
+    run = _run_with_answers(tmp_path, None)
+    with pytest.raises(ProdescError, match=r"no answer lengths .* --set generate.stop_boost_after="):
+        rundir.settings(run)
+    assert rundir.settings(run, sets=["generate.stop_boost_after=64"]).generate.stop_boost_after == 64
+
+
+def test_auto_length_prior_without_a_run_is_off_or_the_exports_number(tmp_path, capsys):
+    import json
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert rundir.settings(None, flags={"model.name": str(plain)}, sets=["generate.stop_boost_after=auto"]) \
+        .generate.stop_boost_after == 0
+    assert "is off" in capsys.readouterr().err
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    (exported / "prodesc_export.json").write_text(json.dumps({"length_prior": 41}))
+    cfg = rundir.settings(None, flags={"model.name": str(exported)}, sets=["generate.stop_boost_after=auto"])
+    assert cfg.generate.stop_boost_after == 41

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
 from prodesc.errors import ProdescError
@@ -213,9 +213,11 @@ class GenerateConfig(_Stage):
         1.0, ge=1, allow_inf_nan=False, description="Penalty on repeated tokens; special tokens exempt."
     )
     no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid repeating n-grams of this size (0 = off).")
-    stop_boost_after: int = Field(
-        0, ge=0, description="After N new tokens, raise EOS's score exponentially (x1.05 a token) so runaway "
-        "answers end; 0 = off. Maps to transformers' exponential_decay_length_penalty."
+    stop_boost_after: NonNegativeInt | Literal["auto"] = Field(
+        0, description="After N new tokens, raise EOS's score exponentially (x1.05 a token) so runaway "
+        "answers end; 0 = off. auto = a length prior learnt from the catalog: the 60th percentile of the run's "
+        "training answers in tokens (its manifest; off for a model without a run). Maps to transformers' "
+        "exponential_decay_length_penalty."
     )
     stop_bias: float = Field(
         0.0, ge=-20, le=20, allow_inf_nan=False,

@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -132,7 +133,41 @@ def settings(
     flags = dict(flags or {})
     if run is None and flags.get("model.name"):  # a merged export: the prompt and neighbours it was trained with
         flags = {**export_settings(Path(flags["model.name"])), **flags}
-    return resolve(base=base, config=config, flags=flags, sets=sets or (), locked=run is not None)
+    cfg = resolve(base=base, config=config, flags=flags, sets=sets or (), locked=run is not None)
+    return with_length_prior(cfg, run, Path(flags["model.name"]) if run is None and flags.get("model.name") else None)
+
+
+def with_length_prior(cfg: ProdescConfig, run: Path | None, model_dir: Path | None = None) -> ProdescConfig:
+    """`cfg` with `generate.stop_boost_after: auto` replaced by its number (`length_prior`); as it is otherwise."""
+    if cfg.generate.stop_boost_after != "auto":
+        return cfg
+    after = length_prior(run, model_dir)
+    return cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"stop_boost_after": after})})
+
+
+LENGTH_PRIOR = "p60"  # generate.stop_boost_after: auto, the percentile of the training answers' lengths it takes
+
+
+def length_prior(run: Path | None, model_dir: Path | None = None) -> int:
+    """`generate.stop_boost_after: auto` for a run: the 60th percentile of its training answers' lengths in tokens
+    (manifest.json, training.examples.answer_tokens), so an answer may run about as long as most of the catalog's
+    before the end token is pushed. A model exported from a run carries the run's number (prodesc_export.json);
+    any other model has none: 0 (off), with a note. docs/QUALITY.md measured it."""
+    if run is None:
+        meta = model_dir / "prodesc_export.json" if model_dir is not None else None
+        saved = json.loads(meta.read_text()).get("length_prior") if meta is not None and meta.is_file() else None
+        if saved is None:
+            print("note: generate.stop_boost_after=auto learns a length from a run's training answers; this model "
+                  "has none, so it is off (set a number to boost the end token after that many tokens)",
+                  file=sys.stderr)
+        return int(saved or 0)
+    answers = read_manifest(run).get("training", {}).get("examples", {}).get("answer_tokens") or {}
+    if LENGTH_PRIOR not in answers:
+        raise ProdescError(
+            f"generate.stop_boost_after=auto: {run}/manifest.json has no answer lengths (trained by an older "
+            "prodesc): set a number instead, e.g. --set generate.stop_boost_after=320"
+        )
+    return int(answers[LENGTH_PRIOR])
 
 
 def export_settings(model_dir: Path) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from prodesc import models, prompts, rundir
 from prodesc.catalog import CATALOG_DIR
 from prodesc.errors import ProdescError
 from prodesc.export import gguf_file, modelfile
-from prodesc.rundir import atomic_dir, read_manifest, refuse_existing, write_resolved
+from prodesc.rundir import atomic_dir, length_prior, read_manifest, refuse_existing, write_resolved
 
 FORMATS = ("hf", "gguf")
 
@@ -67,7 +67,8 @@ def export(
         if cfg.retrieval.k and format != "gguf":  # `serve/generate --model DIR` put the same neighbours in prompts
             shutil.copytree(run / CATALOG_DIR, tmp / CATALOG_DIR)
         info = {"run": str(run.resolve()), "base_model": base, "format": format, "gguf_type": gguf_type,
-                "prompt": cfg.prompt.model_dump(mode="json"), "retrieval": cfg.retrieval.model_dump(mode="json")}
+                "prompt": cfg.prompt.model_dump(mode="json"), "retrieval": cfg.retrieval.model_dump(mode="json"),
+                "length_prior": _length_prior(run)}
         (tmp / "prodesc_export.json").write_text(json.dumps(info, indent=2))
     what = f"GGUF {name} + Modelfile" if format == "gguf" else "merged model" if merge else "adapter"
     print(f"exported {what} to {out}")
@@ -143,3 +144,12 @@ def _need_cuda() -> None:
             "this run is QLoRA (nf4): merging de-quantizes the nf4 base, which needs a CUDA GPU with bitsandbytes; "
             "run export there, or use --no-merge to export the adapter alone"
         )
+
+
+def _length_prior(run: Path) -> int | None:
+    """The run's `generate.stop_boost_after: auto` (rundir.length_prior), for `--model DIR` with that setting; None
+    for a run trained before prodesc recorded answer lengths."""
+    try:
+        return length_prior(run)
+    except ProdescError:
+        return None

@@ -50,7 +50,7 @@ class Generator:
         models, where it saves the adapter's extra matmuls on every token)."""
         from peft import PeftModel
 
-        cfg = cfg or rundir.settings(run)
+        cfg = rundir.with_length_prior(cfg, run) if cfg else rundir.settings(run)
         catalog = _catalog(run / CATALOG_DIR, cfg, run.name)  # before the weights: a missing index fails fast
         model = PeftModel.from_pretrained(_run_base(run, cfg), str(run / "adapter"))
         tok = models.load_tokenizer(str(run / "adapter"))
@@ -63,7 +63,7 @@ class Generator:
     def base_of_run(cls, run: Path, cfg: ProdescConfig | None = None) -> Generator:
         """The run's base model alone (no adapter), with the run's tokenizer, prompt and catalog: `prodesc serve`'s
         `<name>-base`, loaded as a second copy beside the merged fine-tuned model."""
-        cfg = cfg or rundir.settings(run)
+        cfg = rundir.with_length_prior(cfg, run) if cfg else rundir.settings(run)
         catalog = _catalog(run / CATALOG_DIR, cfg, run.name)
         model = _run_base(run, cfg).eval()
         return cls(model, models.load_tokenizer(str(run / "adapter")), cfg, name=f"{run.name}-base", catalog=catalog)
@@ -73,7 +73,8 @@ class Generator:
         """A plain model (Hub id, dir, embedded:...) with an optional PEFT adapter dir. A merged export of a run
         with neighbours (`prodesc export`) brings its catalog and its prompt and retrieval settings
         (`rundir.settings(None, flags={"model.name": name})` reads them)."""
-        cfg = cfg or rundir.settings(None, flags={"model.name": name})
+        flags = {"model.name": name}
+        cfg = rundir.with_length_prior(cfg, None, Path(name)) if cfg else rundir.settings(None, flags=flags)
         if adapter is not None and not (adapter / "adapter_config.json").exists():
             raise ProdescError(f"{adapter} is not a PEFT adapter dir (no adapter_config.json)")
         catalog = _catalog(Path(name) / CATALOG_DIR, cfg, name)
@@ -187,8 +188,9 @@ class Generator:
             from prodesc.generate.processors import StopRows
 
             kw["stopping_criteria"] = StoppingCriteriaList([StopRows(stop, rows)])
-        if gen.stop_boost_after:
-            kw["exponential_decay_length_penalty"] = (gen.stop_boost_after, 1.05)
+        after = self.cfg.generate.stop_boost_after if gen.stop_boost_after == "auto" else gen.stop_boost_after
+        if after:  # "auto" was resolved for this model when it loaded (rundir.length_prior)
+            kw["exponential_decay_length_penalty"] = (after, 1.05)
         if gen.stop_bias:
             kw["sequence_bias"] = [[[i], gen.stop_bias] for i in self.stop_ids]
         # Both count the answer only: the prompt's words (a neighbour's phrase, the title) stay free to copy.

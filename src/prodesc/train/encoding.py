@@ -4,12 +4,12 @@ disk beside the prepared data, read by every rank.
     train_ds, val_ds, lengths = encoding.build(tok, cfg, rows, near, data)   # near: dict, or a callable run on a miss
 
 DATA/encoded/KEY/ holds train/ and val/ (`Dataset.save_to_disk`, memory-mapped when read) and stats.json (what was
-cut, token totals). KEY hashes all the examples depend on: the train and val split files (and DATA/index/ when
-neighbours are on), the tokenizer (vocabulary, merges, special tokens, chat template), the prompt settings,
-retrieval.k/chars/embedder/search, train.max_length and train.max_eval_samples. The data dir, because the examples
-derive from it: any run on that data reuses them, they are deleted with it and sit on the disk that already holds
-the splits; a data dir that cannot be written falls back to model.cache_dir/encoded/. Under `accelerate launch`
-rank 0 encodes while the others wait (dist.main_first), then every rank maps the same files.
+cut, token totals, answer-length percentiles). KEY hashes all the examples depend on: the train and val split files
+(and DATA/index/ when neighbours are on), the tokenizer (vocabulary, merges, special tokens, chat template), the
+prompt settings, retrieval.k/chars/embedder/search, train.max_length and train.max_eval_samples. The data dir,
+because the examples derive from it: any run on that data reuses them, they are deleted with it and sit on the disk
+that already holds the splits; a data dir that cannot be written falls back to model.cache_dir/encoded/. Under
+`accelerate launch` rank 0 encodes while the others wait (dist.main_first), then every rank maps the same files.
 
 The work per example is joining strings around the user text and tokenizing many at a time (prompts.Layout found
 the template's facts once); `datasets.map(batched=True, num_proc=train.encode_workers)` spreads it over processes.
@@ -32,7 +32,8 @@ from prodesc.errors import ProdescError
 from prodesc.train.examples import CUT_KEYS, describe_cuts
 
 ENCODED_DIR = "encoded"
-FORMAT = 1  # bump when what is stored changes: old entries are then never read
+FORMAT = 2  # bump when what is stored changes: old entries are then never read (2: answer_tokens percentiles)
+ANSWER_PERCENTILES = (50, 60, 75, 90)
 SMALL = 20_000  # examples per process at least: on 2 cores 2 processes were slower than 1 on 20k (encode_examples)
 BATCH = 1000
 Near = dict[str, list[list[dict]]]
@@ -68,7 +69,8 @@ def build(
     val = splits["val"] if len(splits["val"]) else None
     if val is None:
         print("val split is empty: no eval loss, no early stopping (prepare with --val-fraction > 0)")
-    return splits["train"], val, {k: stats[k] for k in ("examples", "truncated", "cut", "tokens", "supervised_tokens")}
+    return splits["train"], val, {k: stats[k] for k in ("examples", "truncated", "cut", "tokens", "supervised_tokens",
+                                                     "answer_tokens")}
 
 
 def workers(cfg: ProdescConfig, n: int) -> int:
@@ -177,13 +179,21 @@ def _reach(content: str | None, chars: int) -> str:
     return " ".join(str(content or "").split())[: chars + 2].rstrip()
 
 
-def _token_totals(ds: Any) -> dict[str, int]:
+def _token_totals(ds: Any) -> dict[str, Any]:
+    """Token totals, and percentiles of the answer lengths in tokens (EOS included: what the loss sees), which
+    `generate.stop_boost_after: auto` reads from the run's manifest (rundir.length_prior)."""
+    import numpy as np
     import pyarrow.compute as pc
 
     table = ds.with_format("arrow")[:]
+    mask = table.column("completion_mask")
+    flat = pc.list_flatten(mask).to_numpy(zero_copy_only=False)
+    per_example = np.bincount(pc.list_parent_indices(mask).to_numpy(), weights=flat, minlength=len(table))
+    quantiles = {f"p{q}": int(np.percentile(per_example, q)) for q in ANSWER_PERCENTILES} if len(table) else {}
     return {
         "tokens": int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0),
-        "supervised_tokens": int(pc.sum(pc.list_flatten(table.column("completion_mask"))).as_py() or 0),
+        "supervised_tokens": int(flat.sum()),
+        "answer_tokens": quantiles,
     }
 
 
