@@ -78,6 +78,9 @@ class Engine:
         self._procs: Any = None
         self._captured: dict[int, Any] = {}
         self.seconds = dict.fromkeys(PHASES, 0.0)  # summed per phase (/metrics, bench/engine_overhead.py)
+        # Prefills so far and the rows they admitted (/metrics): on a GPU each prefill is one eager forward that
+        # stalls every live row whatever its size, so many small ones under a burst cost tokens/s.
+        self.prefills, self.prefill_rows = 0, 0
         # Called once a step's work is queued on the device, right before waiting for its tokens: the server hands
         # the previous step's tokens to its event loop here, so the loop's Python runs while this thread waits for
         # the GPU (GIL released) instead of fighting it for the GIL while it launches the step.
@@ -125,6 +128,7 @@ class Engine:
             t0 = time.perf_counter()
             self._prefill(new)
             self.seconds["prefill"] += time.perf_counter() - t0
+            self.prefills, self.prefill_rows = self.prefills + 1, self.prefill_rows + len(new)
         return len(new)
 
     def _prefill(self, new: list[Row]) -> None:

@@ -45,6 +45,7 @@ class Service:
         self.metrics.queue.set_function(lambda: self.batcher.depth)
         for phase in PHASES:
             self.metrics.engine.labels(phase).set_function(lambda p=phase: self._engine_seconds(p))
+        self.metrics.registry.register(_PrefillCounts(self.batcher))
         self.page = importlib.resources.files("prodesc.serve").joinpath("static/index.html").read_text("utf-8")
         self._base: asyncio.Future | None = None  # the base generator, loading or loaded
 
@@ -245,6 +246,24 @@ class Metrics:
         self.latency.labels(endpoint).observe(seconds)
         if status >= 400:
             self.errors.labels(endpoint, kind(status)).inc()
+
+
+class _PrefillCounts:
+    """`prodesc_prefills_total` and `prodesc_prefill_rows_total`, read from the engines when /metrics is scraped:
+    on a GPU every prefill stalls all live rows for one eager forward, so rows per prefill says how well a burst of
+    requests was gathered (serve.admit_wait_ms)."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self.batcher = batcher
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily
+
+        engines = list(self.batcher.engines.values())
+        yield CounterMetricFamily("prodesc_prefills", "Prefills (newcomers joining the running batch in one "
+                                  "forward), all models.", value=sum(getattr(e, "prefills", 0) for e in engines))
+        yield CounterMetricFamily("prodesc_prefill_rows", "Rows admitted by those prefills.",
+                                  value=sum(getattr(e, "prefill_rows", 0) for e in engines))
 
 
 class ClientGone(Exception):
