@@ -156,11 +156,12 @@ def greedy_tokens(gen: Generator, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-def test_rows_ending_at_different_steps_get_exactly_their_solo_tokens(base: Generator) -> None:
+@pytest.mark.parametrize("admit_wait_s", [0.0, 60.0])
+def test_rows_ending_at_different_steps_get_exactly_their_solo_tokens(base: Generator, admit_wait_s: float) -> None:
     """Rows end at different steps (stop ids met at different positions, their own max_new_tokens, one of 1, one
     cancelled at its 7th token) while others join, one a step, into 3 slots of a cache short enough to shift: each
     row's tokens, and the tokens it streamed, are exactly its solo answer cut where it ends, never one more (the
-    step in flight chose a token past every end)."""
+    step in flight chose a token past every end). admit_wait_s=60: newcomers are held until they fill the slots."""
     from prodesc.generate.continuous import Engine
 
     lengths = [30, 40, 19, 1, 33, 21, 26]
@@ -182,7 +183,7 @@ def test_rows_ending_at_different_steps_get_exactly_their_solo_tokens(base: Gene
     for i, row in enumerate(rows):
         row.on_token = lambda t, i=i, row=row: (streamed[i].append(t), i == 4 and len(row.tokens) == 7 and gone.set())
     engine = Engine(base.model, base.tok, base.cfg.generate, 3, max(map(len, prompts)) + 44,
-                    stop_ids=sorted(stops))
+                    stop_ids=sorted(stops), admit_wait_s=admit_wait_s)
     ended: dict[int, tuple] = {}
     for i, row in enumerate(rows):
         row.on_end = lambda reason, i=i, row=row: ended.__setitem__(i, (reason, list(row.tokens)))
@@ -198,6 +199,55 @@ def test_rows_ending_at_different_steps_get_exactly_their_solo_tokens(base: Gene
         assert ended[i] == want[i], f"row {i}"
         assert streamed[i] == [t for t in want[i][1] if t not in stops], f"row {i} streamed"
     assert ended[3] == ("length", alone[3][:1])
+
+
+def test_a_burst_joins_in_few_prefills_once_it_fills_the_slots_or_ends_or_has_waited(base: Generator) -> None:
+    """With a row generating and admit_wait_s set, rows arriving one a step wait (the running row still gets its
+    tokens); they join in one prefill when a step passes with no arrival, when the oldest has waited admit_wait_s,
+    or at once when they fill the free slots. admit_wait_s=0: each joins at the next step, one prefill each."""
+    now = [0.0]
+
+    def engine_with(wait: float):
+        engine = base.engine(8, 512, admit_wait_s=wait)
+        engine.clock = lambda: now[0]
+        engine.add(Row(base.prompt_ids("Red Mug 1"), 400, 0.0, 1.0))
+        engine.step()
+        return engine
+
+    def row() -> Row:
+        return Row(base.prompt_ids("Blue Lamp 2"), 400, 0.0, 1.0)
+
+    with one_torch_thread():
+        engine = engine_with(1.0)
+        for _ in range(3):  # a burst, one a step
+            engine.add(row())
+            engine.step()
+        assert (engine.prefills, len(engine.rows), len(engine.waiting)) == (1, 1, 3)
+        assert len(engine.rows[0].tokens) == 4
+        engine.step()  # nobody arrived since the last step: the burst is over
+        assert (engine.prefills, engine.prefill_rows, len(engine.rows)) == (2, 4, 4)
+        engine.add(row())
+        engine.step()
+        now[0] += 0.6
+        engine.add(row())
+        engine.step()
+        assert (engine.prefills, len(engine.waiting)) == (2, 2)
+        now[0] += 0.5  # the oldest has waited 1.1 s
+        engine.add(row())  # three of the four free slots: the slots rule does not apply
+        engine.step()
+        assert (engine.prefills, engine.prefill_rows, len(engine.rows)) == (3, 7, 7)
+
+        engine = engine_with(1.0)
+        for _ in range(7):  # seven arrivals in one step fill the seven free slots: no reason to wait
+            engine.add(row())
+        engine.step()
+        assert (engine.prefills, len(engine.rows)) == (2, 8)
+
+        engine = engine_with(0.0)
+        for _ in range(3):
+            engine.add(row())
+            engine.step()
+        assert (engine.prefills, engine.prefill_rows) == (4, 4)
 
 
 def test_the_engine_launches_the_next_step_before_handing_out_the_tokens_of_the_last(base: Generator) -> None:

@@ -470,7 +470,7 @@ class FakeGenerator:
     def prompt_ids(self, title: str) -> list[int]:
         return [self.tok.id(title)]
 
-    def engine(self, slots: int, cache_len: int) -> FakeEngine:
+    def engine(self, slots: int, cache_len: int, admit_wait_s: float = 0.0) -> FakeEngine:
         return FakeEngine(self, slots)
 
     def load_base(self) -> FakeGenerator:

@@ -26,6 +26,11 @@ one step later. Tokens go to rows by the list of rows their step was launched fo
 after a launch cannot misroute them; on the device every slot move, prefill and shift comes after the step in
 flight (one CUDA stream), so they act on its results. Host-device copies on the way (prompts, sampling settings,
 the chosen tokens) go through pinned memory without waiting: a synchronous copy would wait for the step in flight.
+
+With rows generating, a prefill (one eager forward) stalls all of them, so waiting rows are gathered into fewer,
+larger prefills under a burst of arrivals: they join once they fill a prefill or the free slots, once a step went
+by with no new arrival, or once the oldest has waited `admit_wait_s` (0: at every step). From idle they join at
+once (the server waited `serve.batch_window_ms` already).
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ class Row:
     start: int = 0  # the first cache column of this row's prompt
     deadline: float = math.inf  # for the server's stuck check
     job: Any = None  # the server's request this row answers
+    queued_at: float = 0.0  # when `Engine.add` queued it (Engine.clock)
 
 
 @dataclass
@@ -82,8 +88,9 @@ class Engine:
     """The running batch of one model. Single-threaded: call `add` and `step` from the model thread only."""
 
     def __init__(self, model: Any, tok: Any, gen: GenerateConfig, slots: int, cache_len: int,
-                 graphs: bool = False, stop_ids: list[int] | None = None) -> None:
+                 graphs: bool = False, stop_ids: list[int] | None = None, admit_wait_s: float = 0.0) -> None:
         self.model, self.gen, self.slots, self.cache_len = model, gen, slots, cache_len
+        self.admit_wait_s = admit_wait_s  # with rows live, how long waiting rows may be held to gather a prefill
         self.eos, self.pad = tok.eos_token_id, tok.pad_token_id
         self.stops = set(stop_ids or [self.eos])  # any of them ends a row (models.stop_ids)
         self.exempt = sorted({i for i in [*tok.all_special_ids, *self.stops] if i is not None})
@@ -104,8 +111,10 @@ class Engine:
         # Prefills so far and the rows they admitted (/metrics): on a GPU each prefill is one eager forward that
         # stalls every live row whatever its size, so many small ones under a burst cost tokens/s.
         self.prefills, self.prefill_rows = 0, 0
+        self.clock: Callable[[], float] = time.monotonic  # for the admission wait (tests replace it)
         self._flight: _Launched | None = None  # the decode step launched whose tokens are not handed out yet
         self._joining: list[Row] = []  # taken from `waiting`, not yet in `rows` (for `fail`)
+        self._arrivals = 0  # rows added since the previous step
         # transformers 5.2x renamed past_key_values to cache (the old name warns); older 5.x only know the old one
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -114,10 +123,13 @@ class Engine:
         return bool(self.rows or self.waiting)
 
     def add(self, row: Row) -> None:
-        """Queue a row; it joins at the next step. Its prompt + max_new_tokens must fit in `cache_len`."""
+        """Queue a row; it joins at the next step (or a few later under a burst of arrivals: `admit_wait_s`). Its
+        prompt + max_new_tokens must fit in `cache_len`."""
         if len(row.prompt) + row.max_new_tokens > self.cache_len:
             raise ValueError(f"prompt {len(row.prompt)} + {row.max_new_tokens} new tokens > cache_len {self.cache_len}")
+        row.queued_at = self.clock()
         self.waiting.append(row)
+        self._arrivals += 1
 
     def step(self) -> int:
         """Drop unwanted rows, admit waiting ones (unwanted ones unprefilled), launch the next decode step for
@@ -144,6 +156,8 @@ class Engine:
     # ---- joining: prefill newcomers into free slots ------------------------------------------------------------
 
     def _admit(self) -> _Launched | None:
+        if not self._admitting():
+            return None
         new = self._joining = []
         while self.waiting and len(self.rows) + len(new) < self.slots and len(new) < PREFILL_ROWS:
             row = self.waiting.popleft()
@@ -158,6 +172,17 @@ class Engine:
         self.seconds["prefill"] += time.perf_counter() - t0
         self.prefills, self.prefill_rows = self.prefills + 1, self.prefill_rows + len(new)
         return joined
+
+    def _admitting(self) -> bool:
+        """Whether waiting rows join at this step (the policy of the module docstring)."""
+        arrivals, self._arrivals = self._arrivals, 0
+        if not self.waiting:
+            return False
+        if not self.rows or self.admit_wait_s <= 0:
+            return True
+        room = min(PREFILL_ROWS, self.slots - len(self.rows))
+        return (len(self.waiting) >= room or arrivals == 0
+                or self.clock() - self.waiting[0].queued_at >= self.admit_wait_s)
 
     def _prefill(self, new: list[Row]) -> _Launched:
         import torch

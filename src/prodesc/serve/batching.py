@@ -7,8 +7,9 @@
 One thread (the model thread) owns the models. It loops: each engine with work takes a step (rows waiting for a
 slot join with one prefill, then every live row gets a token; generate/continuous.py), so plain answers and
 streams of any decoding settings share every step, and a new request waits for one step, not for a batch to end.
-From idle it waits `window_s` first, so requests arriving together are prefilled together. After each step the
-tokens it handed out go to the event loop in one call, while the engine's next step runs on the device.
+From idle it waits `window_s` first, so requests arriving together are prefilled together (with rows generating,
+the engine gathers arrivals itself: serve.admit_wait_ms). After each step the tokens it handed out go to the event
+loop in one call, while the engine's next step runs on the device.
 
 A job is a request's titles, one engine row each. A row is asked before every step whether it is still wanted:
 a job cancelled (client gone) or past its deadline is dropped before it is prefilled, or stops within a token,

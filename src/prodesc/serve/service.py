@@ -39,7 +39,7 @@ class Service:
         self.models = {self.name: True, **({f"{self.name}-base": False} if base is not None else {})}
         self.started = int(time.time())
         self.metrics = Metrics()
-        self.batcher = Batcher({True: gen.engine(cfg.max_batch_size, cfg.cache_len)},
+        self.batcher = Batcher({True: gen.engine(cfg.max_batch_size, cfg.cache_len, cfg.admit_wait_ms / 1000)},
                                window_s=cfg.batch_window_ms / 1000, queue_size=cfg.queue_size,
                                on_step=self.metrics.step, on_row_end=self.metrics.tokens.inc)
         self.metrics.queue.set_function(lambda: self.batcher.depth)
@@ -126,7 +126,8 @@ class Service:
             self._base = None  # try again on the next request
             raise ApiError(500, failure(e), "server_error") from None
         if False not in self.batcher.engines:
-            self.batcher.engines[False] = gen.engine(self.cfg.max_batch_size, self.cfg.cache_len)
+            self.batcher.engines[False] = gen.engine(self.cfg.max_batch_size, self.cfg.cache_len,
+                                                     self.cfg.admit_wait_ms / 1000)
         return gen
 
     async def wait(self, request: Request, job: Job) -> Any:
