@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--budget-s", type=float, default=540, help="skip offline batches that would start after this")
     ap.add_argument("--tiny", action="store_true", help="2-layer model on CPU: checks the plumbing, not speed")
+    ap.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
+                    help="more server settings, e.g. --set serve.admit_wait_ms=0 (repeatable)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     start, streams = time.time(), [int(n) for n in a.streams.split(",")]
@@ -75,7 +77,7 @@ def serve_runs(a: argparse.Namespace, streams: list[int]) -> list[dict]:
     port = _free_port()
     sets = [f"serve.max_batch_size={max(streams)}", f"serve.max_new_tokens_cap={a.new_tokens}",
             f"serve.cache_len={_cache_len(a.new_tokens)}", f"serve.queue_size={4 * max(streams)}",
-            "serve.request_timeout_s=600", "serve.batch_window_ms=5"]
+            "serve.request_timeout_s=600", "serve.batch_window_ms=5", *a.sets]
     code = ("import sys; from prodesc.serve.app import serve_cli; "
             f"serve_cli(None, {a.model_dir!r}, None, flags={{'serve.port': {port}}}, sets={sets!r})")
     log = Path(os.environ.get("OUT", "/tmp")) / "serve_load.server.log"
