@@ -222,8 +222,8 @@ class Metrics:
         self.latency = Histogram("prodesc_request_latency_seconds", "Request latency (streams: until the end).",
                                  ["endpoint"], registry=r,
                                  buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
-        self.steps = Counter("prodesc_decode_steps", "Model steps (newcomers prefilled, then one token for every "
-                             "live row).", registry=r)
+        self.steps = Counter("prodesc_decode_steps", "Model steps (newcomers prefilled, every live row's next token "
+                             "launched, the previous step's tokens handed out).", registry=r)
         self.batch = Histogram("prodesc_batch_size", "Rows generating together, per step.", registry=r,
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.tokens = Counter("prodesc_generated_tokens", "New tokens generated.", registry=r)
@@ -233,11 +233,11 @@ class Metrics:
         self.queue = Gauge("prodesc_queue_depth", "Requests waiting for the model.", registry=r)
         self.engine = Gauge("prodesc_engine_seconds", "Model-thread seconds by step phase since start, all models "
                             "(generate/continuous.py PHASES; on CUDA sync is the wait for the device, the other "
-                            "phases are host work). Divide by prodesc_decode_steps_total for a step's.",
-                            ["phase"], registry=r)
+                            "phases are host work, done while the device runs the step in flight). Divide by "
+                            "prodesc_decode_steps_total for a step's.", ["phase"], registry=r)
 
     def step(self, tokens: int, seconds: float) -> None:
-        """One engine step that gave `tokens` rows a token (on the model thread; the metrics are thread-safe)."""
+        """One engine step that handed `tokens` rows a token (on the model thread; the metrics are thread-safe)."""
         self.steps.inc()
         self.batch.observe(tokens)
         self.tokens_per_s.set(tokens / seconds if seconds > 0 else 0.0)
