@@ -267,6 +267,24 @@ def test_the_engine_launches_the_next_step_before_handing_out_the_tokens_of_the_
     assert len(row.tokens) == 5
 
 
+def test_after_a_failed_prefill_fail_returns_every_row_the_newcomers_included(base: Generator) -> None:
+    """An error in a newcomer's prefill (out of memory, say): `fail` hands back the live row, the newcomers taken
+    from the queue for that prefill and the rows still waiting, so the server can fail each of their requests."""
+    live, joining, queued = (Row(base.prompt_ids(t), 50, 0.0, 1.0) for t in TITLES[:3])
+    engine = base.engine(2, 256)
+    engine.add(live)
+    with one_torch_thread():
+        engine.step()
+        engine.step()
+        engine._forward = lambda *a: (_ for _ in ()).throw(RuntimeError("CUDA out of memory"))
+        engine.add(joining)
+        engine.add(queued)  # no slot for it: it stays queued
+        with pytest.raises(RuntimeError, match="out of memory"):
+            engine.step()
+    assert engine.fail() == [live, joining, queued]
+    assert not engine.busy
+
+
 def test_a_row_longer_than_the_cache_is_refused(base: Generator) -> None:
     engine = base.engine(2, 64)
     with pytest.raises(ValueError, match="cache_len"):
