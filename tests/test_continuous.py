@@ -252,18 +252,20 @@ def test_a_burst_joins_in_few_prefills_once_it_fills_the_slots_or_ends_or_has_wa
 
 def test_the_engine_launches_the_next_step_before_handing_out_the_tokens_of_the_last(base: Generator) -> None:
     """One step in flight: the forward of step k+1 runs before step k's token is handed out, and the row that ends
-    at its 5th token has had a 6th computed, which nobody sees."""
+    at its 5th token has had a 6th computed, which nobody sees. `on_wait` (where the server hands the previous
+    call's tokens to its event loop) comes once a call, after the launch, before the wait for the tokens."""
     row = Row(base.prompt_ids("Red Mug 1"), 5, 0.0, 1.0)
     engine, seen = base.engine(2, 256), []
     forward = engine._forward
     engine._forward = lambda *a: (seen.append("forward"), forward(*a))[1]
+    engine.on_wait = lambda: seen.append("wait")
     row.on_token = lambda _: seen.append(len(row.tokens))
     engine.add(row)
     with one_torch_thread():
         while engine.busy:
             engine.step()
     # the prefill (token 1) and step 1 (token 2) are launched before token 1 is out; step 5 chose a 6th token
-    assert seen == ["forward", "forward", 1, "forward", 2, "forward", 3, "forward", 4, "forward", 5]
+    assert seen == ["forward", "forward", "wait", 1, *[x for k in range(2, 6) for x in ("forward", "wait", k)]]
     assert len(row.tokens) == 5
 
 

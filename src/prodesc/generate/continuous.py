@@ -115,6 +115,10 @@ class Engine:
         self._flight: _Launched | None = None  # the decode step launched whose tokens are not handed out yet
         self._joining: list[Row] = []  # taken from `waiting`, not yet in `rows` (for `fail`)
         self._arrivals = 0  # rows added since the previous step
+        # Called once a step's work is queued on the device, right before waiting for the previous step's tokens:
+        # the server hands the tokens of the previous `step` call to its event loop here, so the loop's Python runs
+        # while this thread waits for the GPU (GIL released) instead of fighting it for the GIL while it launches.
+        self.on_wait: Callable[[], None] = lambda: None
         # transformers 5.2x renamed past_key_values to cache (the old name warns); older 5.x only know the old one
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -141,6 +145,7 @@ class Engine:
             self._drop(lambda r: not r.wanted(), "cancelled")
             joined = self._admit()
             launched = self._decode() if self.rows else None
+            self.on_wait()
             handed = self._land(self._flight) if self._flight is not None else 0
             handed += self._land(joined) if joined is not None else 0
             self._flight = launched if self.rows else None  # no live row left: its tokens are all past an end
