@@ -17,8 +17,8 @@ loop of `openai.AsyncOpenAI` streams with usage), after one warm-up round that c
 graphs. Reported: aggregate new tokens/s (completion tokens / wall time from the first request to the last
 [DONE]), time to first token and inter-token latency (p50/p95 over all streams' content chunks), and the engine's
 model-thread ms per step by phase (`engine_ms_per_step`, from /metrics: sync is the wait for the GPU, `host` a
-decode step's forward + choose + emit, prefill apart; steps, rows per step). Then the server
-stops and the same process loads the model once more for offline `Generator.describe` at batch N (the
+decode step's forward + choose + emit, prefill apart; steps, rows per step, prefills and rows per prefill). Then
+the server stops and the same process loads the model once more for offline `Generator.describe` at batch N (the
 `prodesc generate` path: static cache, compiled decode, power-of-two buckets), timed after a compiling call.
 Targets (issue 15, one H200): 64 streams >= 85% of offline batch 64; TTFT p95 <= 500 ms at 16; one stream >= 150.
 """
@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--budget-s", type=float, default=540, help="skip offline batches that would start after this")
     ap.add_argument("--tiny", action="store_true", help="2-layer model on CPU: checks the plumbing, not speed")
+    ap.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
+                    help="more server settings, e.g. --set serve.admit_wait_ms=0 (repeatable)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     start, streams = time.time(), [int(n) for n in a.streams.split(",")]
@@ -75,7 +77,7 @@ def serve_runs(a: argparse.Namespace, streams: list[int]) -> list[dict]:
     port = _free_port()
     sets = [f"serve.max_batch_size={max(streams)}", f"serve.max_new_tokens_cap={a.new_tokens}",
             f"serve.cache_len={_cache_len(a.new_tokens)}", f"serve.queue_size={4 * max(streams)}",
-            "serve.request_timeout_s=600", "serve.batch_window_ms=5"]
+            "serve.request_timeout_s=600", "serve.batch_window_ms=5", *a.sets]
     code = ("import sys; from prodesc.serve.app import serve_cli; "
             f"serve_cli(None, {a.model_dir!r}, None, flags={{'serve.port': {port}}}, sets={sets!r})")
     log = Path(os.environ.get("OUT", "/tmp")) / "serve_load.server.log"
@@ -223,7 +225,8 @@ def _compare(result: dict) -> None:
 
 
 def _engine_metrics(port: int) -> dict[str, float]:
-    """The server's engine phase seconds, decode steps and rows stepped so far, from /metrics."""
+    """The server's engine phase seconds, decode steps, rows stepped, prefills and rows prefilled so far, from
+    /metrics."""
     import httpx
 
     out = {}
@@ -231,21 +234,25 @@ def _engine_metrics(port: int) -> dict[str, float]:
         name, _, value = line.rpartition(" ")
         if name.startswith("prodesc_engine_seconds{phase="):
             out[name.split('"')[1]] = float(value)
-        elif name in ("prodesc_decode_steps_total", "prodesc_batch_size_sum"):
+        elif name in ("prodesc_decode_steps_total", "prodesc_batch_size_sum", "prodesc_prefills_total",
+                      "prodesc_prefill_rows_total"):
             out[name] = float(value)
     return out
 
 
 def _per_step(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """A round's model-thread ms per step by phase (sync: waiting for the GPU; the rest: host work), and the
-    mean rows per step."""
+    """A round's model-thread ms per step by phase (sync: waiting for the GPU; the rest: host work), the mean
+    rows per step, and the round's prefills with their mean rows."""
     steps = after.get("prodesc_decode_steps_total", 0) - before.get("prodesc_decode_steps_total", 0)
     if steps <= 0:
         return {}
     delta = {k: after[k] - before.get(k, 0.0) for k in after}
     out = {k: round(v / steps * 1000, 3) for k, v in delta.items() if not k.startswith("prodesc_")}
     out["host"] = round(sum(out.get(k, 0.0) for k in ("forward", "choose", "emit")), 3)  # a decode step's
-    return {**out, "steps": int(steps), "rows": round(delta.get("prodesc_batch_size_sum", 0) / steps, 1)}
+    prefills = delta.get("prodesc_prefills_total", 0)
+    return {**out, "steps": int(steps), "rows": round(delta.get("prodesc_batch_size_sum", 0) / steps, 1),
+            "prefills": int(prefills),
+            "rows_per_prefill": round(delta.get("prodesc_prefill_rows_total", 0) / prefills, 1) if prefills else 0}
 
 
 def _cache_len(new_tokens: int) -> int:

@@ -146,16 +146,145 @@ def test_an_unwanted_row_stops_within_a_token_and_frees_its_slot(base: Generator
     assert base.tok.decode(ended[1][1], skip_special_tokens=True).strip() == solo(base, "Blue Lamp 2", 30)
 
 
-def test_the_engine_calls_on_wait_once_a_step_before_handing_out_its_tokens(base: Generator) -> None:
-    """The server hands a step's tokens to its event loop from `on_wait`, while the next step runs on the device."""
+def greedy_tokens(gen: Generator, prompt: list[int], n: int) -> list[int]:
+    """The row's answer alone: n greedy tokens of plain transformers `generate`, never stopping early."""
+    import torch
+
+    with one_torch_thread():
+        out = gen.model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                 max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=gen.tok.eos_token_id)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("admit_wait_s", [0.0, 60.0])
+def test_rows_ending_at_different_steps_get_exactly_their_solo_tokens(base: Generator, admit_wait_s: float) -> None:
+    """Rows end at different steps (stop ids met at different positions, their own max_new_tokens, one of 1, one
+    cancelled at its 7th token) while others join, one a step, into 3 slots of a cache short enough to shift: each
+    row's tokens, and the tokens it streamed, are exactly its solo answer cut where it ends, never one more (the
+    step in flight chose a token past every end). admit_wait_s=60: newcomers are held until they fill the slots."""
+    from prodesc.generate.continuous import Engine
+
+    lengths = [30, 40, 19, 1, 33, 21, 26]
+    prompts = [base.prompt_ids(title) for title in TITLES]
+    alone = [greedy_tokens(base, p, 40) for p in prompts]
+    stops = {alone[0][20], alone[5][4], alone[6][12]}  # ends rows 0, 5, 6 there at the latest, others maybe too
+    want = []
+    for tokens, n in zip(alone, lengths, strict=True):
+        end = next((i + 1 for i, t in enumerate(tokens[:n]) if t in stops), None)
+        want.append(("stop", tokens[:end]) if end else ("length", tokens[:n]))
+    stop_ends = {len(tokens) for reason, tokens in want if reason == "stop"}
+    assert len(stop_ends) >= 3 and sum(reason == "length" for reason, _ in want) >= 2  # (the random model's)
+    gone = threading.Event()
+    rows = [Row(p, n, 0.0, 1.0) for p, n in zip(prompts, lengths, strict=True)]
+    rows[4].wanted = lambda: not gone.is_set()
+    assert len(want[4][1]) > 7
+    want[4] = ("cancelled", alone[4][:7])
+    streamed: dict[int, list[int]] = {i: [] for i in range(len(rows))}
+    for i, row in enumerate(rows):
+        row.on_token = lambda t, i=i, row=row: (streamed[i].append(t), i == 4 and len(row.tokens) == 7 and gone.set())
+    engine = Engine(base.model, base.tok, base.cfg.generate, 3, max(map(len, prompts)) + 44,
+                    stop_ids=sorted(stops), admit_wait_s=admit_wait_s)
+    ended: dict[int, tuple] = {}
+    for i, row in enumerate(rows):
+        row.on_end = lambda reason, i=i, row=row: ended.__setitem__(i, (reason, list(row.tokens)))
+    with one_torch_thread():
+        for steps in range(500):
+            if steps < len(rows):
+                engine.add(rows[steps])
+            if not engine.busy:
+                break
+            engine.step()
+    assert not engine.busy and engine._flight is None
+    for i in range(len(rows)):
+        assert ended[i] == want[i], f"row {i}"
+        assert streamed[i] == [t for t in want[i][1] if t not in stops], f"row {i} streamed"
+    assert ended[3] == ("length", alone[3][:1])
+
+
+def test_a_burst_joins_in_few_prefills_once_it_fills_the_slots_or_ends_or_has_waited(base: Generator) -> None:
+    """With a row generating and admit_wait_s set, rows arriving one a step wait (the running row still gets its
+    tokens); they join in one prefill when a step passes with no arrival, when the oldest has waited admit_wait_s,
+    or at once when they fill the free slots. admit_wait_s=0: each joins at the next step, one prefill each."""
+    now = [0.0]
+
+    def engine_with(wait: float):
+        engine = base.engine(8, 512, admit_wait_s=wait)
+        engine.clock = lambda: now[0]
+        engine.add(Row(base.prompt_ids("Red Mug 1"), 400, 0.0, 1.0))
+        engine.step()
+        return engine
+
+    def row() -> Row:
+        return Row(base.prompt_ids("Blue Lamp 2"), 400, 0.0, 1.0)
+
+    with one_torch_thread():
+        engine = engine_with(1.0)
+        for _ in range(3):  # a burst, one a step
+            engine.add(row())
+            engine.step()
+        assert (engine.prefills, len(engine.rows), len(engine.waiting)) == (1, 1, 3)
+        assert len(engine.rows[0].tokens) == 4
+        engine.step()  # nobody arrived since the last step: the burst is over
+        assert (engine.prefills, engine.prefill_rows, len(engine.rows)) == (2, 4, 4)
+        engine.add(row())
+        engine.step()
+        now[0] += 0.6
+        engine.add(row())
+        engine.step()
+        assert (engine.prefills, len(engine.waiting)) == (2, 2)
+        now[0] += 0.5  # the oldest has waited 1.1 s
+        engine.add(row())  # three of the four free slots: the slots rule does not apply
+        engine.step()
+        assert (engine.prefills, engine.prefill_rows, len(engine.rows)) == (3, 7, 7)
+
+        engine = engine_with(1.0)
+        for _ in range(7):  # seven arrivals in one step fill the seven free slots: no reason to wait
+            engine.add(row())
+        engine.step()
+        assert (engine.prefills, len(engine.rows)) == (2, 8)
+
+        engine = engine_with(0.0)
+        for _ in range(3):
+            engine.add(row())
+            engine.step()
+        assert (engine.prefills, engine.prefill_rows) == (4, 4)
+
+
+def test_the_engine_launches_the_next_step_before_handing_out_the_tokens_of_the_last(base: Generator) -> None:
+    """One step in flight: the forward of step k+1 runs before step k's token is handed out, and the row that ends
+    at its 5th token has had a 6th computed, which nobody sees. `on_wait` (where the server hands the previous
+    call's tokens to its event loop) comes once a call, after the launch, before the wait for the tokens."""
     row = Row(base.prompt_ids("Red Mug 1"), 5, 0.0, 1.0)
     engine, seen = base.engine(2, 256), []
-    engine.on_wait = lambda: seen.append(len(row.tokens))
+    forward = engine._forward
+    engine._forward = lambda *a: (seen.append("forward"), forward(*a))[1]
+    engine.on_wait = lambda: seen.append("wait")
+    row.on_token = lambda _: seen.append(len(row.tokens))
     engine.add(row)
     with one_torch_thread():
         while engine.busy:
             engine.step()
-    assert seen == [0, 1, 2, 3, 4] and len(row.tokens) == 5  # the prefill's token, then one per decode step
+    # the prefill (token 1) and step 1 (token 2) are launched before token 1 is out; step 5 chose a 6th token
+    assert seen == ["forward", "forward", "wait", 1, *[x for k in range(2, 6) for x in ("forward", "wait", k)]]
+    assert len(row.tokens) == 5
+
+
+def test_after_a_failed_prefill_fail_returns_every_row_the_newcomers_included(base: Generator) -> None:
+    """An error in a newcomer's prefill (out of memory, say): `fail` hands back the live row, the newcomers taken
+    from the queue for that prefill and the rows still waiting, so the server can fail each of their requests."""
+    live, joining, queued = (Row(base.prompt_ids(t), 50, 0.0, 1.0) for t in TITLES[:3])
+    engine = base.engine(2, 256)
+    engine.add(live)
+    with one_torch_thread():
+        engine.step()
+        engine.step()
+        engine._forward = lambda *a: (_ for _ in ()).throw(RuntimeError("CUDA out of memory"))
+        engine.add(joining)
+        engine.add(queued)  # no slot for it: it stays queued
+        with pytest.raises(RuntimeError, match="out of memory"):
+            engine.step()
+    assert engine.fail() == [live, joining, queued]
+    assert not engine.busy
 
 
 def test_a_row_longer_than_the_cache_is_refused(base: Generator) -> None:

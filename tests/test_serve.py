@@ -219,6 +219,8 @@ def test_metrics_expose_requests_latency_tokens_and_batch_sizes(server: Server) 
     assert server.metric("prodesc_batch_size_bucket", le="1.0") < server.metric("prodesc_batch_size_bucket", le="+Inf")
     phases = {p: server.metric("prodesc_engine_seconds", phase=p) for p in ("prefill", "forward", "choose", "emit")}
     assert all(v > 0 for v in phases.values()), phases  # where the model thread's time goes, per step phase
+    prefills = server.metric("prodesc_prefills_total")
+    assert 1 <= prefills <= server.metric("prodesc_prefill_rows_total")  # this request's 2 titles among them
 
 
 BAD_DESCRIBE = {
@@ -468,7 +470,7 @@ class FakeGenerator:
     def prompt_ids(self, title: str) -> list[int]:
         return [self.tok.id(title)]
 
-    def engine(self, slots: int, cache_len: int) -> FakeEngine:
+    def engine(self, slots: int, cache_len: int, admit_wait_s: float = 0.0) -> FakeEngine:
         return FakeEngine(self, slots)
 
     def load_base(self) -> FakeGenerator:

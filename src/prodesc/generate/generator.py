@@ -96,14 +96,16 @@ class Generator:
         if self.catalog is not None:
             self.catalog.use_data_index(data)
 
-    def engine(self, slots: int, cache_len: int) -> Any:
+    def engine(self, slots: int, cache_len: int, admit_wait_s: float = 0.0) -> Any:
         """A continuous-batching engine on this model (`prodesc serve`): `slots` rows at once, each with room for
-        `cache_len` prompt + answer tokens; decode steps as CUDA graphs where the fast path applies."""
+        `cache_len` prompt + answer tokens; decode steps as CUDA graphs where the fast path applies; with rows
+        generating, waiting rows may be held up to `admit_wait_s` to join in fewer prefills."""
         from prodesc.generate.continuous import Engine
 
         on_cuda = getattr(self.model, "device", None) is not None and self.model.device.type == "cuda"
         graphs = on_cuda and fast.fast_generation_enabled(self.model, self.cfg.generate.compile)
-        return Engine(self.model, self.tok, self.cfg.generate, slots, cache_len, graphs=graphs, stop_ids=self.stop_ids)
+        return Engine(self.model, self.tok, self.cfg.generate, slots, cache_len, graphs=graphs, stop_ids=self.stop_ids,
+                      admit_wait_s=admit_wait_s)
 
     def describe(
         self,

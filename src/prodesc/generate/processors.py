@@ -113,7 +113,10 @@ class BatchedAnswerProcessors:
 
         self.n, self.boost_after, self.penalty = gen.no_repeat_ngram_size, gen.stop_boost_after, gen.repetition_penalty
         self.bias = gen.stop_bias
-        self.eos, self.exempt, self.device = sorted(stops), exempt_ids, device  # every stop id, as describe's
+        self.exempt, self.device = exempt_ids, device
+        # every stop id, as describe's; a device tensor, since indexing with a list copies it to the device and
+        # waits for the serving engine's step in flight
+        self.eos = torch.tensor(sorted(stops), device=device)
         self.active = bool(self.n or self.boost_after or self.penalty != 1.0)
         self.lens = torch.zeros(slots, dtype=torch.long, device=device)  # answer tokens so far, per slot
         self.answers = torch.zeros(slots, cache_len if self.active else 1, dtype=torch.long, device=device)

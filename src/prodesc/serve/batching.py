@@ -7,7 +7,10 @@
 One thread (the model thread) owns the models. It loops: each engine with work takes a step (rows waiting for a
 slot join with one prefill, then every live row gets a token; generate/continuous.py), so plain answers and
 streams of any decoding settings share every step, and a new request waits for one step, not for a batch to end.
-From idle it waits `window_s` first, so requests arriving together are prefilled together.
+From idle it waits `window_s` first, so requests arriving together are prefilled together (with rows generating,
+the engine gathers arrivals itself: serve.admit_wait_ms). The tokens a step handed out go to the event loop in one
+call, from the engine's next step once that has launched its work on the device (`Engine.on_wait`): the loop's
+Python then runs while the model thread waits for the GPU, not while it launches.
 
 A job is a request's titles, one engine row each. A row is asked before every step whether it is still wanted:
 a job cancelled (client gone) or past its deadline is dropped before it is prefilled, or stops within a token,
@@ -187,7 +190,8 @@ class Batcher:
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> None:
         self._calls.append((fn, args))  # handed over once per step: one wake-up of the loop, not one per row
-        # (the real engine's on_wait: while its next step runs on the device; others: after each step)
+        # (the real engine's on_wait: once its next step is launched, while it waits for the device; others: after
+        # each step)
 
     def _flush(self) -> None:
         calls, self._calls = self._calls, []

@@ -39,12 +39,13 @@ class Service:
         self.models = {self.name: True, **({f"{self.name}-base": False} if base is not None else {})}
         self.started = int(time.time())
         self.metrics = Metrics()
-        self.batcher = Batcher({True: gen.engine(cfg.max_batch_size, cfg.cache_len)},
+        self.batcher = Batcher({True: gen.engine(cfg.max_batch_size, cfg.cache_len, cfg.admit_wait_ms / 1000)},
                                window_s=cfg.batch_window_ms / 1000, queue_size=cfg.queue_size,
                                on_step=self.metrics.step, on_row_end=self.metrics.tokens.inc)
         self.metrics.queue.set_function(lambda: self.batcher.depth)
         for phase in PHASES:
             self.metrics.engine.labels(phase).set_function(lambda p=phase: self._engine_seconds(p))
+        self.metrics.registry.register(_PrefillCounts(self.batcher))
         self.page = importlib.resources.files("prodesc.serve").joinpath("static/index.html").read_text("utf-8")
         self._base: asyncio.Future | None = None  # the base generator, loading or loaded
 
@@ -125,7 +126,8 @@ class Service:
             self._base = None  # try again on the next request
             raise ApiError(500, failure(e), "server_error") from None
         if False not in self.batcher.engines:
-            self.batcher.engines[False] = gen.engine(self.cfg.max_batch_size, self.cfg.cache_len)
+            self.batcher.engines[False] = gen.engine(self.cfg.max_batch_size, self.cfg.cache_len,
+                                                     self.cfg.admit_wait_ms / 1000)
         return gen
 
     async def wait(self, request: Request, job: Job) -> Any:
@@ -220,8 +222,8 @@ class Metrics:
         self.latency = Histogram("prodesc_request_latency_seconds", "Request latency (streams: until the end).",
                                  ["endpoint"], registry=r,
                                  buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
-        self.steps = Counter("prodesc_decode_steps", "Model steps (newcomers prefilled, then one token for every "
-                             "live row).", registry=r)
+        self.steps = Counter("prodesc_decode_steps", "Model steps (newcomers prefilled, every live row's next token "
+                             "launched, the previous step's tokens handed out).", registry=r)
         self.batch = Histogram("prodesc_batch_size", "Rows generating together, per step.", registry=r,
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.tokens = Counter("prodesc_generated_tokens", "New tokens generated.", registry=r)
@@ -231,11 +233,11 @@ class Metrics:
         self.queue = Gauge("prodesc_queue_depth", "Requests waiting for the model.", registry=r)
         self.engine = Gauge("prodesc_engine_seconds", "Model-thread seconds by step phase since start, all models "
                             "(generate/continuous.py PHASES; on CUDA sync is the wait for the device, the other "
-                            "phases are host work). Divide by prodesc_decode_steps_total for a step's.",
-                            ["phase"], registry=r)
+                            "phases are host work, done while the device runs the step in flight). Divide by "
+                            "prodesc_decode_steps_total for a step's.", ["phase"], registry=r)
 
     def step(self, tokens: int, seconds: float) -> None:
-        """One engine step that gave `tokens` rows a token (on the model thread; the metrics are thread-safe)."""
+        """One engine step that handed `tokens` rows a token (on the model thread; the metrics are thread-safe)."""
         self.steps.inc()
         self.batch.observe(tokens)
         self.tokens_per_s.set(tokens / seconds if seconds > 0 else 0.0)
@@ -245,6 +247,24 @@ class Metrics:
         self.latency.labels(endpoint).observe(seconds)
         if status >= 400:
             self.errors.labels(endpoint, kind(status)).inc()
+
+
+class _PrefillCounts:
+    """`prodesc_prefills_total` and `prodesc_prefill_rows_total`, read from the engines when /metrics is scraped:
+    on a GPU every prefill stalls all live rows for one eager forward, so rows per prefill says how well a burst of
+    requests was gathered (serve.admit_wait_ms)."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self.batcher = batcher
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily
+
+        engines = list(self.batcher.engines.values())
+        yield CounterMetricFamily("prodesc_prefills", "Prefills (newcomers joining the running batch in one "
+                                  "forward), all models.", value=sum(getattr(e, "prefills", 0) for e in engines))
+        yield CounterMetricFamily("prodesc_prefill_rows", "Rows admitted by those prefills.",
+                                  value=sum(getattr(e, "prefill_rows", 0) for e in engines))
 
 
 class ClientGone(Exception):
