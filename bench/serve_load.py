@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="2-layer model on CPU: checks the plumbing, not speed")
     ap.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
                     help="more server settings, e.g. --set serve.admit_wait_ms=0 (repeatable)")
+    ap.add_argument("--warm-clients", action="store_true", help="each client process opens its connections with a "
+                    "1-token request per stream before the timed round (a long-lived client, not a fresh process)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     start, streams = time.time(), [int(n) for n in a.streams.split(",")]
@@ -97,7 +99,7 @@ def serve_runs(a: argparse.Namespace, streams: list[int]) -> list[dict]:
         out = []
         for n in streams:
             before = _engine_metrics(port)
-            row = {"streams": n, **_round(url, name, n, a.new_tokens)}
+            row = {"streams": n, **_round(url, name, n, a.new_tokens, a.warm_clients)}
             row["engine_ms_per_step"] = _per_step(before, _engine_metrics(port))
             print(json.dumps(row), flush=True)
             out.append(row)
@@ -106,15 +108,15 @@ def serve_runs(a: argparse.Namespace, streams: list[int]) -> list[dict]:
         stop_server(proc, 30)
 
 
-def _round(url: str, model: str, n: int, new_tokens: int) -> dict:
+def _round(url: str, model: str, n: int, new_tokens: int, warm: bool = False) -> dict:
     """n streams at once over min(n, 8) client processes; aggregate tokens/s, TTFT and ITL percentiles."""
     procs = min(n, 8)
     titles = _titles(n)
     shares = [titles[i::procs] for i in range(procs)]
-    t_start = time.time() + 1.0  # every process starts its streams at this wall-clock time
+    t_start = time.time() + (3.0 if warm else 1.0)  # every process starts its streams at this wall-clock time
     with ProcessPoolExecutor(procs) as pool:
         per = list(pool.map(_client, [url] * procs, [model] * procs, shares, [new_tokens] * procs,
-                            [t_start] * procs))
+                            [t_start] * procs, [warm] * procs))
     streams = [s for part in per for s in part]
     failed = [s["error"] for s in streams if "error" in s]
     ok = [s for s in streams if "error" not in s]
@@ -129,17 +131,21 @@ def _round(url: str, model: str, n: int, new_tokens: int) -> dict:
             "itl_ms_p50": _pct(itl, 50, 1000), "itl_ms_p95": _pct(itl, 95, 1000)}
 
 
-def _client(url: str, model: str, titles: list[str], new_tokens: int, t_start: float) -> list[dict]:
-    return asyncio.run(_streams(url, model, titles, new_tokens, t_start))
+def _client(url: str, model: str, titles: list[str], new_tokens: int, t_start: float, warm: bool = False) -> list[dict]:
+    return asyncio.run(_streams(url, model, titles, new_tokens, t_start, warm))
 
 
-async def _streams(url: str, model: str, titles: list[str], new_tokens: int, t_start: float) -> list[dict]:
+async def _streams(url: str, model: str, titles: list[str], new_tokens: int, t_start: float,
+                   warm: bool = False) -> list[dict]:
     import httpx
     from openai import AsyncOpenAI
 
     limits = httpx.Limits(max_connections=len(titles) + 4, max_keepalive_connections=len(titles) + 4)
     client = AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600,
                          http_client=httpx.AsyncClient(limits=limits, timeout=600))
+    if warm:  # a long-lived client: its connections open and the client's code warm before the timed streams
+        await asyncio.gather(*(client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": t}], max_tokens=1, temperature=0) for t in titles))
     await asyncio.sleep(max(t_start - time.time(), 0))
 
     async def one(title: str) -> dict:
