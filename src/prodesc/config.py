@@ -285,10 +285,10 @@ class ServeConfig(_Stage):
         20, ge=0, description="From idle, how long to wait for more requests before the first prefill."
     )
     admit_wait_ms: int = Field(
-        30, ge=0, description="With rows generating, how long requests arriving one by one may wait to join in "
-        "one prefill (each prefill stalls every live row for one forward: ~25-30 ms for a 7B on an H200, whatever "
-        "its size). They join sooner when they fill the free slots or when a step passes with no new arrival; 0: "
-        "they join at the next step.",
+        0, ge=0, description="With rows generating, how long requests arriving one by one may wait to join in "
+        "one prefill (each prefill stalls every live row for one forward). They join sooner when they fill the free "
+        "slots or when a step passes with no new arrival; 0: they join at the next step. On the H200 30 ms did not "
+        "pay (docs/PERFORMANCE.md): off by default, for slower prefills (long prompts, big models).",
     )
     queue_size: int = Field(256, ge=1, description="Pending requests at most; more get 503.")
     request_timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")
