@@ -101,7 +101,7 @@ def train(
     if dist.is_main():
         stats = _run_stats(trainer, watch, lengths, cfg, model, time.time() - started)
         _write_run(out, cfg, base_ref, data, rows["train"], stats, catalog)
-        _print_summary(out, stats)
+        _print_summary(out, stats, cfg)
     return out
 
 
@@ -379,7 +379,7 @@ def _write_run(
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
 
-def _print_summary(out: Path, s: dict) -> None:
+def _print_summary(out: Path, s: dict, cfg: ProdescConfig) -> None:
     def fmt(x: Any) -> str:
         return f"{x:.4f}" if isinstance(x, float) and math.isfinite(x) else str(x)
 
@@ -391,4 +391,8 @@ def _print_summary(out: Path, s: dict) -> None:
         f"train loss {fmt(s['first_train_loss'])} -> {fmt(s['final_train_loss'])}; "
         f"best val loss {fmt(s['best_val_loss'])}"
     )
+    if cfg.generate.stop_boost_after == "auto":
+        answers = s["examples"].get("answer_tokens", {})
+        print(f"length prior: the end token is pushed after {answers.get(rundir.LENGTH_PRIOR)} new tokens (the "
+              "training answers' 60th percentile; generate.stop_boost_after: auto)")
     print(f'run dir: {out}  (next: prodesc generate --run {out} "A TITLE")')
