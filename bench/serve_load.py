@@ -6,6 +6,7 @@
       .whl/common/*.whl .whl/main/*.whl .whl/serve/*.whl
     export PYTHONPATH=/tmp/site:$PWD/src
     python3 bench/serve_load.py --budget-s 540 --out $OUT/serve_load.json
+    python3 bench/serve_load.py --offline "" --warm-clients --out $OUT/serve_load_warm.json   # long-lived clients
     # CPU plumbing check (tiny random Mistral, tiny N): python bench/serve_load.py --tiny --streams 1,4 --new-tokens 16
 
 Model: the random-init Mistral-7B-v0.3 shape of bench/train_throughput.py (`make`, made when missing), with the
@@ -14,7 +15,10 @@ model almost never emits EOS, so every answer runs to --new-tokens (greedy).
 
 For each N (default 1, 16, 64, 256): N streams start together (split over client processes, each an asyncio
 loop of `openai.AsyncOpenAI` streams with usage), after one warm-up round that captures the decode step's CUDA
-graphs. Reported: aggregate new tokens/s (completion tokens / wall time from the first request to the last
+graphs. The client processes are fresh each round, so their first requests also pay for opening connections and
+warming the client's code; `--warm-clients` has each open its connections with a 1-token request per stream
+first, as long-lived clients would (on the H200 one stream's TTFT went 154 -> 54 ms).
+Reported: aggregate new tokens/s (completion tokens / wall time from the first request to the last
 [DONE]), time to first token and inter-token latency (p50/p95 over all streams' content chunks), and the engine's
 model-thread ms per step by phase (`engine_ms_per_step`, from /metrics: sync is the wait for the GPU, `host` a
 decode step's forward + choose + emit, prefill apart; steps, rows per step, prefills and rows per prefill). Then
