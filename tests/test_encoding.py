@@ -103,12 +103,14 @@ def test_map_over_processes_gives_the_one_process_examples(tiny_data, tmp_path_f
     assert one[0]["input_ids"] == [ex["input_ids"] for ex in slow if ex]
 
 
-def test_answer_length_percentiles_are_those_of_the_supervised_tokens(tiny_data, tmp_path_factory):
+def test_answer_length_percentiles_are_those_of_the_supervised_tokens(tiny_data, tmp_path_factory, monkeypatch):
     import numpy as np
 
+    monkeypatch.setattr(encoding, "BATCH", 1)  # lengths counted 64 examples at a time: several record batches
     tok = _tokenizer("tiny", tmp_path_factory)
     rows = {s: train._read_split(tiny_data, s) for s in ("train", "val")}
     ds, _, lengths = encoding.build(tok, tiny_config("train.max_length=128"), rows)
+    assert len(ds) > 64 * 2
     answers = [sum(mask) for mask in ds["completion_mask"]]
     assert len(set(answers)) > 3  # the percentiles below tell lengths apart
     assert lengths["answer_tokens"] == {f"p{q}": int(np.percentile(answers, q)) for q in (50, 60, 75, 90)}

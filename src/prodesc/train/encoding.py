@@ -186,15 +186,24 @@ def _token_totals(ds: Any) -> dict[str, Any]:
     import pyarrow.compute as pc
 
     table = ds.with_format("arrow")[:]
-    mask = table.column("completion_mask")
-    flat = pc.list_flatten(mask).to_numpy(zero_copy_only=False)
-    per_example = np.bincount(pc.list_parent_indices(mask).to_numpy(), weights=flat, minlength=len(table))
+    per_example = np.concatenate([_answer_lengths(batch.column("completion_mask"))
+                                  for batch in table.to_batches(max_chunksize=BATCH * 64)] or [np.zeros(0)])
     quantiles = {f"p{q}": int(np.percentile(per_example, q)) for q in ANSWER_PERCENTILES} if len(table) else {}
     return {
         "tokens": int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0),
-        "supervised_tokens": int(flat.sum()),
+        "supervised_tokens": int(per_example.sum()),
         "answer_tokens": quantiles,
     }
+
+
+def _answer_lengths(mask: Any) -> Any:
+    """Supervised tokens per example of one record batch (its completion_mask lists); a batch at a time, so the
+    whole corpus's masks (~180M tokens) never sit in memory as one array."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    flat = pc.list_flatten(mask).to_numpy(zero_copy_only=False)
+    return np.bincount(pc.list_parent_indices(mask).to_numpy(), weights=flat, minlength=len(mask)).astype(np.int64)
 
 
 def _store(path: Path, splits: dict[str, Any], stats: dict) -> None:
