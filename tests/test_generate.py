@@ -30,7 +30,8 @@ def test_batched_generation_equals_one_at_a_time(gen):
 
 def test_records_have_the_documented_fields(gen):
     rec = gen.describe(["Mog's Kittens"], GenerateConfig(max_new_tokens=5))[0]
-    assert set(rec) == {"title", "prediction", "n_tokens", "stopped_by_eos", "latency_ms"}
+    assert set(rec) == {"title", "prediction", "n_tokens", "stopped_by_eos", "latency_ms", "unsupported"}
+    assert isinstance(rec["unsupported"], list)
     assert 1 <= rec["n_tokens"] <= 5 and isinstance(rec["stopped_by_eos"], bool)
 
 
@@ -339,11 +340,12 @@ def test_records_list_the_neighbours_in_the_prompt(rag_gen, tiny_rag_data):
     test = read_split(tiny_rag_data, "test")[:3]
     recs = rag_gen.describe([r["title"] for r in test], GenerateConfig(max_new_tokens=4))
     for rec, item in zip(recs, test, strict=True):
-        assert len(rec["neighbours"]) == 2 and set(rec["neighbours"][0]) == {"uid", "title", "score"}
+        assert len(rec["neighbours"]) == 2 and set(rec["neighbours"][0]) == {"uid", "title", "score", "text"}
         assert all(n["uid"] in train and train[n["uid"]]["title"] == n["title"] for n in rec["neighbours"])
         assert rec["neighbours"][0]["score"] >= rec["neighbours"][1]["score"]
         prompt = rag_gen.tok.decode(rag_gen.prompt_ids(item["title"]))
         assert f"[1] {rec['neighbours'][0]['title']}" in prompt and f"Title: {item['title']}" in prompt
+        assert rec["neighbours"][0]["text"] in prompt  # what the prompt showed of it, as the review flag read it
 
 
 def test_titles_of_an_indexed_data_dir_need_no_embedder(tiny_rag_run, tiny_rag_data, tmp_path, monkeypatch):
@@ -399,3 +401,22 @@ def test_cli_base_flag_runs_the_base_model_with_the_same_prompts(tiny_rag_run, t
     generate_cli([], tiny_rag_run, None, None, titles, None, "test", None, base, sets=sets, base=True)
     tuned, base = (json.loads(p.read_text()) for p in (tuned, base))
     assert base["neighbours"] == tuned["neighbours"] and base["prediction"] != tuned["prediction"]
+
+
+def test_grounded_decoding_writes_a_digit_word_only_as_the_prompt_does(gen):
+    import torch
+
+    from prodesc import specs
+    from prodesc.generate.processors import GroundedSpecifics
+
+    tok = gen.tok
+    digit = next(i for i in range(len(tok)) if tok.decode([i]).strip().isdigit() and tok.decode([i]).strip() != "7")
+    word = next(i for i in range(len(tok)) if tok.decode([i]).strip().isalpha())
+    proc = GroundedSpecifics(tok, [specs.Grounding(["Mug 7"])], prompt_width=1, exempt_ids=gen.exempt)
+    scores = torch.zeros(1, len(tok))
+    scores[0, digit], scores[0, word] = 5.0, 4.0  # the model's first choice writes a number the prompt lacks
+    out = proc(torch.tensor([[0]]), scores.clone())
+    assert out[0, digit] == -float("inf") and int(out.argmax()) == word
+    free = GroundedSpecifics(tok, [specs.Grounding([f"Mug {tok.decode([digit]).strip()}"])], 1, gen.exempt)
+    assert int(free(torch.tensor([[0]]), scores.clone()).argmax()) == digit  # stated in the prompt: allowed
+

@@ -179,13 +179,14 @@ def test_score_systems_shape_and_diffs():
     cfg = EvalConfig(bootstrap_samples=100)
     refs = TEXTS * 4
     systems = {
-        "finetuned": _records(refs, refs, stopped_by_eos=True),
-        "retrieval": _records(["zebra quantum orbit"] * 12, refs, stopped_by_eos=None),
+        "finetuned": _records(refs, refs, stopped_by_eos=True, neighbour_texts=TEXTS[:1]),
+        "retrieval": _records(["zebra quantum orbit"] * 12, refs, stopped_by_eos=None, neighbour_texts=TEXTS[:1]),
     }
     scores, diffs = metrics.score_and_compare(systems, cfg)
     assert set(scores) == {"finetuned", "retrieval"}
     assert set(scores["finetuned"]) == {"n", "ci95", *metrics.METRICS}
-    assert set(scores["retrieval"]["ci95"]) == set(metrics.METRICS) - {"eos_stop_rate"}
+    # three words state no specific and hold no 4-gram: precision and copying are undefined, not 0 or 100
+    assert set(scores["retrieval"]["ci95"]) == set(metrics.METRICS) - {"eos_stop_rate", "spec_precision", "copy_rate"}
     assert scores["finetuned"]["n"] == 12
     assert diffs["finetuned - retrieval"]["rouge1"]["diff"] == pytest.approx(100.0)
     assert "eos_stop_rate" not in diffs["finetuned - retrieval"]

@@ -16,7 +16,7 @@ from prodesc.eval.report import write_report
 ITEMS = [
     ("Girls Ballet Tutu Neon Pink", "A neon pink tutu with soft tulle layers and an elastic waist."),
     ("Coffee Beans 12 oz", "Whole bean medium roast coffee in a resealable 12 oz bag."),
-    ("Gel Pens, 3-Pack", "Three smooth gel pens with quick-drying ink and comfortable grips."),
+    ("Gel Pens, 3-Pack", "Three smooth gel pens with quick-drying ink and 0.7 mm tips."),
     ("Men's T-Shirt, Size M", "A classic crew neck cotton tee, size M, pre-shrunk."),
 ]
 CFG = EvalConfig(bootstrap_samples=100)
@@ -32,6 +32,7 @@ def _write_jsonl(path: Path, predictions: list[str], items=ITEMS, eos: bool | No
                 "n_tokens": 9,
                 "stopped_by_eos": eos,
                 "latency_ms": 3.0,
+                "neighbour_texts": ["A neon green tutu with soft tulle layers for dress-up play."],
             }
         )
         for (t, r), p in zip(items, predictions, strict=True)
@@ -65,6 +66,9 @@ def test_score_files_writes_metrics_predictions_and_reports(tmp_path, two_files)
         assert all(round(v, 2) == v for k, v in entry.items() if k not in ("n", "ci95"))
     assert scores["base"]["title_copy_rate"] == 25.0
     assert scores["base"]["attribute_contradiction_rate"] == 25.0  # 16 oz vs 12 oz
+    assert scores["base"]["false_spec_rate"] == 25.0 == scores["finetuned"]["false_spec_rate"]  # "16 oz", "blue"
+    assert scores["finetuned"]["spec_recall"] == 100.0 and scores["base"]["spec_recall"] == 0.0  # "0.7 mm"
+    assert scores["finetuned"]["copy_rate"] > scores["base"]["copy_rate"]  # "with soft tulle layers"
     diffs = json.loads((out / "paired_diffs.json").read_text())
     assert diffs["finetuned - base"]["rouge1"]["diff"] > 0
     page = (out / "report.html").read_text()
@@ -72,6 +76,7 @@ def test_score_files_writes_metrics_predictions_and_reports(tmp_path, two_files)
     assert "<table" in page and "<td>semantic_similarity</td>" in page and "finetuned - base" in page
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert "contradicts size: title M, text XL" in page
+    assert "<mark>16 oz</mark>" in page  # the invented specific, marked where the prediction states it
     assert "| metric | finetuned | base |" in (out / "report.md").read_text()
 
 

@@ -178,6 +178,12 @@ class TrainConfig(_Stage):
     seed: int = Field(0, description="Seed for init, shuffling and dropout.")
     torch_compile: bool = Field(False, description="torch.compile the model (GPU; first steps slower).")
     max_eval_samples: int | None = Field(256, description="Cap on val examples scored at each eval.")
+    drop_unsupported: bool = Field(
+        False,
+        description="Train on answers without their clauses that state a specific (number, code, colour, platform: "
+        "prodesc/specs.py) found neither in the title nor in the neighbours its prompt shows: the model learns to "
+        "copy what the title and a sibling support and to leave out what it cannot know.",
+    )
     encode_workers: int | None = Field(
         None, ge=1,
         description="Processes encoding the examples (datasets map num_proc, TRL's dataset_num_proc); "
@@ -224,6 +230,12 @@ class GenerateConfig(_Stage):
         description="Added to the score of every stop id at each step (EOS calibration): below 0 answers run longer "
         "(greedy decoding ends early: docs/QUALITY.md), above 0 shorter; 0 = off. Maps to transformers' "
         "sequence_bias.",
+    )
+    grounded: Literal["off", "prompt", "title"] = Field(
+        "off",
+        description="Hold back specifics with digits (numbers, codes, versions) the prompt does not state: prompt = "
+        "a word with a digit may only be written as the title or a neighbour shown writes it; title = as the title "
+        "alone writes it; off. Checked on the 8 likeliest tokens at each step (exact for greedy decoding).",
     )
     batch_size: int = Field(16, ge=1, description="Titles per generation call.")
     write_every: int = Field(

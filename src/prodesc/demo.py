@@ -27,9 +27,16 @@ def main(run: Path, data: Path, out: Path, limit: int = 12, max_new_tokens: int 
             print(_block(f"[{i}]", f"{n['title']} (cosine {n['score']:.2f})"))
         print(_block("before", before["prediction"]))
         print(_block("after", after["prediction"]))
+        if after.get("unsupported"):
+            print(_block("check", ", ".join(after["unsupported"])))
         print(_block("reference", after["reference"]))
     print(f"\n=== eval on {limit} held-out items (full report: {out / 'report.html'}) ===")
     print_table(scores)
+    flagged = [r for r in preds["finetuned"] if r.get("unsupported")]
+    print(f"\nflagged for review: {len(flagged)} of {len(preds['finetuned'])} fine-tuned answers state specifics "
+          "found neither in their title nor in the neighbours shown (`unsupported`, marked in report.html)")
+    for r in flagged[:3]:
+        print(_block("check", f"{', '.join(r['unsupported'])}  ({r['title']})"))
 
 
 def _read(path: Path) -> list[dict]:

@@ -139,9 +139,13 @@ def _predict(run: Path, data: Path, items: list[dict], cfg: ProdescConfig) -> di
         catalog = Generator.catalog_of(run, cfg)
     if "retrieval" in wanted:
         systems["retrieval"] = retrieval(read_split(data, "train"), titles, cfg.retrieval.embedder, catalog, data)
+    # copy_rate reads, for every system, the neighbours the model's prompts showed (none for a run without them)
+    shown = next(([metrics.neighbour_texts(r) for r in systems[n]] for n in ("finetuned", "base") if n in systems),
+                 [[] for _ in items])
     for recs in systems.values():
-        for rec, it in zip(recs, items, strict=True):
+        for rec, it, texts in zip(recs, items, shown, strict=True):
             rec["reference"] = it["content"]
+            rec["neighbour_texts"] = texts
     return {name: systems[name] for name in wanted if name in systems}
 
 
@@ -184,12 +188,14 @@ def print_table(scores: dict) -> None:
         "rougeL",
         "semantic_similarity",
         "chrf",
-        "bleu",
         "eos_stop_rate",
         "length_ratio",
+        "spec_precision",
+        "spec_recall",
+        "false_spec_rate",
         "attribute_contradiction_rate",
     ]
-    short = ["rougeL", "semantic", "chrF", "BLEU", "eos%", "len%", "contra%"]
+    short = ["rougeL", "semantic", "chrF", "eos%", "len%", "specP%", "specR%", "falseS%", "contra%"]
     print("\n" + f"{'system':<12}" + "".join(f"{c:>10}" for c in short))
     for name, s in scores.items():
         vals = [s.get(c) for c in cols]

@@ -32,6 +32,16 @@ system's list holds the same items in the same order. All metrics are on a 0-100
   * size: "size X"/"size: X" (letters, words or numbers), "(Large)", and letter codes XS/XL/XXL/2XL anywhere.
   * pack count: "3-pack", "3 pk", "12 count", "6 pieces", "pack/set/box/case of 3" (number words too).
   A heuristic: brand names ("Black & Decker") and prose ("holds two pieces") can raise false alarms.
+- spec_precision, spec_recall, false_spec_rate: the specifics of a text (numbers with or without units, model and
+  part codes, colours, platforms) and when a text supports one are defined in `prodesc/specs.py`. Precision: all
+  distinct specifics the predictions state, the share their own title or reference supports (items stating none
+  carry no weight). Recall: all distinct specifics of the references that their title does not already state, the
+  share the prediction states. False-spec rate: % of items whose prediction states at least one specific that
+  neither its title nor its reference supports (an item stating none counts as clean).
+- copy_rate: all word 4-grams of the predictions (lowercased \\w+ words), the share found in the texts of the item's
+  catalog neighbours: the record's `neighbour_texts`, else the `text` of its `neighbours` (what the prompt showed).
+  `prodesc eval` gives every system the same neighbours (the run's catalog, k >= 2), so the systems compare; items
+  without neighbour texts carry no weight.
 
 Intervals: percentile bootstrap over items (`bootstrap_samples` resamples, seeded). Every system is
 resampled with the same item draws, so A - B differences are paired; corpus metrics are recomputed on
@@ -49,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from prodesc import specs
 from prodesc.config import EvalConfig
 from prodesc.embedder import load_embedder
 from prodesc.errors import ProdescError
@@ -67,7 +78,12 @@ METRICS = {
     "eos_stop_rate": "% of generations that stopped on EOS, not on the token cap",
     "title_copy_rate": "% of predictions that only repeat the title (lower is better)",
     "attribute_contradiction_rate": "% of items contradicting a colour/size/quantity/pack count of the title",
+    "spec_precision": "% of the specifics predictions state that their title or reference supports",
+    "spec_recall": "% of the references' specifics (those not in the title) that the predictions state",
+    "false_spec_rate": "% of predictions stating a specific found in neither the title nor the reference",
+    "copy_rate": "% of the predictions' word 4-grams found in the item's catalog neighbours' texts",
 }
+LOWER_IS_BETTER = ("title_copy_rate", "attribute_contradiction_rate", "false_spec_rate")
 REQUIRED_FIELDS = ("title", "prediction", "reference")
 _CHUNK = 100  # resamples per matrix product: bounds memory at _CHUNK x n_items
 
@@ -195,7 +211,31 @@ def item_stats(
     for r, f in zip(records, flags, strict=True):
         r["contradictions"] = f  # kept on the record: the report lists them without recomputing
     stats["attribute_contradiction_rate"] = _mean_stats([100.0 * bool(f) for f in flags])
+    stats.update(_spec_stats(records))
     return {m: stats[m] for m in METRICS if m in stats}
+
+
+def _spec_stats(records: list[dict]) -> dict[str, np.ndarray]:
+    """Ratio metrics as [100 x hits, count] rows (aggregate: summed hits / summed counts); see the docstring."""
+    counts = [specs.support_counts(r["prediction"], r["title"], r["reference"]) for r in records]
+    for r, c in zip(records, counts, strict=True):
+        r["invented"] = c["invented"]  # kept on the record: the report marks them without recomputing
+    out = {
+        "spec_precision": np.array([[100.0 * c["supported"], c["stated"]] for c in counts]).reshape(-1, 2),
+        "spec_recall": np.array([[100.0 * c["ref_new_stated"], c["ref_new"]] for c in counts]).reshape(-1, 2),
+        "false_spec_rate": _mean_stats([100.0 * (c["stated"] > c["supported"]) for c in counts]),
+    }
+    copied = [specs.ngram_copy(r["prediction"], texts) if (texts := neighbour_texts(r)) else None for r in records]
+    if any(c is not None for c in copied):
+        out["copy_rate"] = np.array([[100.0 * c[0], c[1]] if c else [0.0, 0.0] for c in copied]).reshape(-1, 2)
+    return out
+
+
+def neighbour_texts(record: dict) -> list[str]:
+    """The neighbour texts copy_rate reads: `neighbour_texts`, else the `text` of each of `neighbours`."""
+    if record.get("neighbour_texts"):
+        return [str(t) for t in record["neighbour_texts"]]
+    return [str(n["text"]) for n in record.get("neighbours") or [] if isinstance(n, dict) and n.get("text")]
 
 
 def aggregate(metric: str, summed: np.ndarray) -> np.ndarray:

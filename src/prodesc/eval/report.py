@@ -28,7 +28,7 @@ from prodesc.rundir import atomic_dir, write_resolved
 
 MD_EXAMPLES = 5
 HTML_EXAMPLES = 10
-FLAGGED_EXAMPLES = 10  # attribute contradictions listed per report
+FLAGGED_EXAMPLES = 10  # attribute contradictions (and invented specifics) listed per report
 TEXT_CHARS = 600  # longer texts are cut in the examples (predictions/ keeps them whole)
 
 
@@ -123,7 +123,8 @@ def render_html(scores: dict, systems: dict[str, list[dict]], diffs: dict, meta:
     parts.append(_img(_length_histogram(systems), "prediction length vs reference"))
     parts += ["<h2>Metric definitions</h2><ul>"]
     parts += [f"<li><code>{_e(m)}</code>: {_e(d)}</li>" for m, d in METRICS.items()] + ["</ul>"]
-    parts += ["<h2>Examples</h2>", _html_examples(systems, names), _html_flagged(systems, names)]
+    parts += ["<h2>Examples</h2>", _html_examples(systems, names), _html_invented(systems, names)]
+    parts.append(_html_flagged(systems, names))
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -140,12 +141,47 @@ def _html_examples(systems: dict[str, list[dict]], names: list[str]) -> str:
         first = systems[names[0]][i]
         rows = [f"<tr><th>reference</th><td>{_e(_cut(first['reference']))}</td></tr>"]
         for name in names:
-            pred = systems[name][i]["prediction"]
-            flags = systems[name][i].get("contradictions") or []
+            rec = systems[name][i]
+            flags = rec.get("contradictions") or []
             note = f"<div class='flag'>contradicts {_e('; '.join(flags))}</div>" if flags else ""
-            rows.append(f"<tr><th>{_e(name)}</th><td>{_e(_cut(pred))}{note}</td></tr>")
+            rows.append(f"<tr><th>{_e(name)}</th><td>{marked(_cut(rec['prediction']), _to_mark(rec))}{note}</td></tr>")
         out.append(f"<div class='ex'><h3>{_e(first['title'])}</h3><table>{''.join(rows)}</table></div>")
     return "\n".join(out)
+
+
+def marked(text: str, words: list[str]) -> str:
+    """`text` escaped for HTML, each of `words` (as written in it) wrapped in <mark>: the specifics to check."""
+    import re
+
+    words = sorted({w for w in words if w}, key=len, reverse=True)
+    if not words:
+        return _e(text)
+    pattern = re.compile("(" + "|".join(rf"(?<![\w]){re.escape(w)}(?![\w])" for w in words) + ")")
+    parts = pattern.split(text)
+    return "".join(f"<mark>{_e(p)}</mark>" if k % 2 else _e(p) for k, p in enumerate(parts))
+
+
+def _to_mark(rec: dict) -> list[str]:
+    """Specifics to mark: found in neither title nor reference (eval), else not in the prompt (generate's flag)."""
+    return list(rec.get("invented") or rec.get("unsupported") or [])
+
+
+def _html_invented(systems: dict[str, list[dict]], names: list[str]) -> str:
+    rows = []
+    for name in names:
+        flagged = [r for r in systems[name] if r.get("invented")]
+        for rec in flagged[:FLAGGED_EXAMPLES]:
+            rows.append((name, rec["title"], rec["invented"], rec["prediction"]))
+    if not rows:
+        return "<h2>Invented specifics</h2><p>None found.</p>"
+    head = (f"<h2>Invented specifics (first {FLAGGED_EXAMPLES} per system)</h2><p>Specifics a prediction states that "
+            "neither its title nor its reference supports (<code>prodesc/specs.py</code>), marked.</p>")
+    hdr = "".join(f"<th>{h}</th>" for h in ("system", "title", "invented", "prediction"))
+    body = "".join(
+        f"<tr><td>{_e(n)}</td><td>{_e(t)}</td><td>{_e(', '.join(i))}</td><td>{marked(_cut(p, 300), i)}</td></tr>"
+        for n, t, i, p in rows
+    )
+    return f"{head}<table><thead><tr>{hdr}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _html_flagged(systems: dict[str, list[dict]], names: list[str]) -> str:
@@ -300,4 +336,5 @@ table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;p
 text-align:left;vertical-align:top;font-size:.92em}thead th{background:#f2f2f2}table.meta thead{display:none}
 img{max-width:100%;display:block;margin:1em 0}.ex{margin-bottom:1.5em}.ex h3{margin:.2em 0;font-size:1em}
 .ex th{width:8em;background:#fafafa}.flag{color:#b00;font-size:.85em;margin-top:.3em}
+mark{background:#ffd6d6;color:#900;padding:0 .1em}
 </style>"""

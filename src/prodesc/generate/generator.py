@@ -16,13 +16,14 @@ neighbours, `neighbours` (uid, title, score of each).
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prodesc import models, prompts, rundir
+from prodesc import models, prompts, rundir, specs
 from prodesc.catalog import CATALOG_DIR, Catalog
 from prodesc.config import MIN_SAMPLING_TEMPERATURE, GenerateConfig, ProdescConfig
 from prodesc.data import check_overlap
@@ -146,9 +147,10 @@ class Generator:
 
         compiled = fast.fast_generation_enabled(self.model, gen.compile)  # static cache + compiled decode
         fill = batch_bucket(len(titles), gen.batch_size) - len(titles) if compiled else 0
-        inputs = self._encode(titles + titles[-1:] * fill, near + near[-1:] * fill)  # few shapes, each compiled once
+        titles_f, near_f = titles + titles[-1:] * fill, near + near[-1:] * fill
+        inputs = self._encode(titles_f, near_f)  # few shapes, each compiled once
         width = inputs["input_ids"].shape[1]
-        kwargs = self._gen_kwargs(gen, width, stop, rows + rows[-1:] * fill)
+        kwargs = self._gen_kwargs(gen, width, stop, rows + rows[-1:] * fill, self._grounding(gen, titles_f, near_f))
         if compiled:
             kwargs.update(fast.generation_kwargs(self.model, width, gen.max_new_tokens, gen.compile))
         no_adapter = getattr(self.model, "disable_adapter", None)
@@ -171,11 +173,24 @@ class Generator:
         batch = self.tok.pad({"input_ids": ids}, padding=True, return_tensors="pt")
         return {k: v.to(self.model.device) for k, v in batch.items()}
 
+    def _grounding(self, gen: GenerateConfig, titles: list[str], near: list[list[dict]]) -> list[Any] | None:
+        """Per row, the words with a digit its prompt states (`generate.grounded`; None when off)."""
+        if gen.grounded == "off":
+            return None
+        return [specs.Grounding([t] if gen.grounded == "title" else self.shown(t, nb))
+                for t, nb in zip(titles, near, strict=True)]
+
+    def shown(self, title: str, near: list[dict]) -> list[str]:
+        """The texts a prompt shows of a product: its title, then each neighbour's title and description as cut for
+        the prompt (retrieval.chars)."""
+        chars = self.cfg.retrieval.chars
+        return [title, *(x for n in near for x in (str(n["title"]), prompts.clip(str(n.get("content") or ""), chars)))]
+
     def _gen_kwargs(self, gen: GenerateConfig, prompt_width: int, stop: Callable[[int], bool] | None = None,
-                    rows: list[int] = ()) -> dict[str, Any]:
+                    rows: list[int] = (), grounding: list[Any] | None = None) -> dict[str, Any]:
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        from prodesc.generate.processors import AnswerNoRepeatNGram, AnswerRepetitionPenalty
+        from prodesc.generate.processors import AnswerNoRepeatNGram, AnswerRepetitionPenalty, GroundedSpecifics
 
         sample = gen.temperature >= MIN_SAMPLING_TEMPERATURE  # smaller ones overflow to a NaN distribution
         kw: dict[str, Any] = dict(
@@ -201,6 +216,8 @@ class Generator:
             processors.append(AnswerRepetitionPenalty(gen.repetition_penalty, prompt_width, self.exempt))
         if gen.no_repeat_ngram_size:
             processors.append(AnswerNoRepeatNGram(gen.no_repeat_ngram_size, prompt_width, self.exempt))
+        if grounding is not None:
+            processors.append(GroundedSpecifics(self.tok, grounding, prompt_width, self.exempt))
         if processors:
             kw["logits_processor"] = LogitsProcessorList(processors)
         return kw
@@ -220,8 +237,17 @@ class Generator:
             "stopped_by_eos": stopped,
             "latency_ms": round(ms, 1),
         }
+        return self.review(rec, near)
+
+    def review(self, rec: dict[str, Any], near: list[dict]) -> dict[str, Any]:
+        """Adds what a shop needs to check a record: `unsupported`, the specifics the prediction states that neither
+        the title nor the neighbours shown state (`specs.unsupported`), and, with neighbours, what the prompt showed
+        of each (`neighbours`: uid, title, score, text)."""
+        shown = self.shown(rec["title"], near)
+        rec["unsupported"] = specs.unsupported(rec["prediction"], shown)
         if self.cfg.retrieval.k:
-            rec["neighbours"] = [{"uid": n["uid"], "title": n["title"], "score": n["score"]} for n in near]
+            rec["neighbours"] = [{"uid": n["uid"], "title": n["title"], "score": n["score"], "text": text}
+                                 for n, text in zip(near, shown[2::2], strict=True)]
         return rec
 
 
@@ -273,11 +299,19 @@ def generate_cli(
 
     if out is not None:
         n = stream.generate_to_file(describe, items, total, out, chunk=cfg.generate.write_every, done=done)
-        print(f"{out}: {n} predictions")
+        print(f"{out}: {n} predictions; {_flagged(out)} flagged for review (`unsupported`: specifics stated "
+              "neither in the title nor in the neighbours shown)")
         return n
     for rec in describe([x["title"] for x in items()], progress=total > 1):
-        print(f"\n# {rec['title']}\n{rec['prediction']}")
+        check = f"\n  check: {', '.join(rec['unsupported'])}" if rec["unsupported"] else ""
+        print(f"\n# {rec['title']}\n{rec['prediction']}{check}")
     return total
+
+
+def _flagged(out: Path) -> int:
+    """Records of a predictions file whose `unsupported` list is not empty (older lines without it: not counted)."""
+    with out.open(encoding="utf-8") as f:
+        return sum(bool(json.loads(line).get("unsupported")) for line in f if line.strip())
 
 
 def _run_base(run: Path, cfg: ProdescConfig) -> Any:

@@ -34,6 +34,71 @@ class AnswerRepetitionPenalty(LogitsProcessor):
         return out
 
 
+class GroundedSpecifics(LogitsProcessor):
+    """`generate.grounded`: a word with a digit (number, code, version) may only be written as a text of the row's
+    prompt writes it (`specs.Grounding`: the title, or the title and the neighbours shown).
+
+    At each step the row's `top` likeliest tokens are checked in order and those that would write such a word
+    otherwise are masked, until one passes; when none of them does, every token with a digit is masked. Greedy
+    decoding so takes the likeliest allowed token whenever it is among the `top`; sampling draws from what is left.
+    """
+
+    def __init__(self, tokenizer: Any, grounding: Sequence[Any], prompt_width: int, exempt_ids: list[int],
+                 top: int = 8) -> None:
+        self.tok, self.grounding, self.prompt_width, self.top = tokenizer, list(grounding), prompt_width, top
+        self.exempt, self.pieces = set(exempt_ids), _pieces(tokenizer)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        candidates = scores.topk(min(self.top, scores.shape[-1]), dim=-1).indices.tolist()
+        answers = input_ids[:, self.prompt_width :].tolist()
+        for row, (ids, answer) in enumerate(zip(candidates, answers, strict=True)):
+            ground = self.grounding[row]
+            tail = self.tok.decode(answer[-12:], skip_special_tokens=True) if answer else ""
+            banned = []
+            for token in ids:
+                if token in self.exempt or ground.allows(tail, self.pieces.text(token)):
+                    break
+                banned.append(token)
+            else:
+                scores[row, self.pieces.digit_mask(scores.device, scores.shape[-1])] = -float("inf")
+            if banned:
+                scores[row, torch.tensor(banned, device=scores.device)] = -float("inf")
+        return scores
+
+
+class _Pieces:
+    """Each token's text as it continues an answer (a leading space where it starts a word), read lazily."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tok, self.cache, self.mask = tokenizer, {}, None
+
+    def text(self, token: int) -> str:
+        if token not in self.cache:
+            piece = self.tok.decode([token])
+            raw = self.tok.convert_ids_to_tokens(token) or ""
+            self.cache[token] = " " + piece if raw.startswith("▁") and not piece.startswith(" ") else piece
+        return self.cache[token]
+
+    def digit_mask(self, device: Any, width: int) -> Any:
+        import torch
+
+        if self.mask is None or len(self.mask) != width:  # the model's vocabulary may be padded past the tokenizer's
+            vocab = self.tok.convert_ids_to_tokens(list(range(min(len(self.tok), width))))
+            flags = [any(c.isdigit() for c in str(v)) for v in vocab]
+            self.mask = torch.tensor(flags + [False] * (width - len(flags)))
+        return self.mask.to(device)
+
+
+def _pieces(tokenizer: Any) -> _Pieces:
+    found = getattr(tokenizer, "_prodesc_pieces", None)
+    if found is None:
+        found = _Pieces(tokenizer)
+        tokenizer._prodesc_pieces = found  # once per tokenizer: the decoded pieces outlive a batch
+    return found
+
+
 class StopRows(StoppingCriteria):
     """Ends the rows whose answers nobody wants any more (the server's client left or its deadline passed).
 

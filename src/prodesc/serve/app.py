@@ -159,7 +159,9 @@ async def describe(request: Request) -> dict[str, Any]:
     params = svc.params(name, body.max_new_tokens, body.temperature, body.top_p, "max_new_tokens")
     titles = svc.check_titles(body.titles)
     records = await svc.wait(request, await svc.submit(titles, params, deadline))
-    keep = ("neighbours",)  # the catalog items in the prompt, for runs trained with retrieval.k > 0
+    # unsupported: specifics stated neither in the title nor in the neighbours shown (check before publishing);
+    # neighbours: the catalog items in the prompt, for runs trained with retrieval.k > 0
+    keep = ("unsupported", "neighbours")
     return {"descriptions": [{"title": r["title"], "description": r["prediction"], "n_tokens": r["n_tokens"],
                               "stopped_by_eos": r["stopped_by_eos"], **{k: r[k] for k in keep if k in r}}
                              for r in records], "model": name}
@@ -186,7 +188,8 @@ async def chat_completions(request: Request) -> dict[str, Any] | StreamingRespon
               "finish_reason": "stop" if rec["stopped_by_eos"] else "length"}
     prompt = rec.get("prompt_tokens", 0)
     usage = {"prompt_tokens": prompt, "completion_tokens": rec["n_tokens"], "total_tokens": prompt + rec["n_tokens"]}
-    return {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
+    return {**head, "object": "chat.completion", "choices": [choice], "usage": usage,
+            "unsupported": rec.get("unsupported", [])}  # prodesc's review flag: specifics no prompt text states
 
 
 class _JobStream(StreamingResponse):
@@ -238,7 +241,7 @@ async def _sse(svc: Service, pieces: asyncio.Queue, head: dict[str, Any], deadli
             break
     if info:
         svc.metrics.delivered.inc(info["n_tokens"])
-        yield chunk({}, info["finish_reason"])
+        yield chunk({}, info["finish_reason"], unsupported=info.get("unsupported", []))  # prodesc's review flag
     if info and include_usage:
         usage = {"prompt_tokens": info["prompt_tokens"], "completion_tokens": info["n_tokens"],
                  "total_tokens": info["prompt_tokens"] + info["n_tokens"]}

@@ -103,7 +103,10 @@ class Service:
         job.rows = [Row(ids, params.max_new_tokens, params.temperature, params.top_p) for ids in prompts]
         if stream:
             job.pieces = asyncio.Queue()
-            job.on_token, job.on_done = _stream_sinks(gen.tok, job.pieces, len(prompts[0]))
+            def review(tokens: list[int]) -> list[str]:  # the finished answer's review flag
+                return self.record(gen, titles[0], tokens, "stop", near[0], 0).get("unsupported", [])
+
+            job.on_token, job.on_done = _stream_sinks(gen.tok, job.pieces, len(prompts[0]), review)
         try:
             return self.batcher.submit(job, params.adapter)
         except QueueFull as e:
@@ -163,6 +166,8 @@ class Service:
         shown = [t for t in tokens if t not in stops]
         rec = {"title": title, "prediction": gen.tok.decode(shown, skip_special_tokens=True).strip(),
                "n_tokens": len(tokens), "stopped_by_eos": reason == "stop", "prompt_tokens": prompt_tokens}
+        if hasattr(gen, "review"):  # `unsupported` (the shop's review flag) and the neighbours shown
+            return gen.review(rec, near)
         if near:
             rec["neighbours"] = [{k: n[k] for k in ("uid", "title", "score") if k in n} for n in near]
         return rec
@@ -183,10 +188,11 @@ class Service:
         return None
 
 
-def _stream_sinks(tok: Any, pieces: asyncio.Queue, prompt_tokens: int) -> tuple[Any, Any]:
+def _stream_sinks(tok: Any, pieces: asyncio.Queue, prompt_tokens: int,
+                  review: Any = None) -> tuple[Any, Any]:
     """A stream's `on_token`/`on_done` (on the event loop): text pieces as tokens decode to whole characters
-    (decoding only the new tokens: detok.py), then a dict with the token counts and finish reason and DONE; or
-    Expired/an exception; nothing once the client has left."""
+    (decoding only the new tokens: detok.py), then a dict with the token counts, finish reason and the answer's
+    `unsupported` specifics (`review(tokens)`) and DONE; or Expired/an exception; nothing once the client has left."""
     text = IncrementalText(tok)
 
     def on_token(token: int) -> None:
@@ -201,7 +207,8 @@ def _stream_sinks(tok: Any, pieces: asyncio.Queue, prompt_tokens: int) -> tuple[
             if piece:
                 pieces.put_nowait(piece)
             pieces.put_nowait({"n_tokens": len(tokens), "prompt_tokens": prompt_tokens,
-                               "finish_reason": "stop" if reason == "stop" else "length"})
+                               "finish_reason": "stop" if reason == "stop" else "length",
+                               "unsupported": review(tokens) if review else []})
         elif end is not None:
             pieces.put_nowait(end)
             return

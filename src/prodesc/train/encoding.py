@@ -6,7 +6,9 @@ disk beside the prepared data, read by every rank.
 DATA/encoded/KEY/ holds train/ and val/ (`Dataset.save_to_disk`, memory-mapped when read) and stats.json (what was
 cut, token totals, answer-length percentiles). KEY hashes all the examples depend on: the train and val split files
 (and DATA/index/ when neighbours are on), the tokenizer (vocabulary, merges, special tokens, chat template), the
-prompt settings, retrieval.k/chars/embedder/search, train.max_length and train.max_eval_samples. The data dir,
+prompt settings, retrieval.k/chars/embedder/search, train.max_length, train.max_eval_samples and
+train.drop_unsupported (answers without their clauses whose specifics neither the title nor the neighbours shown
+state: specs.keep_supported). The data dir,
 because the examples derive from it: any run on that data reuses them, they are deleted with it and sit on the disk
 that already holds the splits; a data dir that cannot be written falls back to model.cache_dir/encoded/. Under
 `accelerate launch` rank 0 encodes while the others wait (dist.main_first), then every rank maps the same files.
@@ -26,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prodesc import dist, models, prompts, rundir
+from prodesc import dist, models, prompts, rundir, specs
 from prodesc.config import ProdescConfig
 from prodesc.errors import ProdescError
 from prodesc.train.examples import CUT_KEYS, describe_cuts
@@ -101,6 +103,7 @@ def cache_key(tok: Any, cfg: ProdescConfig, data: Path) -> str:
         "retrieval": r.model_dump(mode="json", include={"k", "chars", "embedder", "search"}) if r.k else {"k": 0},
         "max_length": cfg.train.max_length,
         "max_eval_samples": cfg.train.max_eval_samples,
+        **({"drop_unsupported": True} if cfg.train.drop_unsupported else {}),  # older keys stay valid
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -137,6 +140,12 @@ def encode(layout: prompts.Layout, cfg: ProdescConfig, rows: list[dict], near: l
 
     columns: dict[str, list] = {"title": [r["title"] for r in rows], "content": [r["content"] for r in rows]}
     k, chars = cfg.retrieval.k, cfg.retrieval.chars
+    if cfg.train.drop_unsupported:  # answers keep only what the title and the neighbours shown support
+        columns["content"] = [
+            specs.keep_supported(r["content"], [r["title"], *(x for n in nb for x in (
+                n["title"], prompts.clip(str(n.get("content") or ""), chars)))])
+            for r, nb in zip(rows, near or [[]] * len(rows), strict=True)
+        ]  # fmt: skip
     if k:  # each neighbour's description kept only as far as any cut of it can reach (prompts.clip)
         columns["near"] = [[{"title": n["title"], "content": _reach(n.get("content"), chars)} for n in nb]
                            for nb in near]  # fmt: skip
