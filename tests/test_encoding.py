@@ -142,7 +142,7 @@ def test_encoded_examples_are_cached_in_the_data_dir_and_read_back_without_encod
 @pytest.mark.parametrize(
     "change",
     ["train.max_length=300", "prompt.language=pt", "train.max_eval_samples=8", "retrieval.k=1", "tokenizer", "data",
-     "train.drop_unsupported=true"],
+     "train.drop_unsupported=prompt"],
 )
 def test_the_cache_key_changes_with_what_the_examples_depend_on(tiny_data, tmp_path, change):
     import shutil
@@ -201,12 +201,13 @@ def test_drop_unsupported_trains_on_answers_without_what_no_prompt_text_states(t
                         "4 A/V Inputs/ Silver Finish"}]], "val": []}
     cfg = tiny_config("retrieval.k=1", "retrieval.chars=200", "train.max_length=400")
     answers = {}
-    for drop in (False, True):
+    for drop in ("off", "prompt", "title"):
         layout = prompts.Layout.of(tok, cfg.prompt)
         ds, _ = encoding.encode(layout, cfg.model_copy(update={"train": cfg.train.model_copy(
             update={"drop_unsupported": drop})}), rows["train"], near["train"])
         ex = ds[0]
         answers[drop] = tok.decode([t for t, m in zip(ex["input_ids"], ex["completion_mask"], strict=True) if m],
                                    skip_special_tokens=True).strip()
-    assert "900mW" in answers[False] and "Black" in answers[False]
-    assert answers[True] == "Sony Switcher - SBV40S/ 4 A/V Inputs"  # the sibling states 4 inputs; no one 900mW
+    assert "900mW" in answers["off"] and "Black" in answers["off"]
+    assert answers["prompt"] == "Sony Switcher - SBV40S/ 4 A/V Inputs"  # the sibling states 4 inputs; no one 900mW
+    assert answers["title"] == "Sony Switcher - SBV40S"  # the title alone states no input count

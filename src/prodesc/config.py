@@ -178,11 +178,11 @@ class TrainConfig(_Stage):
     seed: int = Field(0, description="Seed for init, shuffling and dropout.")
     torch_compile: bool = Field(False, description="torch.compile the model (GPU; first steps slower).")
     max_eval_samples: int | None = Field(256, description="Cap on val examples scored at each eval.")
-    drop_unsupported: bool = Field(
-        False,
+    drop_unsupported: Literal["off", "prompt", "title"] = Field(
+        "off",
         description="Train on answers without their clauses that state a specific (number, code, colour, platform: "
-        "prodesc/specs.py) found neither in the title nor in the neighbours its prompt shows: the model learns to "
-        "copy what the title and a sibling support and to leave out what it cannot know.",
+        "prodesc/specs.py) found neither in the title nor in the neighbours its prompt shows (prompt), or not in the "
+        "title (title): the model learns to leave out what it cannot know; off.",
     )
     encode_workers: int | None = Field(
         None, ge=1,

@@ -229,7 +229,8 @@ def _code_key(word: str) -> str:
 
 
 def _fold(word: str) -> str:
-    return re.sub(r"[\s\-]+", " ", word.lower()).strip()
+    """Platform spelling without case, spaces and hyphens ("Mac OS X", "MacOS X" and "mac-os x" are one)."""
+    return re.sub(r"[\s\-]+", "", word.lower())
 
 
 @functools.cache
@@ -239,8 +240,9 @@ def _tables() -> dict[str, Any]:
     units = {str(u).lower() for u in [*attrs["units"], *own["units"]]}
     words = sorted(units - {'"', "'"}, key=len, reverse=True)
     unit_alt = "|".join(re.escape(u).replace(r"\ ", r"[\s-]+") for u in words)
-    platforms = {_fold(alias): canon for canon, aliases in own["platforms"].items() for alias in [canon, *aliases]}
-    plat_alt = "|".join(re.escape(p).replace(r"\ ", r"[\s-]*") for p in sorted(platforms, key=len, reverse=True))
+    spellings = [str(a) for canon, aliases in own["platforms"].items() for a in [canon, *aliases]]
+    platforms = {_fold(a): canon for canon, aliases in own["platforms"].items() for a in [canon, *aliases]}
+    plat_alt = "|".join(re.escape(p).replace(r"\ ", r"[\s-]*") for p in sorted(spellings, key=len, reverse=True))
     number = r"\d+(?:[.,]\d+)*"
     return {
         "units": units | {'"', "'"},

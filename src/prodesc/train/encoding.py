@@ -103,7 +103,7 @@ def cache_key(tok: Any, cfg: ProdescConfig, data: Path) -> str:
         "retrieval": r.model_dump(mode="json", include={"k", "chars", "embedder", "search"}) if r.k else {"k": 0},
         "max_length": cfg.train.max_length,
         "max_eval_samples": cfg.train.max_eval_samples,
-        **({"drop_unsupported": True} if cfg.train.drop_unsupported else {}),  # older keys stay valid
+        **({"drop_unsupported": cfg.train.drop_unsupported} if cfg.train.drop_unsupported != "off" else {}),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -140,9 +140,10 @@ def encode(layout: prompts.Layout, cfg: ProdescConfig, rows: list[dict], near: l
 
     columns: dict[str, list] = {"title": [r["title"] for r in rows], "content": [r["content"] for r in rows]}
     k, chars = cfg.retrieval.k, cfg.retrieval.chars
-    if cfg.train.drop_unsupported:  # answers keep only what the title and the neighbours shown support
+    drop = cfg.train.drop_unsupported
+    if drop != "off":  # answers keep only what the title (and the neighbours shown) support
         columns["content"] = [
-            specs.keep_supported(r["content"], [r["title"], *(x for n in nb for x in (
+            specs.keep_supported(r["content"], [r["title"], *(x for n in (nb if drop == "prompt" else []) for x in (
                 n["title"], prompts.clip(str(n.get("content") or ""), chars)))])
             for r, nb in zip(rows, near or [[]] * len(rows), strict=True)
         ]  # fmt: skip
