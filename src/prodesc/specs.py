@@ -53,10 +53,14 @@ def specifics(text: str) -> list[Spec]:
     found: list[tuple[int, Spec]] = []
     taken: list[tuple[int, int]] = []  # spans already read (a quantity's number is not also a number)
     o = None
+    platforms = list(t["platform"].finditer(text))  # first: the "3" of "PlayStation 3" is the platform's
+    taken.extend(p.span() for p in platforms)
     for m in t["word"].finditer(text):
         word = m.group(0)
-        if not any(c.isdigit() for c in word):
+        if not any(c.isdigit() for c in word) or any(a <= m.start() < b for a, b in taken):
             continue
+        if m.start() >= 2 and text[m.start() - 1] == ":" and text[m.start() - 2].isdigit():
+            continue  # the 1 of a ratio ("10000:1") is the ratio's
         q = t["quantity"].fullmatch(word) or _spaced_quantity(text, m, t)
         if q is not None and q.group("unit").lower().rstrip(".") in t["units"]:
             number = _number_key(q.group("num"))
@@ -75,9 +79,8 @@ def specifics(text: str) -> list[Spec]:
             taken.append(m.span())
     for m in t["colour"].finditer(text):
         found.append((m.start(), Spec("colour", m.group(0), "/".join(sorted(t["colours"][m.group(0).lower()])))))
-    for m in t["platform"].finditer(text):
-        if not any(a <= m.start() < b for a, b in taken):
-            found.append((m.start(), Spec("platform", m.group(0), t["platforms"][_fold(m.group(0))])))
+    for m in platforms:
+        found.append((m.start(), Spec("platform", m.group(0), t["platforms"][_fold(m.group(0))])))
     return [s for _, s in sorted(found, key=lambda p: p[0])]
 
 
@@ -210,6 +213,8 @@ def _spaced_quantity(text: str, m: re.Match, t: dict) -> re.Match | None:
         return None
     q = t["spaced"].match(text, m.start())
     unit = q.group("unit").lower() if q is not None else ""
+    if unit == "in" and re.match(r"[\s-]*\d", text[q.end():]):
+        return None  # "5 In 1" is no length
     return q if len(unit) > 1 and unit in t["units"] else None  # "4 A/V" is no current: one letter only attached
 
 
@@ -255,8 +260,9 @@ def _tables() -> dict[str, Any]:
         # number and unit in one word ("900mW", "5.1-Channel", "19'", "3-pack")
         "quantity": re.compile(rf"(?P<num>{number})-?(?P<unit>{unit_alt}|'|\")\.?", re.I),
         "spaced": re.compile(rf"(?P<num>{number})[\s-]+(?P<unit>{unit_alt})(?![A-Za-z0-9])", re.I),
-        "colour": re.compile(
-            r"\b(" + "|".join(sorted((re.escape(c) for c in attrs["colours"]), key=len, reverse=True)) + r")\b",
+        "colour": re.compile(  # "Gold Plated Contacts" is a material, not the product's colour
+            r"\b(" + "|".join(sorted((re.escape(c) for c in attrs["colours"]), key=len, reverse=True))
+            + r")\b(?![\s-]+plated)",
             re.I,
         ),
         "platform": re.compile(rf"(?<![A-Za-z0-9])({plat_alt})(?![A-Za-z0-9])", re.I),
