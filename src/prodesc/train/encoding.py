@@ -138,6 +138,8 @@ def encode(layout: prompts.Layout, cfg: ProdescConfig, rows: list[dict], near: l
     from datasets import Dataset
     from datasets.table import InMemoryTable
 
+    if not rows:  # `map` over no rows never runs _fit_batch, so its columns would not exist (an empty val split)
+        return _empty(), dict.fromkeys([*CUT_KEYS, "examples_cut"], 0)
     columns: dict[str, list] = {"title": [r["title"] for r in rows], "content": [r["content"] for r in rows]}
     k, chars = cfg.retrieval.k, cfg.retrieval.chars
     drop = cfg.train.drop_unsupported
@@ -220,12 +222,22 @@ def _store(path: Path, splits: dict[str, Any], stats: dict) -> None:
     """Written beside, then swapped into place (rundir.atomic_dir): a killed run leaves no half entry to read."""
     with rundir.atomic_dir(path, overwrite=True, what="encoded examples") as tmp:
         for name, ds in splits.items():
-            ds.save_to_disk(str(tmp / name))
+            if len(ds):  # an empty split is stored as its absence: datasets cannot read a table of no shards back
+                ds.save_to_disk(str(tmp / name))
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
 
 
 def _load(path: Path) -> tuple[dict[str, Any], dict]:
     from datasets import load_from_disk
 
-    splits = {name: load_from_disk(str(path / name)) for name in ("train", "val")}
+    splits = {name: load_from_disk(str(path / name)) if (path / name).is_dir() else _empty()
+              for name in ("train", "val")}
     return splits, json.loads((path / "stats.json").read_text())
+
+
+def _empty() -> Any:
+    """A split of no examples, with the columns of an encoded one."""
+    from datasets import Dataset, Features, Sequence, Value
+
+    features = Features({"input_ids": Sequence(Value("int32")), "completion_mask": Sequence(Value("int8"))})
+    return Dataset.from_dict({"input_ids": [], "completion_mask": []}, features=features)
