@@ -155,13 +155,39 @@ def test_generate_to_file_resumes_after_kill_without_repeating_or_losing_a_line(
     assert lines(out) == lines(whole)
 
 
-def test_generate_refuses_an_existing_out_without_resume_and_a_foreign_file(tiny_run, tmp_path):
+def test_generate_refuses_an_existing_out_without_resume_and_a_foreign_file_untouched(tiny_run, tmp_path):
     titles, out = _titles(tmp_path, 3), tmp_path / "o.jsonl"
-    out.write_text('{"title": "something else", "prediction": "x"}\n')
+    foreign = '{"title": "something else", "prediction": "x"}\n{"title": "cut'
+    out.write_text(foreign)
     with pytest.raises(ProdescError, match="already exists: pass --resume"):
         generate_cli([], tiny_run, None, None, titles, None, "test", None, out)
-    with pytest.raises(ProdescError, match="o.jsonl:1 is for 'something else'"):
+    with pytest.raises(ProdescError, match=r"no o.jsonl.settings.json beside it"):
         generate_cli([], tiny_run, None, None, titles, None, "test", None, out, resume=True)
+    assert out.read_text() == foreign  # its unterminated last line used to be cut before the refusal
+    generate_cli([], tiny_run, None, None, titles, None, "test", 2, tmp_path / "mine.jsonl",
+                 flags={"generate.max_new_tokens": 4})
+    out.with_name("o.jsonl.settings.json").write_text((tmp_path / "mine.jsonl.settings.json").read_text())
+    with pytest.raises(ProdescError, match="o.jsonl:1 is for 'something else'"):
+        generate_cli([], tiny_run, None, None, titles, None, "test", 2, out, flags={"generate.max_new_tokens": 4},
+                     resume=True)
+    assert out.read_text() == foreign
+
+
+@pytest.mark.parametrize("change", [{"flags": {"generate.max_new_tokens": 5}}, {"base": True},
+                                    {"flags": {"generate.max_new_tokens": 4, "generate.temperature": 0.7}}],
+                         ids=["max_new_tokens", "base", "temperature"])
+def test_resume_refuses_another_decoding_or_model(tiny_run, tmp_path, change):
+    titles, out = _titles(tmp_path, 3), tmp_path / "o.jsonl"
+    generate_cli([], tiny_run, None, None, titles, None, "test", 2, out, flags={"generate.max_new_tokens": 4})
+    before = out.read_text()
+    kw = {"flags": {"generate.max_new_tokens": 4}, **change}
+    key = "base" if "base" in change else next(k for k in kw["flags"] if k != "generate.max_new_tokens" or
+                                                 kw["flags"][k] != 4)
+    with pytest.raises(ProdescError, match=rf"written with other settings \({key}: "):
+        generate_cli([], tiny_run, None, None, titles, None, "test", None, out, resume=True, **kw)
+    assert out.read_text() == before
+    assert generate_cli([], tiny_run, None, None, titles, None, "test", None, out, resume=True,
+                        flags={"generate.max_new_tokens": 4}) == 3  # the same settings continue it
 
 
 def test_stop_ends_the_stopped_rows_after_one_token_and_leaves_the_others(gen):

@@ -287,7 +287,7 @@ def generate_cli(
     if data is not None and run is not None:  # a split of prepared data: were these items trained on?
         check_overlap(run, [{"title": x["title"], "content": x["reference"]} for x in items()], allow_overlap)
     cfg = rundir.settings(run, config, {**(flags or {}), **({"model.name": model} if model else {})}, sets)
-    done = stream.resume_point(out, items, resume) if out is not None else 0
+    done = stream.resume_point(out, items, resume, _made_with(run, model, adapter, base, cfg)) if out else 0
     if run is not None:  # --base: unmerged, so the adapter can be switched off
         gen = Generator.from_run(run, cfg, merge=False if base else None)
     else:
@@ -312,6 +312,24 @@ def _flagged(out: Path) -> int:
     """Records of a predictions file whose `unsupported` list is not empty (older lines without it: not counted)."""
     with out.open(encoding="utf-8") as f:
         return sum(bool(json.loads(line).get("unsupported")) for line in f if line.strip())
+
+
+DECODING = ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "no_repeat_ngram_size", "stop_boost_after",
+            "stop_bias", "grounded")  # what changes an answer (batch size, compile and write_every do not)
+
+
+def _made_with(run: Path | None, model: str | None, adapter: Path | None, base: bool,
+               cfg: ProdescConfig) -> dict[str, Any]:
+    """What a `--out` file's answers depend on, as dotted keys (`stream.resume_point` compares them on --resume)."""
+    if run is not None:
+        source = {"run": run.resolve().name, "run.created": read_manifest(run).get("created"), "base": base}
+    else:
+        source = {"model": model, "adapter": str(adapter.resolve()) if adapter else None}
+    gen = cfg.generate.model_dump(mode="json", include=set(DECODING))
+    r = cfg.retrieval
+    return {**source, **{f"generate.{k}": v for k, v in gen.items()},
+            **{f"prompt.{k}": v for k, v in cfg.prompt.model_dump(mode="json").items()},
+            "retrieval": {"k": r.k, "chars": r.chars, "embedder": r.embedder} if r.k else {"k": 0}}
 
 
 def _run_base(run: Path, cfg: ProdescConfig) -> Any:
