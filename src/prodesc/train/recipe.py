@@ -35,7 +35,7 @@ from typing import Any
 from prodesc import config as configmod
 from prodesc import dist, models, rundir
 from prodesc.config import ProdescConfig
-from prodesc.data import write_index
+from prodesc.data import data_settings, write_index
 from prodesc.errors import ProdescError
 from prodesc.rundir import build_manifest, data_fingerprint
 from prodesc.train import checks, encoding, examples
@@ -374,7 +374,7 @@ def _write_run(
     families = sorted({r["family"] for r in train_rows})
     with gzip.open(out / "train_families.txt.gz", "wt", encoding="utf-8") as f:
         f.write("\n".join(families) + "\n")
-    write_index(out, train_rows, cfg.data)
+    write_index(out, train_rows, data_settings(data, cfg.data))  # near-duplicates as the data defines them
     manifest = build_manifest(base_ref, data_fingerprint(data, families), stats)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
