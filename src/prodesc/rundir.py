@@ -16,9 +16,11 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -50,21 +52,48 @@ LIBRARIES = (
 def atomic_dir(out: Path, overwrite: bool = False, what: str = "output dir") -> Iterator[Path]:
     """Build a directory beside `out`, then swap it into place: `out` is either the old output or the whole new one.
 
-    Yields the temporary dir to fill. On an exception inside the block the temporary dir is removed and `out` is
-    untouched. On success an existing `out` (allowed by `overwrite`) is moved aside, the new dir renamed into place
-    and the old one deleted; if that rename fails, the old output is moved back. Temporary dirs left by dead
-    processes (killed runs) for the same `out` are removed first.
+    Yields the temporary dir to fill. On an exception inside the block, Ctrl-C or SIGTERM (which unwinds like
+    Ctrl-C meanwhile: `terminate_as_interrupt`) the temporary dir is removed and `out` is untouched. On success an
+    existing `out` (allowed by `overwrite`) is moved aside, the new dir renamed into place and the old one deleted;
+    if that rename fails, the old output is moved back. Temporary dirs left by dead processes (killed runs) for the
+    same `out` are removed first. The new dir gets the usual permissions (0777 less the umask), not mkdtemp's 0700.
     """
     out = Path(out)
     refuse_existing(out, overwrite, what)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    with terminate_as_interrupt():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        try:
+            tmp.chmod(0o777 & ~_umask())
+            yield tmp
+            _swap_into_place(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (kill, timeout, docker stop) unwinds like Ctrl-C meanwhile, so temporary files are removed; only on
+    the main thread, where Python runs signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        yield tmp
-        _swap_into_place(tmp, out)
+        yield
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def refuse_existing(out: Path, overwrite: bool, what: str = "output dir") -> None:
