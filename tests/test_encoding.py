@@ -139,6 +139,33 @@ def test_encoded_examples_are_cached_in_the_data_dir_and_read_back_without_encod
     assert stats["examples"] == len(first[0])
 
 
+@pytest.mark.parametrize("damage", ["truncated arrow", "stats.json", "no train"])
+def test_a_damaged_encoded_entry_is_encoded_again(tiny_data, tmp_path, capsys, damage):
+    """The cache is rebuilt, with a note, where it used to end in a datasets/pyarrow traceback."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns("encoded"))
+    tok = _tokenizer("tiny", _Factory(tmp_path))
+    rows = {s: train._read_split(data, s) for s in ("train", "val")}
+    cfg = tiny_config("train.max_length=200")
+    first = encoding.build(tok, cfg, rows, None, data)
+    entry = data / "encoded" / encoding.cache_key(tok, cfg, data)
+    if damage == "truncated arrow":
+        arrow = next((entry / "train").glob("*.arrow"))
+        arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    elif damage == "stats.json":
+        (entry / "stats.json").write_text("{")
+    else:
+        shutil.rmtree(entry / "train")
+    capsys.readouterr()
+    again = encoding.build(tok, cfg, rows, None, data)
+    out = capsys.readouterr().out
+    assert f"note: {entry} is damaged" in out and "encoded " in out
+    assert again[2] == first[2] and again[0]["input_ids"] == first[0]["input_ids"]
+    assert "examples read from" in (encoding.build(tok, cfg, rows, None, data) and capsys.readouterr().out)
+
+
 @pytest.mark.parametrize(
     "change",
     ["train.max_length=300", "prompt.language=pt", "train.max_eval_samples=8", "retrieval.k=1", "tokenizer", "data",

@@ -340,9 +340,13 @@ def resolve(
     flags: Mapping[str, Any] | None = None,
     sets: Sequence[str] = (),
     locked: bool | tuple[str, ...] = False,
+    model_defaults: Mapping[str, Any] | None = None,
 ) -> ProdescConfig:
-    """defaults < base < config (keys it sets) < flags (None = not given) < sets; every problem reported at once."""
+    """defaults < base < model_defaults (dotted keys a model carries: an export's decoding) < config (keys it sets)
+    < flags (None = not given) < sets; every problem reported at once."""
     raw = _read_yaml(Path(base)) if base is not None else {}
+    for key, value in (model_defaults or {}).items():
+        _set_dotted(raw, key, value)
     problems: list[str] = []
     layers: list[tuple[str, dict[str, Any]]] = []
     if config is not None:

@@ -159,10 +159,13 @@ def settings(
     from prodesc.config import resolve
 
     base = run_config(run) if run is not None else None
-    flags = dict(flags or {})
-    if run is None and flags.get("model.name"):  # a merged export: the prompt and neighbours it was trained with
-        flags = {**export_settings(Path(flags["model.name"])), **flags}
-    cfg = resolve(base=base, config=config, flags=flags, sets=sets or (), locked=run is not None)
+    flags, decoding = dict(flags or {}), {}
+    if run is None and flags.get("model.name"):  # a merged export: the prompt and neighbours it was trained with,
+        saved = export_settings(Path(flags["model.name"]))  # and its run's decoding, under --config and flags
+        decoding = {k: v for k, v in saved.items() if k.startswith("generate.")}
+        flags = {**{k: v for k, v in saved.items() if k not in decoding}, **flags}
+    cfg = resolve(base=base, config=config, flags=flags, sets=sets or (), locked=run is not None,
+                  model_defaults=decoding)
     return with_length_prior(cfg, run, Path(flags["model.name"]) if run is None and flags.get("model.name") else None)
 
 
@@ -199,14 +202,24 @@ def length_prior(run: Path | None, model_dir: Path | None = None) -> int:
     return int(answers[LENGTH_PRIOR])
 
 
+# The `generate:` settings that change an answer (batch size, compile and write_every do not): an export carries the
+# run's, and `generate --resume` refuses to continue a file made with others.
+DECODING = ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "no_repeat_ngram_size", "stop_boost_after",
+            "stop_bias", "grounded")
+
+
 def export_settings(model_dir: Path) -> dict[str, Any]:
-    """The prompt and retrieval settings `prodesc export` wrote beside a merged model (prodesc_export.json), as
-    settings; {} for any other model."""
+    """The prompt, retrieval and decoding settings `prodesc export` wrote beside a merged model
+    (prodesc_export.json), as settings: the model decodes as its run did (stop_bias, the length prior); {} for any
+    other model."""
+    from prodesc.files import read_json
+
     meta = model_dir / "prodesc_export.json"
     if not meta.is_file():
         return {}
-    saved = json.loads(meta.read_text())
-    return {f"{sec}.{k}": v for sec in ("prompt", "retrieval") for k, v in (saved.get(sec) or {}).items()}
+    saved = read_json(meta, "it is written by `prodesc export`: export the run again")
+    return {f"{sec}.{k}": v for sec in ("prompt", "retrieval", "generate") for k, v in (saved.get(sec) or {}).items()
+            if sec != "generate" or k in DECODING}
 
 
 def write_resolved(cfg: ProdescConfig, out: Path) -> Path:
@@ -244,12 +257,17 @@ def data_fingerprint(data: Path, families: list[str]) -> dict[str, Any]:
 
 
 def read_manifest(run: Path) -> dict[str, Any]:
+    from prodesc.files import read_json
+
     path = run / "manifest.json"
     if not path.exists():
         raise ProdescError(
             f"{run} is not a finished run (no manifest.json): pass the --out dir of `prodesc train`"
         )
-    return json.loads(path.read_text())
+    manifest = read_json(path, "it is written when training ends: restore it, or train the run again")
+    if not isinstance(manifest.get("base_model"), dict):
+        raise ProdescError(f"{path} is damaged (no base_model): restore it, or train the run again")
+    return manifest
 
 
 def train_families(run: Path) -> set[str]:

@@ -314,10 +314,6 @@ def _flagged(out: Path) -> int:
         return sum(bool(json.loads(line).get("unsupported")) for line in f if line.strip())
 
 
-DECODING = ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "no_repeat_ngram_size", "stop_boost_after",
-            "stop_bias", "grounded")  # what changes an answer (batch size, compile and write_every do not)
-
-
 def _made_with(run: Path | None, model: str | None, adapter: Path | None, base: bool,
                cfg: ProdescConfig) -> dict[str, Any]:
     """What a `--out` file's answers depend on, as dotted keys (`stream.resume_point` compares them on --resume)."""
@@ -325,7 +321,7 @@ def _made_with(run: Path | None, model: str | None, adapter: Path | None, base: 
         source = {"run": run.resolve().name, "run.created": read_manifest(run).get("created"), "base": base}
     else:
         source = {"model": model, "adapter": str(adapter.resolve()) if adapter else None}
-    gen = cfg.generate.model_dump(mode="json", include=set(DECODING))
+    gen = cfg.generate.model_dump(mode="json", include=set(rundir.DECODING))
     r = cfg.retrieval
     return {**source, **{f"generate.{k}": v for k, v in gen.items()},
             **{f"prompt.{k}": v for k, v in cfg.prompt.model_dump(mode="json").items()},
