@@ -446,3 +446,21 @@ def test_grounded_decoding_writes_a_digit_word_only_as_the_prompt_does(gen):
     free = GroundedSpecifics(tok, [specs.Grounding([f"Mug {tok.decode([digit]).strip()}"])], 1, gen.exempt)
     assert int(free(torch.tensor([[0]]), scores.clone()).argmax()) == digit  # stated in the prompt: allowed
 
+
+@pytest.mark.parametrize("limit", ["0", "-1"])
+@pytest.mark.parametrize("source", ["titles", "input", "data", "eval"])
+def test_limit_below_one_is_refused_the_same_way_for_every_input(tiny_run, tiny_data, tmp_path, source, limit):
+    """--limit 0 used to mean "all" for --data, "nothing" for titles and --input; -1 "all but the last" or a
+    traceback."""
+    from typer.testing import CliRunner
+
+    from prodesc.cli import app
+
+    where = {"titles": ["Red Mug", "Blue Lamp"], "input": ["--input", str(_titles(tmp_path, 3))],
+             "data": ["--data", str(tiny_data), "--allow-overlap"]}
+    args = (["eval", "--run", str(tiny_run), "--data", str(tiny_data), "--out", str(tmp_path / "r")]
+            if source == "eval" else ["generate", "--run", str(tiny_run), *where[source]])
+    res = CliRunner().invoke(app, [*args, "--limit", limit])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert ("eval.limit: Input should be greater than or equal to 1" if source == "eval"
+            else f"--limit {limit}: pass a number of items >= 1") in res.output

@@ -255,7 +255,7 @@ class EvalConfig(_Stage):
     systems: list[Literal["finetuned", "base", "retrieval"]] = Field(
         ["finetuned", "base", "retrieval"], description="Systems scored on the same items."
     )
-    limit: int | None = Field(None, description="Score the first N test items (None: all).")
+    limit: int | None = Field(None, ge=1, description="Score the first N test items (None: all).")
     bootstrap_samples: int = Field(1000, ge=100, description="Bootstrap resamples for 95% intervals.")
     embedder: str = Field(
         "embedded:all-minilm-l6-v2", description="sentence-transformers model for similarity."
@@ -330,8 +330,14 @@ class ProdescConfig(_Stage):
     serve: ServeConfig = ServeConfig()
 
 
+# One lock list: a verb on a trained run (generate, eval, serve, export) and `train --resume` refuse changes to what
+# the model was trained with; a resume also keeps its adapter's shape. UNLOCKED: how or where the same model loads.
 LOCKED_ON_RUN = ("prompt", "model", "retrieval")
+LOCKED_ON_RESUME = (*LOCKED_ON_RUN, "lora")
 UNLOCKED = {"model.trust_remote_code", "model.cache_dir", "model.attn_implementation", "retrieval.search"}  # how
+# Settings the environment gives (`_fill_from_env`): a run's config.resolved.yaml records the values used then, but a
+# later verb on the run takes them from its own environment (or --set), not from the machine that trained it.
+FROM_ENV = (("model", "cache_dir"), ("generate", "compile"))
 
 
 def resolve(
@@ -345,6 +351,11 @@ def resolve(
     """defaults < base < model_defaults (dotted keys a model carries: an export's decoding) < config (keys it sets)
     < flags (None = not given) < sets; every problem reported at once."""
     raw = _read_yaml(Path(base)) if base is not None else {}
+    if locked:  # a run's resolved config: what the environment gave that run is this machine's to give now
+        raw = dict(raw)
+        for section, key in FROM_ENV:
+            if isinstance(raw.get(section), dict):
+                raw[section] = {k: v for k, v in raw[section].items() if k != key}
     for key, value in (model_defaults or {}).items():
         _set_dotted(raw, key, value)
     problems: list[str] = []

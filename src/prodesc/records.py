@@ -40,4 +40,4 @@ def read_split(data: Path, split: str, limit: int | None = None) -> list[dict[st
     rows = pq.read_table(path).to_pylist()
     if not rows:
         raise ProdescError(f"{path} is empty: prepare with a larger --test-fraction")
-    return rows[:limit] if limit else rows
+    return rows[:limit] if limit is not None else rows

@@ -278,6 +278,8 @@ def generate_cli(
         raise ProdescError("--resume continues an --out file: pass --out FILE")
     if base and run is None:
         raise ProdescError("--base runs a run's base model with its prompts: pass --run RUN_DIR (or --model alone)")
+    if limit is not None and limit < 1:  # 0 and -1 used to mean "none", "all" or "all but the last" by input kind
+        raise ProdescError(f"--limit {limit}: pass a number of items >= 1, or leave --limit out for all of them")
     if titles:
         if any(not t.strip() for t in titles):
             raise ProdescError("an empty TITLE argument: give a product title")

@@ -51,7 +51,6 @@ PEAK_BF16_FLOPS = {
 }
 
 
-RESUME_LOCKED = ("model", "prompt", "lora")  # a checkpoint only resumes into the model, prompt and adapter it had
 
 
 def train_cli(
@@ -67,7 +66,7 @@ def train_cli(
     changed: list[str] = []
     if resume and any((out / name).is_file() for name in (rundir.RESOLVED, "config.yaml")):
         base = rundir.run_config(out)
-        cfg = configmod.resolve(base, config, flags, sets or (), locked=RESUME_LOCKED)
+        cfg = configmod.resolve(base, config, flags, sets or (), locked=configmod.LOCKED_ON_RESUME)
         trust = {k: v for k, v in (flags or {}).items() if k == "model.trust_remote_code"}  # a permission, no change
         changed = configmod.changed_keys(configmod.resolve(base, flags=trust), cfg)
     else:
