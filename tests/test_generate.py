@@ -464,3 +464,42 @@ def test_limit_below_one_is_refused_the_same_way_for_every_input(tiny_run, tiny_
     assert res.exit_code == 1 and "Traceback" not in res.output, res.output
     assert ("eval.limit: Input should be greater than or equal to 1" if source == "eval"
             else f"--limit {limit}: pass a number of items >= 1") in res.output
+
+
+@pytest.mark.parametrize("how", ["input", "title", "jsonl"])
+def test_a_title_over_the_cap_is_refused_before_the_model_loads(tiny_run, tmp_path, monkeypatch, how):
+    """One 1 MB title in `generate --input` used to load the model and die allocating 490 GB."""
+    from prodesc.generate import generator
+
+    monkeypatch.setattr(generator.Generator, "from_run", classmethod(lambda *a, **k: pytest.fail("model loaded")))
+    huge = "Mug " * 250_000
+    f = tmp_path / ("t.jsonl" if how == "jsonl" else "t.txt")
+    f.write_text(json.dumps({"title": huge}) + "\n" if how == "jsonl" else f"Red Mug\n{huge}\n")
+    args = ([huge], None) if how == "title" else ([], f)
+    with pytest.raises(ProdescError, match=r"a title of [0-9,]{7,} characters, over data.max_title_chars=1000"):
+        generate_cli(args[0], tiny_run, None, None, args[1], None, "test", None, None)
+
+
+def test_train_and_eval_refuse_data_holding_a_title_over_the_cap(tiny_data, tiny_run, tmp_path):
+    """Data prepared before the cap: every verb reading it refuses it, before any model loads."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from fixtures_tiny import tiny_config
+    from prodesc.records import read_split
+    from prodesc.train import recipe as train
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns("encoded"))
+    for split in ("train", "test"):
+        table = pq.read_table(data / f"{split}.parquet")
+        titles = table.column("title").to_pylist()
+        titles[1] = "x" * 5000
+        pq.write_table(table.set_column(table.column_names.index("title"), "title", [titles]), data /
+                       f"{split}.parquet")
+    with pytest.raises(ProdescError, match=r"train.parquet: row 2 has a title of 5,000 characters"):
+        train.train(tiny_config(), data, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ProdescError, match=r"test.parquet: row 2 .* prepare the data again"):
+        read_split(data, "test")  # eval and generate --data read splits through it

@@ -36,6 +36,11 @@ class _Stage(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# A product title is a line, not a document: a 100,000-character title among 260 records made the preset demand
+# train.max_length 25,059, and a 1 MB title given to generate died allocating 490 GB.
+MAX_TITLE_CHARS = 1000
+
+
 class DataConfig(_Stage):
     """`prodesc data prepare`: reading, cleaning and splitting a catalog."""
 
@@ -45,6 +50,11 @@ class DataConfig(_Stage):
     )
     id_field: str | None = Field(None, description="Id column (auto: uid, id, asin; else the line number).")
     min_content_chars: int = Field(1, ge=1, description="Drop records whose cleaned content is shorter.")
+    max_title_chars: int = Field(
+        MAX_TITLE_CHARS, ge=1, description="The cap on a title's characters for every verb: prepare drops longer "
+        "ones (counted: long_title); generate refuses them in its input, train and eval in a data dir, serve in a "
+        "request (serve.max_title_chars, unless set).",
+    )
     val_fraction: float = Field(0.05, ge=0, lt=1, description="Share of title families in val.")
     test_fraction: float = Field(0.05, ge=0, lt=1, description="Share of title families in test.")
     split_salt: str = Field("prodesc", description="Salt of the family hash; change it for another split.")
@@ -305,7 +315,9 @@ class ServeConfig(_Stage):
     queue_size: int = Field(256, ge=1, description="Pending requests at most; more get 503.")
     request_timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")
     max_titles: int = Field(64, ge=1, description="Titles per /v1/describe request at most.")
-    max_title_chars: int = Field(1000, ge=1, description="Characters per title at most.")
+    max_title_chars: int | None = Field(
+        None, ge=1, description="Characters per title at most (None: data.max_title_chars, the cap of every verb)."
+    )
     max_new_tokens_cap: int = Field(1024, ge=1, description="Largest max_new_tokens a client may ask for.")
     stuck_after_s: float = Field(
         30.0, gt=0, description="The model thread is stuck when a generation call runs this long past its latest "

@@ -12,7 +12,8 @@ else `<file stem>-<line or row number, 9 digits>`) or named with --title-field/-
 Ids stay strings (`0000031909`). Everything is streamed: memory is bounded by a few int arrays per record.
 
 Per record: clean title and content (`clean.clean_text`), then drop and count, in this order: `malformed`
-(bad JSON, not UTF-8, not an object), `empty_title`, `empty_content`, `short_content` (< min_content_chars),
+(bad JSON, not UTF-8, not an object), `empty_title`, `long_title` (> max_title_chars), `empty_content`,
+`short_content` (< min_content_chars),
 `duplicate_record` (same cleaned title and content as an earlier record), `duplicate_title` (same title,
 case/whitespace-insensitive, other content: the first one is kept).
 

@@ -30,6 +30,7 @@ from prodesc.data import check_overlap
 from prodesc.errors import ProdescError
 from prodesc.generate import fast, stream
 from prodesc.generate.fast import batch_bucket
+from prodesc.records import check_title
 from prodesc.rundir import read_manifest
 
 
@@ -280,15 +281,17 @@ def generate_cli(
         raise ProdescError("--base runs a run's base model with its prompts: pass --run RUN_DIR (or --model alone)")
     if limit is not None and limit < 1:  # 0 and -1 used to mean "none", "all" or "all but the last" by input kind
         raise ProdescError(f"--limit {limit}: pass a number of items >= 1, or leave --limit out for all of them")
+    cfg = rundir.settings(run, config, {**(flags or {}), **({"model.name": model} if model else {})}, sets)
     if titles:
         if any(not t.strip() for t in titles):
             raise ProdescError("an empty TITLE argument: give a product title")
+        for n, t in enumerate(titles, 1):
+            check_title(t, f"TITLE argument {n}", cfg.data.max_title_chars)
         items, total = (lambda: iter([{"title": t} for t in titles[:limit]])), len(titles[:limit])
     else:
-        items, total = stream.item_source(input, data, split, limit)
+        items, total = stream.item_source(input, data, split, limit, cfg.data.max_title_chars)
     if data is not None and run is not None:  # a split of prepared data: were these items trained on?
         check_overlap(run, [{"title": x["title"], "content": x["reference"]} for x in items()], allow_overlap)
-    cfg = rundir.settings(run, config, {**(flags or {}), **({"model.name": model} if model else {})}, sets)
     done = stream.resume_point(out, items, resume, _made_with(run, model, adapter, base, cfg)) if out else 0
     if run is not None:  # --base: unmerged, so the adapter can be switched off
         gen = Generator.from_run(run, cfg, merge=False if base else None)

@@ -24,15 +24,17 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from prodesc.config import MAX_TITLE_CHARS
 from prodesc.errors import ProdescError
-from prodesc.records import read_split
+from prodesc.records import check_title, read_split
 
 Items = Callable[[], Iterator[dict[str, Any]]]  # a fresh pass over the items, each {"title", "reference"?}
 
 
-def item_source(input: Path | None, data: Path | None, split: str, limit: int | None) -> tuple[Items, int]:
+def item_source(input: Path | None, data: Path | None, split: str, limit: int | None,
+                max_title_chars: int = MAX_TITLE_CHARS) -> tuple[Items, int]:
     """A re-readable source of the items of `--input FILE` or `--data DIR --split`, and how many there are
-    (every item checked once here, before any model loads)."""
+    (every item checked once here, before any model loads: not empty, not over the title cap)."""
     if input is not None:
         if not input.is_file():
             raise ProdescError(f"input file not found: {input}: pass a .txt (one title a line) or .jsonl file")
@@ -46,6 +48,7 @@ def item_source(input: Path | None, data: Path | None, split: str, limit: int | 
     for total, item in enumerate(items(), 1):
         if not str(item["title"]).strip():
             raise ProdescError(f"{input or data}: empty title at item {total}: remove it or give a title")
+        check_title(item["title"], f"{input or data}: item {total}", max_title_chars)
     if total == 0:
         raise ProdescError(f"{input or data} holds no titles")
     return items, total

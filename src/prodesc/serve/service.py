@@ -36,6 +36,8 @@ class Service:
         """`gen` serves under its name; `base`, if given, loads `<name>-base` on its first request."""
         self.gen, self.cfg, self.api_key, self._load_base = gen, cfg, api_key, base
         self.name = public_name(gen.name)
+        # serve.max_title_chars when set, else the cap every verb applies (data.max_title_chars)
+        self.max_title_chars = cfg.max_title_chars or gen.cfg.data.max_title_chars
         self.models = {self.name: True, **({f"{self.name}-base": False} if base is not None else {})}
         self.started = int(time.time())
         self.metrics = Metrics()
@@ -83,9 +85,9 @@ class Service:
             where = f"{param}[{i}]" if param == "titles" else "the last user message"
             if not title.strip():
                 raise ApiError(400, f"{where} is empty: send a product title", param=param)
-            if len(title) > self.cfg.max_title_chars:
-                raise ApiError(400, f"{where} has {len(title)} characters: at most {self.cfg.max_title_chars} "
-                               "(serve.max_title_chars)", param=param)
+            if len(title) > self.max_title_chars:
+                raise ApiError(400, f"{where} has {len(title)} characters: at most {self.max_title_chars} "
+                               "(data.max_title_chars, serve.max_title_chars)", param=param)
         return [t.strip() for t in titles]
 
     async def submit(self, titles: list[str], params: Params, deadline: float, stream: bool = False) -> Job:

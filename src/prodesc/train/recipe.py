@@ -37,6 +37,7 @@ from prodesc import dist, models, rundir
 from prodesc.config import ProdescConfig
 from prodesc.data import data_settings, write_index
 from prodesc.errors import ProdescError
+from prodesc.records import check_split_titles, title_cap
 from prodesc.rundir import build_manifest, data_fingerprint
 from prodesc.train import checks, encoding, examples
 from prodesc.train.checkpoints import resumable
@@ -135,7 +136,9 @@ def _read_split(data: Path, split: str) -> list[dict[str, str]]:
     import pyarrow.parquet as pq
 
     table = pq.read_table(data / f"{split}.parquet", columns=["uid", "title", "content", "family"])
-    return table.to_pylist()
+    rows = table.to_pylist()
+    check_split_titles(data / f"{split}.parquet", [r["title"] for r in rows], title_cap(data))
+    return rows
 
 
 def _setup_tokenizer(cfg: ProdescConfig, train_rows: list[dict], out: Path) -> Any:
