@@ -503,3 +503,28 @@ def test_train_and_eval_refuse_data_holding_a_title_over_the_cap(tiny_data, tiny
     assert not (tmp_path / "run").exists()
     with pytest.raises(ProdescError, match=r"test.parquet: row 2 .* prepare the data again"):
         read_split(data, "test")  # eval and generate --data read splits through it
+
+
+def test_a_qlora_run_is_served_unmerged_as_generate_and_eval_run_it(tiny_run, monkeypatch, capsys):
+    """`serve --run` merges (merge=True); into nf4 weights that rounds the LoRA update away, so the served model
+    was not the evaluated one. An nf4 base (flagged here on the tiny base: nf4 needs CUDA) keeps its adapter."""
+    from peft import PeftModel
+
+    from prodesc.generate import Generator, generator
+
+    real = generator._run_base
+
+    def nf4_base(run, cfg):
+        model = real(run, cfg)
+        model.is_loaded_in_4bit = True
+        return model
+
+    monkeypatch.setattr(generator, "_run_base", nf4_base)
+    served = Generator.from_run(tiny_run, merge=True)
+    assert isinstance(served.model, PeftModel)  # not merged into the (would-be) nf4 weights
+    assert "serves its adapter unmerged" in capsys.readouterr().err
+    monkeypatch.setattr(generator, "_run_base", real)
+    cfg = GenerateConfig(max_new_tokens=12)
+    evaluated = Generator.from_run(tiny_run, merge=False)
+    assert served.describe(["Mog's Kittens"], cfg)[0]["prediction"] == \
+        evaluated.describe(["Mog's Kittens"], cfg)[0]["prediction"]

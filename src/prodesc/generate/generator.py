@@ -56,6 +56,10 @@ class Generator:
         catalog = _catalog(run / CATALOG_DIR, cfg, run.name)  # before the weights: a missing index fails fast
         model = PeftModel.from_pretrained(_run_base(run, cfg), str(run / "adapter"))
         tok = models.load_tokenizer(str(run / "adapter"))
+        if merge and _quantized(model):  # merging into nf4 rounds the LoRA update away: not the evaluated model
+            print("note: a QLoRA run serves its adapter unmerged on the nf4 base, as generate and eval run it (merged "
+                  "weights: `prodesc export`, which de-quantizes first)", file=sys.stderr)
+            merge = False
         if merge if merge is not None else _gpu_unquantized(model):
             model = model.merge_and_unload()
         model.eval()
@@ -359,7 +363,11 @@ def _no_catalog(name: str, k: int) -> str:
 def _gpu_unquantized(model: Any) -> bool:
     import torch
 
-    return torch.cuda.is_available() and not getattr(model, "is_loaded_in_4bit", False)
+    return torch.cuda.is_available() and not _quantized(model)
+
+
+def _quantized(model: Any) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "hf_quantizer", None))
 
 
 def _progress(total: int, enabled: bool) -> Any:
