@@ -130,6 +130,7 @@ def _generate(run, titles, out, *more):
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow  # 60-150 s on 2 busy cores: 240 titles generated twice in subprocesses
 def test_generate_to_file_resumes_after_kill_without_repeating_or_losing_a_line(tiny_run, tmp_path):
     titles = _titles(tmp_path, 240)
     whole = tmp_path / "whole.jsonl"

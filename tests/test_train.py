@@ -168,6 +168,7 @@ def test_nan_loss_stops_with_a_clear_error(tiny_data, tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "checkpoints" / "checkpoint-4").exists()
 
 
+@pytest.mark.slow  # 60-130 s on 2 busy cores: three training subprocesses
 def test_resume_after_sigkill_reaches_the_same_final_step(tiny_data, tmp_path):
     run = tmp_path / "run"
     cmd = [

@@ -16,11 +16,8 @@ keys in `UNLOCKED` that only say how or where the same model is loaded.
 
 from __future__ import annotations
 
-import difflib
 import os
 import sys
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
+from prodesc.config_tree import deep_merge, flat, is_text, read_yaml, set_dotted, unknown_keys
 from prodesc.errors import ProdescError
 
 
@@ -362,22 +360,22 @@ def resolve(
 ) -> ProdescConfig:
     """defaults < base < model_defaults (dotted keys a model carries: an export's decoding) < config (keys it sets)
     < flags (None = not given) < sets; every problem reported at once."""
-    raw = _read_yaml(Path(base)) if base is not None else {}
+    raw = read_yaml(Path(base)) if base is not None else {}
     if locked:  # a run's resolved config: what the environment gave that run is this machine's to give now
         raw = dict(raw)
         for section, key in FROM_ENV:
             if isinstance(raw.get(section), dict):
                 raw[section] = {k: v for k, v in raw[section].items() if k != key}
     for key, value in (model_defaults or {}).items():
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     problems: list[str] = []
     layers: list[tuple[str, dict[str, Any]]] = []
     if config is not None:
-        layers.append((f"{config}: ", _read_yaml(Path(config))))
+        layers.append((f"{config}: ", read_yaml(Path(config))))
     tree: dict[str, Any] = {}
     for key, value in (flags or {}).items():
         if value is not None:
-            _set_dotted(tree, key, value)
+            set_dotted(tree, key, value)
     layers.append(("", tree))
     tree = {}
     for item in sets:
@@ -385,14 +383,14 @@ def resolve(
         if not sep or not key.strip():
             problems.append(f"--set {item!r}: expected key.sub=value, e.g. train.max_steps=100")
             continue
-        _set_dotted(tree, key.strip(), _typed(key.strip(), text))
+        set_dotted(tree, key.strip(), _typed(key.strip(), text))
     layers.append(("", tree))
-    problems += _unknown_keys(raw, ProdescConfig, where=f"{base}: " if base is not None else "")
+    problems += unknown_keys(raw, ProdescConfig, where=f"{base}: " if base is not None else "")
     for where, layer in layers:
-        problems += _unknown_keys(layer, ProdescConfig, where=where)
+        problems += unknown_keys(layer, ProdescConfig, where=where)
         if locked:
             problems += _locked_changes(raw, layer, LOCKED_ON_RUN if locked is True else locked)
-        raw = _deep_merge(raw, layer)
+        raw = deep_merge(raw, layer)
     raw = _remote_code_from_the_command(raw, flags or {})
     if not problems:
         try:
@@ -414,7 +412,7 @@ def dump(cfg: ProdescConfig, path: str | Path) -> None:
 
 def changed_keys(old: ProdescConfig, new: ProdescConfig) -> list[str]:
     """Dotted keys whose value differs between two configs (e.g. a run's and its resume's)."""
-    a, b = _flat(old.model_dump(mode="json")), _flat(new.model_dump(mode="json"))
+    a, b = flat(old.model_dump(mode="json")), flat(new.model_dump(mode="json"))
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k != "model.trust_remote_code")
 
 
@@ -422,7 +420,7 @@ def _typed(key: str, text: str) -> Any:
     """A `--set` value by its field's type: text as it is for str fields, YAML for the rest, '' = None."""
     if not text.strip():
         return None
-    if _is_text(_annotation(key)):
+    if is_text(_annotation(key)):
         return text
     try:
         return yaml.safe_load(text)
@@ -441,22 +439,11 @@ def _annotation(key: str) -> Any:
     return annotation
 
 
-def _is_text(annotation: Any) -> bool:
-    """str, Literal of str, or either | None."""
-    if annotation is str:
-        return True
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) is Literal:
-        return all(isinstance(a, str) for a in args)
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        rest = [a for a in args if a is not type(None)]
-        return bool(rest) and all(_is_text(a) for a in rest)
-    return False
 
 
 def _locked_changes(run: dict[str, Any], layer: dict[str, Any], sections: tuple[str, ...]) -> list[str]:
-    flat_run, problems = _flat(run), []
-    for key, value in _flat(layer).items():
+    flat_run, problems = flat(run), []
+    for key, value in flat(layer).items():
         if key.split(".")[0] in sections and key not in UNLOCKED and flat_run.get(key, value) != value:
             problems.append(
                 f"{key}: the run was trained with {flat_run.get(key)!r}; changing it breaks train/inference "
@@ -473,7 +460,7 @@ def _remote_code_from_the_command(raw: dict[str, Any], flags: Mapping[str, Any])
     if isinstance(model, dict) and model.get("trust_remote_code") and not allowed:
         print("note: model.trust_remote_code from the config is ignored: remote code runs only with "
               "--trust-remote-code on the command", file=sys.stderr)
-    return _deep_merge(raw, {"model": {"trust_remote_code": allowed}}) if isinstance(model, dict | None) else raw
+    return deep_merge(raw, {"model": {"trust_remote_code": allowed}}) if isinstance(model, dict | None) else raw
 
 
 def _fill_from_env(cfg: ProdescConfig) -> ProdescConfig:
@@ -484,62 +471,3 @@ def _fill_from_env(cfg: ProdescConfig) -> ProdescConfig:
         env = os.environ.get("PRODESC_COMPILE_GENERATE", "auto")
         cfg.generate.compile = {"0": "off", "off": "off", "force": "force"}.get(env, "auto")
     return cfg
-
-
-def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for key, value in b.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ProdescError(f"config file not found: {path}: pass an existing YAML file (see configs/)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ProdescError(f"config file {path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ProdescError(
-            f"config file {path}: top level must be a mapping of stages (data:, model:, train:...)"
-        )
-    return raw
-
-
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
-    node = raw
-    for p in parents:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            node = {}
-    node[leaf] = value
-
-
-def _unknown_keys(raw: dict[str, Any], model: type[BaseModel], prefix: str = "", where: str = "") -> list[str]:
-    problems = []
-    fields = model.model_fields
-    for key, value in raw.items():
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid: {', '.join(fields)}"
-            problems.append(f"{where}{prefix}{key}: unknown key{hint}")
-            continue
-        sub = fields[key].annotation
-        if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
-            problems += _unknown_keys(value, sub, f"{prefix}{key}.", where)
-    return problems
