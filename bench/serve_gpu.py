@@ -16,7 +16,7 @@ included, once loaded). errors_5xx: the larger of what the clients saw (5xx stat
 and the server's own count (/metrics prodesc_requests_total 5xx + prodesc_errors_total server_error in streams).
 The equality check: `--check-generate K` titles answered greedily by the server (/v1/describe), then, the server
 stopped, by `Generator.from_run(RUN)` as `prodesc generate --run RUN` runs them; every answer must be equal. Exit
-status 1 when any check fails (a 5xx, graphs off, an answer that differs).
+status 1 when any check fails (a 5xx, graphs off unless --allow-eager, an answer that differs).
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--base-requests", type=int, default=4, help="`<name>-base` requests fired mid-round.")
     ap.add_argument("--check-generate", type=int, default=16, help="Titles whose answers must equal generate's.")
+    ap.add_argument("--allow-eager", action="store_true", help="Graphs off is no failure (a QLoRA run: nf4 weights "
+                    "decode eagerly by design, generate.fast); graphs_on is still reported as measured.")
     ap.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
@@ -83,7 +85,7 @@ def main() -> None:
     a.out.with_name(a.out.stem + ".details.json").write_text(json.dumps(details, indent=1) + "\n")
     print(json.dumps(result, indent=1))
     problems = [f"{result['errors_5xx']} 5xx answers"] * bool(result["errors_5xx"])
-    problems += ["CUDA graphs off in some /healthz sample"] * (not result["graphs_on"])
+    problems += ["CUDA graphs off in some /healthz sample"] * (not result["graphs_on"] and not a.allow_eager)
     problems += [f"{details['generate']['differ']} served answers differ from generate's"] * bool(
         details["generate"]["differ"])
     if problems:
