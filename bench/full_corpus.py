@@ -266,7 +266,8 @@ def _model_dir(a: argparse.Namespace) -> Path:
 def _config(a: argparse.Namespace, sets: list[str], model: str | None = None):
     from prodesc import config
 
-    sets = [f"model.name={model or a.tokenizer}", f"retrieval.embedder={a.embedder}", *sets]
+    # k=0 as the stages above say: the preset's neighbours (retrieval.k: 2) would need the index stage's vectors
+    sets = [f"model.name={model or a.tokenizer}", f"retrieval.embedder={a.embedder}", "retrieval.k=0", *sets]
     if a.tiny:  # CPU: no Triton kernels, no fused optimizer, no bf16, no flash varlen kernel
         sets += ["model.dtype=float32", "train.liger=false", "train.optim=adamw_torch",
                  "model.attn_implementation=sdpa", "train.max_length=512", "train.batch_size=2"]  # fmt: skip
