@@ -43,10 +43,10 @@ demo: $(STAMP)
 
 test: $(STAMP) browser
 	$(BIN)/ruff check src tests bench
-	$(BIN)/pytest -q -m "not slow and not gpu" --timeout 600
+	$(BIN)/pytest -q -m "not slow and not gpu" --timeout 600 --durations=10
 
 test-all: $(STAMP) browser
-	$(BIN)/pytest -q -m "not gpu" --timeout 1800
+	$(BIN)/pytest -q -m "not gpu" --timeout 1800 --durations=10
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

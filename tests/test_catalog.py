@@ -109,11 +109,39 @@ def test_data_index_of_another_embedder_is_refused(tiny_rag_data):
         TitleVectors.for_data(tiny_rag_data, RetrievalConfig(embedder="some/other-model"))
 
 
-def test_cli_data_index_refuses_an_existing_index_and_a_dir_without_splits(tiny_rag_data, tmp_path):
+def test_cli_data_index_refuses_an_existing_index_and_a_dir_without_splits(tiny_rag_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(TitleVectors, "encode", lambda *a, **kw: pytest.fail("titles embedded before the refusal"))
     res = CliRunner().invoke(app, ["data", "index", str(tiny_rag_data)])
     assert res.exit_code == 1 and "--overwrite" in res.output
+    assert "--out" not in res.output  # `data index` has no --out; the message used to name it
     res = CliRunner().invoke(app, ["data", "index", str(tmp_path)])
     assert res.exit_code == 1 and "data prepare" in res.output
+
+
+@pytest.mark.parametrize("damage", ["width", "not unit", "count", "meta", "items"])
+def test_a_damaged_data_index_is_a_one_line_error_saying_how_to_rebuild_it(tiny_rag_data, tmp_path, damage):
+    """Index vectors of the wrong width used to train with rc 0; other damage gave tracebacks."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_rag_data, data, ignore=shutil.ignore_patterns("encoded"))
+    index = data / "index"
+    vectors = np.load(index / "vectors.npy")
+    if damage == "width":
+        narrow = vectors[:, :8].astype(np.float32)
+        np.save(index / "vectors.npy", (narrow / np.linalg.norm(narrow, axis=1, keepdims=True)).astype(np.float16))
+    elif damage == "not unit":
+        np.save(index / "vectors.npy", vectors * 3)
+    elif damage == "count":
+        np.save(index / "vectors.npy", vectors[:-1])
+    elif damage == "meta":
+        (index / "meta.json").write_text('{"embedder": "embedded:all-minilm-l6-v2"}')
+    else:
+        (index / "items.parquet").write_bytes(b"PAR1 not parquet")
+    with pytest.raises(ProdescError) as err:
+        TitleVectors.for_data(data, RetrievalConfig())
+    message = str(err.value)
+    assert str(index) in message and f"prodesc data index {data} --overwrite" in message and "\n" not in message
 
 
 def test_training_neighbours_are_never_the_record_nor_its_family(tiny_rag_data):

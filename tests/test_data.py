@@ -375,6 +375,19 @@ def test_malformed_lines_are_skipped_and_counted(tmp_path: Path) -> None:
     assert stats["malformed"]["first"] == [f"{src}:2", f"{src}:3", f"{src}:4"]
 
 
+def test_titles_over_the_cap_are_dropped_and_counted(tmp_path: Path) -> None:
+    """One cap on title length for every verb (data.max_title_chars), applied when data is read: a 100,000-character
+    title among 260 records made the preset demand train.max_length 25,059."""
+    src = tmp_path / "x.jsonl"
+    rows = [{"uid": str(i), "title": f"Mug {i}", "content": f"A mug, number {i}."} for i in range(20)]
+    rows[3]["title"] = "Huge " * 20_000
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stats = prepare([src], tmp_path / "out", DataConfig())
+    assert stats["dropped"]["long_title"] == 1 and stats["kept"] == 19
+    stats = prepare([src], tmp_path / "out6", DataConfig(max_title_chars=5))
+    assert stats["dropped"]["long_title"] == 11 and stats["kept"] == 9  # and "Mug 10" .. "Mug 19" are 6
+
+
 def test_strict_fails_naming_file_and_line(tmp_path: Path) -> None:
     src = _broken(tmp_path)
     with pytest.raises(ProdescError, match=rf"{src}:2: malformed"):

@@ -9,9 +9,6 @@ from prodesc.config import ModelConfig, PromptConfig
 from prodesc.train import encoding, examples
 from prodesc.train import recipe as train
 
-MISTRAL = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "mistral-7b-instruct-v0.3-tokenizer"
-SMOLLM2 = Path.home() / ".cache" / "prodesc" / "smollm2-135m-instruct"  # models.embedded_checkpoint's conversion
-
 RECORDS = [
     ("Red Mug", "A red mug.\n"),
     ("  Girls Ballet Tutu   Neon Pink ", "A layered tulle tutu for dance practice, recitals and dress-up. " * 6),
@@ -26,24 +23,25 @@ NEAR = [
 ]
 
 
-def _tokenizer(name: str, tmp_path_factory: pytest.TempPathFactory):
+def _tokenizer(name: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest | None = None):
+    """tiny's (trained here), SmolLM2's (converted into the test model cache) or Mistral's (../shared)."""
     from prodesc.models import build_tiny, fix_pad, load_tokenizer
 
     if name == "tiny":
         texts = [f"{t} {c} Title: Write the product description" for t, c in RECORDS] * 20
         tok = load_tokenizer(str(build_tiny(texts, ModelConfig(name="tiny"), tmp_path_factory.mktemp("tok"))))
+    elif name == "smollm2":
+        tok = load_tokenizer(str(request.getfixturevalue("smollm2_dir")))
     else:
-        path = {"smollm2": SMOLLM2, "mistral": MISTRAL}[name]
-        if not (path / "tokenizer.json").is_file():
-            pytest.skip(f"{path} absent")
-        tok = load_tokenizer(str(path))
+        tok = load_tokenizer(str(request.getfixturevalue("shared_dir") / "tokenizers" /
+                                 "mistral-7b-instruct-v0.3-tokenizer"))
     fix_pad(tok)
     return tok
 
 
 @pytest.fixture(scope="module", params=["tiny", "smollm2", "mistral"])
 def tok(request, tmp_path_factory):
-    return _tokenizer(request.param, tmp_path_factory)
+    return _tokenizer(request.param, tmp_path_factory, request)
 
 
 @pytest.mark.parametrize("cfg", [PromptConfig(), PromptConfig(language="pt"), PromptConfig(system_prompt="Be brief.")],
@@ -137,6 +135,33 @@ def test_encoded_examples_are_cached_in_the_data_dir_and_read_back_without_encod
     assert again[2] == first[2] and again[0]["input_ids"] == first[0]["input_ids"]
     stats = json.loads(next((data / "encoded").glob("*/stats.json")).read_text())
     assert stats["examples"] == len(first[0])
+
+
+@pytest.mark.parametrize("damage", ["truncated arrow", "stats.json", "no train"])
+def test_a_damaged_encoded_entry_is_encoded_again(tiny_data, tmp_path, capsys, damage):
+    """The cache is rebuilt, with a note, where it used to end in a datasets/pyarrow traceback."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns("encoded"))
+    tok = _tokenizer("tiny", _Factory(tmp_path))
+    rows = {s: train._read_split(data, s) for s in ("train", "val")}
+    cfg = tiny_config("train.max_length=200")
+    first = encoding.build(tok, cfg, rows, None, data)
+    entry = data / "encoded" / encoding.cache_key(tok, cfg, data)
+    if damage == "truncated arrow":
+        arrow = next((entry / "train").glob("*.arrow"))
+        arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    elif damage == "stats.json":
+        (entry / "stats.json").write_text("{")
+    else:
+        shutil.rmtree(entry / "train")
+    capsys.readouterr()
+    again = encoding.build(tok, cfg, rows, None, data)
+    out = capsys.readouterr().out
+    assert f"note: {entry} is damaged" in out and "encoded " in out
+    assert again[2] == first[2] and again[0]["input_ids"] == first[0]["input_ids"]
+    assert "examples read from" in (encoding.build(tok, cfg, rows, None, data) and capsys.readouterr().out)
 
 
 @pytest.mark.parametrize(

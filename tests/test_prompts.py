@@ -1,4 +1,3 @@
-from pathlib import Path
 
 import pytest
 
@@ -6,18 +5,14 @@ from prodesc import prompts
 from prodesc.config import PromptConfig
 from prodesc.errors import ProdescError
 
-MISTRAL = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "mistral-7b-instruct-v0.3-tokenizer"
-
 
 @pytest.fixture(scope="module")
-def mistral_tok():
-    if not MISTRAL.is_dir():
-        pytest.skip("../shared/tokenizers absent")
+def mistral_tok(shared_dir):
     from transformers import AutoTokenizer
 
     from prodesc.models import fix_pad
 
-    tok = AutoTokenizer.from_pretrained(MISTRAL)
+    tok = AutoTokenizer.from_pretrained(shared_dir / "tokenizers" / "mistral-7b-instruct-v0.3-tokenizer")
     fix_pad(tok)
     return tok
 

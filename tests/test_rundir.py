@@ -89,6 +89,34 @@ def _run_with_answers(tmp_path: Path, answers: dict | None, boost: str = "auto")
     return run
 
 
+def test_sigterm_inside_atomic_dir_removes_the_temp_dir(tmp_path):
+    """Every atomic output (export, report, encoded examples, data) unwinds on SIGTERM: it used to leave its
+    temporary dir (558 MiB for the SmolLM2 GGUF export) unless the verb installed a handler itself."""
+    script = (
+        "import os, signal, sys, time\n"
+        "from pathlib import Path\n"
+        "from prodesc import rundir\n"
+        "with rundir.atomic_dir(Path(sys.argv[1])) as tmp:\n"
+        "    (tmp / 'part.bin').write_bytes(b'x' * 1000)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(30)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no .out.tmp-PID-* left, no half output
+
+
+def test_atomic_dir_output_gets_the_umask_permissions_not_0700(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with rundir.atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "f").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
 def test_auto_length_prior_is_the_runs_60th_percentile_of_answer_tokens(tmp_path):
     run = _run_with_answers(tmp_path, {"p50": 20, "p60": 37, "p75": 50, "p90": 80})
     assert rundir.settings(run).generate.stop_boost_after == 37

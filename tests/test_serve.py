@@ -262,6 +262,10 @@ BAD_CHAT = {
                             400, "max_tokens=5000"),
     "messages not a list": ({"model": RUN_NAME, "messages": "Mug"}, 400, "messages: Input should be a valid list"),
     "missing model": ({"messages": [{"role": "user", "content": "Mug"}]}, 400, "model: Field required"),
+    "stop strings": ({"model": RUN_NAME, "stop": ["\n"], "messages": [{"role": "user", "content": "Mug"}]}, 400,
+                     "stop sequences are not supported"),  # they used to be ignored silently
+    "a stop string": ({"model": RUN_NAME, "stop": ".", "messages": [{"role": "user", "content": "Mug"}]}, 400,
+                      "stop sequences are not supported"),
 }
 
 
@@ -897,3 +901,181 @@ def test_a_stream_past_its_deadline_ends_with_a_timeout_event_not_a_finish() -> 
     assert json.loads(events[-2])["error"]["type"] == "timeout" and events[-1] == "[DONE]"
     assert not any('"finish_reason": "' in e for e in events)  # never handed over as if complete
     assert after.status_code == 200 and produced < 2000
+
+
+# ---- the event loop does no model work; engines warm up before traffic; a dead model thread is reported -------
+
+
+class WarmEngine(FakeEngine):
+    """A FakeEngine with `warm_up` (the real engine's CUDA graph capture), recording the thread it ran on."""
+
+    def __init__(self, gen: FakeGenerator, slots: int) -> None:
+        super().__init__(gen, slots)
+        self.warmed_on: str | None = None
+        self.steps_before_warm = None
+
+    def warm_up(self) -> None:
+        self.gen.warm_calls += 1
+        if self.gen.warm_fails:
+            raise RuntimeError("CUDA graph capture failed (fake)")
+        self.warmed_on = threading.current_thread().name
+
+    def step(self) -> int:
+        self.gen.stepped_cold |= self.warmed_on is None and not self.gen.warm_fails
+        return super().step()
+
+
+class ThreadRecordingGenerator(FakeGenerator):
+    def __init__(self, tag: str = "tuned") -> None:
+        super().__init__(tag)
+        self.prompt_threads: set[str] = set()
+        self.warm_calls, self.warm_fails, self.stepped_cold = 0, False, False
+
+    def neighbours(self, titles):
+        self.prompt_threads.add(threading.current_thread().name)
+        return [[] for _ in titles]
+
+    def prompt_ids(self, title: str) -> list[int]:
+        self.prompt_threads.add(threading.current_thread().name)
+        return super().prompt_ids(title)
+
+    def engine(self, slots: int, cache_len: int, admit_wait_s: float = 0.0) -> WarmEngine:
+        return WarmEngine(self, slots)
+
+    def load_base(self) -> ThreadRecordingGenerator:
+        self.base = ThreadRecordingGenerator("base")
+        self.base.tok, self.base.warm_fails = self.tok, self.warm_fails
+        return self.base
+
+
+def _with_lifespan(gen, scenario, **serve):
+    """create_app(gen) with its lifespan run (start-up warm-up, shutdown), as uvicorn runs it."""
+    app = create_app(gen, ServeConfig(**{"batch_window_ms": 0, **serve}), None, base=gen.load_base)
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=30) as http:
+                return await scenario(http, app, gen)
+
+    return asyncio.run(main())
+
+
+def test_neighbours_and_prompts_are_built_off_the_event_loop() -> None:
+    """Embedding and searching neighbours (CUDA work for retrieval.k > 0) used to run on the event loop, beside a
+    CUDA graph capture on the model thread."""
+    gen = ThreadRecordingGenerator()
+
+    async def scenario(http, app, gen):
+        loop_thread = threading.current_thread().name
+        answers = await asyncio.gather(*(http.post("/v1/describe", json={"titles": [f"T{i}", "U"]})
+                                         for i in range(4)))
+        base = await http.post("/v1/describe", json={"titles": ["B"], "model": "fake-base"})
+        return loop_thread, answers, base
+
+    loop_thread, answers, base = _with_lifespan(gen, scenario)
+    assert [r.status_code for r in answers] == [200] * 4 and base.status_code == 200
+    threads = gen.prompt_threads | gen.base.prompt_threads
+    assert threads and loop_thread not in threads
+    assert all(name.startswith("prodesc-prompts") for name in threads)
+
+
+def test_engines_warm_up_before_their_first_request_and_a_failed_warm_up_still_answers() -> None:
+    for fails in (False, True):
+        gen = ThreadRecordingGenerator()
+        gen.warm_fails = fails
+
+        async def scenario(http, app, gen):
+            warmed_at_start = gen.warm_calls
+            tuned = await http.post("/v1/describe", json={"titles": ["A"]})
+            base = await http.post("/v1/describe", json={"titles": ["B"], "model": "fake-base"})
+            stream = await http.post("/v1/chat/completions", json={
+                "model": "fake-base", "stream": True, "messages": [{"role": "user", "content": "C"}]})
+            return warmed_at_start, tuned, base, stream, (await http.get("/healthz")).json()
+
+        warmed_at_start, tuned, base, stream, health = _with_lifespan(gen, scenario)
+        assert warmed_at_start == 1  # before the server took a request
+        assert gen.base.warm_calls == 1 and not gen.stepped_cold and not gen.base.stepped_cold
+        assert (tuned.status_code, base.status_code, stream.status_code) == (200, 200, 200)  # never a 500
+        assert "data: [DONE]" in stream.text and '"error"' not in stream.text
+        assert health["graphs"] == {"fake": None, "fake-base": None}  # fakes have no graphs attribute
+
+
+class DyingEngine(FakeEngine):
+    """The model thread's loop itself fails (a bug outside a step): the thread ends."""
+
+    @property
+    def busy(self) -> bool:
+        if self.gen.die:
+            raise RuntimeError("a bug in the loop (fake)")
+        return bool(self.rows or self.waiting)
+
+
+def test_healthz_answers_503_once_the_model_thread_has_died_and_requests_get_503_not_a_hang() -> None:
+    async def scenario(http, app, gen):
+        gen.die = False
+        ok = await http.post("/v1/describe", json={"titles": ["A"]})
+        gen.die = True
+        app.state.prodesc.batcher._wake.set()
+        await until(lambda: app.state.prodesc.batcher.dead is not None)
+        return ok, await http.get("/healthz"), await http.post("/v1/describe", json={"titles": ["B"]})
+
+    gen = FakeGenerator()
+    gen.engine = lambda slots, cache_len, admit_wait_s=0.0: DyingEngine(gen, slots)
+    app = create_app(gen, ServeConfig(batch_window_ms=0), None)
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=10) as http:
+            try:
+                return await scenario(http, app, gen)
+            finally:
+                gen.die = False
+                await app.state.prodesc.batcher.close()
+
+    ok, health, refused = asyncio.run(main())
+    assert ok.status_code == 200
+    assert health.status_code == 503 and health.json()["status"] == "dead"
+    assert "model thread died (RuntimeError: a bug in the loop (fake))" in health.json()["detail"]
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_thread_dead"
+
+
+def test_a_job_the_engine_refuses_fails_alone_and_the_model_thread_goes_on() -> None:
+    async def scenario(http, app, gen):
+        engine = app.state.prodesc.batcher.engines[True]
+        real_add = engine.add
+
+        def add(row):
+            if gen.tok.words[row.prompt[0]] == "Bad":
+                raise ValueError("prompt too long (fake)")
+            real_add(row)
+
+        engine.add = add
+        bad = await http.post("/v1/describe", json={"titles": ["Good", "Bad"]})
+        return bad, await http.post("/v1/describe", json={"titles": ["A"]}), app.state.prodesc.batcher.dead
+
+    bad, ok, dead = in_process(scenario)
+    assert bad.status_code == 500 and "prompt too long" in bad.json()["error"]["message"]
+    assert ok.status_code == 200 and dead is None
+
+
+@pytest.mark.parametrize("api_key", [None, "k"])
+def test_cors_for_every_origin_needs_an_api_key(api_key) -> None:
+    from prodesc.errors import ProdescError
+
+    cfg = ServeConfig(cors_origins=["*"])
+    if api_key is None:
+        with pytest.raises(ProdescError, match=r"cors_origins=\['\*'\] without --api-key"):
+            create_app(FakeGenerator(), cfg, api_key)
+    else:
+        assert create_app(FakeGenerator(), cfg, api_key) is not None
+
+
+def test_serve_caps_titles_at_the_cap_every_verb_applies() -> None:
+    async def scenario(http, app, gen):
+        return (await http.post("/v1/describe", json={"titles": ["x" * 1001]}),
+                await http.post("/v1/describe", json={"titles": ["x" * 1000]}))
+
+    refused, ok = in_process(scenario)
+    assert refused.status_code == 400 and "at most 1000 (data.max_title_chars" in refused.json()["error"]["message"]
+    assert ok.status_code == 200

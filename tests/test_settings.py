@@ -114,3 +114,34 @@ def test_resume_with_changed_settings_names_them_and_keeps_the_original(tiny_run
     res = runner.invoke(app, ["train", "--data", str(tiny_data), "--out", str(run), "--resume",
                               "--set", "lora.r=4"])
     assert res.exit_code == 1 and "lora.r: the run was trained with 16" in res.output
+
+
+def test_resume_refuses_what_inference_refuses(tiny_run, tiny_data, tmp_path):
+    """One lock list: retrieval.* used to change on --resume, while generate/eval/serve refuse it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(tiny_run / "config.resolved.yaml", run)  # the settings are resolved before anything else is read
+    for change in ("retrieval.k=2", "retrieval.chars=300", "prompt.language=pt", "lora.r=4"):
+        res = runner.invoke(app, ["train", "--data", str(tiny_data), "--out", str(run), "--resume", "--set", change])
+        assert res.exit_code == 1 and f"{change.split('=')[0]}: the run was trained with" in res.output, res.output
+
+
+@pytest.mark.parametrize("verb", ["generate", "serve"])
+def test_a_run_takes_the_cache_dir_and_compile_from_this_environment(verb, tiny_run, tmp_path, monkeypatch,
+                                                                   captured):
+    """The run recorded the training machine's PRODESC_CACHE / PRODESC_COMPILE_GENERATE; they used to override
+    this machine's environment for every later verb on the run."""
+    import yaml
+
+    recorded = yaml.safe_load((tiny_run / "config.resolved.yaml").read_text())
+    assert recorded["model"]["cache_dir"] and recorded["generate"]["compile"]  # frozen into the run dir
+    monkeypatch.setenv("PRODESC_CACHE", str(tmp_path / "here"))
+    monkeypatch.setenv("PRODESC_COMPILE_GENERATE", "force")
+    args = {"generate": ["generate", "--run", str(tiny_run), "Red Mug"],
+            "serve": ["serve", "--run", str(tiny_run), "--port", str(_free_port())]}[verb]
+    res = runner.invoke(app, args)
+    assert isinstance(res.exception, _Loaded), res.output
+    cfg = captured["cfg"]
+    assert (cfg.model.cache_dir, cfg.generate.compile) == (str(tmp_path / "here"), "force")
+    res = runner.invoke(app, [*args, "--set", "generate.compile=off"])
+    assert captured["cfg"].generate.compile == "off"  # a flag still wins

@@ -110,6 +110,25 @@ def test_empty_train_split_is_refused(tiny_data, tmp_path):
         train.train(tiny_config(), d, tmp_path / "run")
 
 
+def test_an_empty_val_split_trains_without_eval(tmp_path):
+    """`--val-fraction 0` (documented) used to crash in encoding with KeyError 'neighbour_chars_cut' after the run
+    dir was written: `datasets.map` over no rows never makes the mapped columns."""
+    from prodesc import config
+    from prodesc.data.prepare import prepare
+    from prodesc.data.synth import synth
+
+    synth(120, tmp_path / "catalog.json.gz", seed=1, malformed=0)
+    data = tmp_path / "data"
+    prepare([tmp_path / "catalog.json.gz"], data, config.DataConfig(val_fraction=0, test_fraction=0.1))
+    import pyarrow.parquet as pq
+
+    assert pq.read_metadata(data / "val.parquet").num_rows == 0
+    run = train.train(tiny_config("train.max_steps=2", "train.eval_steps=1", "train.save_steps=2"), data,
+                      tmp_path / "run")
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["training"]["global_step"] == 2 and manifest["training"]["best_val_loss"] is None
+
+
 def test_resume_without_checkpoint_is_a_user_error(tiny_data, tmp_path):
     with pytest.raises(ProdescError, match="no checkpoint"):
         train.train(tiny_config(), tiny_data, tmp_path / "run", resume=True)
@@ -149,6 +168,7 @@ def test_nan_loss_stops_with_a_clear_error(tiny_data, tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "checkpoints" / "checkpoint-4").exists()
 
 
+@pytest.mark.slow  # 60-130 s on 2 busy cores: three training subprocesses
 def test_resume_after_sigkill_reaches_the_same_final_step(tiny_data, tmp_path):
     run = tmp_path / "run"
     cmd = [

@@ -51,6 +51,8 @@ def index_data(data: Path, embedder: str, overwrite: bool = False) -> Path:
     present = [s for s in SPLITS if (data / f"{s}.parquet").exists()]
     if not present:
         raise ProdescError(f"no train/val/test.parquet in {data}: run `prodesc data prepare ... --out {data}` first")
+    if (data / INDEX_DIR).exists() and not overwrite:  # before the titles are embedded, not after
+        raise ProdescError(f"{data / INDEX_DIR} already exists: pass --overwrite to embed the titles again")
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -153,7 +155,11 @@ class Catalog:
         if (path / FAISS_FILE).exists() and not catalog._exact():  # the graph train built: not built again
             import faiss
 
-            catalog._index = faiss.read_index(str(path / FAISS_FILE))
+            try:
+                catalog._index = faiss.read_index(str(path / FAISS_FILE))
+            except RuntimeError as e:  # faiss' own errors: a file cut short or overwritten
+                raise ProdescError(f"{path / FAISS_FILE} is damaged ({str(e).splitlines()[0][:80]}): delete it (the "
+                                   "search graph is built again) or train the run again") from None
         return catalog
 
     def save(self, out: Path) -> None:
@@ -281,12 +287,44 @@ def _write(out: Path, table: Any, vectors: np.ndarray, embedder: str) -> None:
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def check_store(path: Path) -> None:
+    """A user error naming the file when an index dir (DATA/index/, RUN/catalog/) is damaged (`_read`)."""
+    _read(path)
+
+
 def _read(path: Path) -> tuple[dict, Any, np.ndarray]:
+    """meta.json, items.parquet and vectors.npy of an index dir, each checked: meta parses with its keys, the items
+    have their columns, the vectors are fp16 unit vectors of meta's width, one per item."""
     import pyarrow.parquet as pq
 
-    meta = json.loads((path / "meta.json").read_text())
-    table = pq.read_table(path / "items.parquet")
-    matrix = np.load(path / "vectors.npy")
-    if len(matrix) != table.num_rows:
-        raise ProdescError(f"{path} is inconsistent ({len(matrix)} vectors, {table.num_rows} items): rebuild it")
+    from prodesc.files import read_json
+
+    fix = (f"rebuild it: prodesc data index {path.parent} --overwrite" if path.name == INDEX_DIR
+           else "it is written by `prodesc train` with retrieval.k > 0: train the run again")
+    meta = read_json(path / "meta.json", fix)
+    if not (isinstance(meta.get("embedder"), str) and isinstance(meta.get("dim"), int)
+            and isinstance(meta.get("count"), int)):
+        raise ProdescError(f"{path / 'meta.json'} is damaged (embedder, count and dim expected): {fix}")
+    try:
+        table = pq.read_table(path / "items.parquet")
+        matrix = np.load(path / "vectors.npy", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise ProdescError(f"{path} is damaged ({type(e).__name__}: {str(e)[:80]}): {fix}") from None
+    problem = _store_problem(meta, table, matrix, ("title",) if path.name == INDEX_DIR else ITEM_COLUMNS)
+    if problem is not None:
+        raise ProdescError(f"{path} is damaged ({problem}): {fix}")
     return meta, table, matrix
+
+
+def _store_problem(meta: dict, table: Any, matrix: np.ndarray, columns: Sequence[str]) -> str | None:
+    missing = sorted(set(columns) - set(table.column_names))
+    if missing:
+        return f"items.parquet lacks the columns {missing}"
+    if matrix.dtype != np.float16 or matrix.shape != (meta["count"], meta["dim"]):
+        return f"vectors.npy is {matrix.dtype} {matrix.shape}, meta.json says float16 ({meta['count']}, {meta['dim']})"
+    if len(matrix) != table.num_rows:
+        return f"{len(matrix)} vectors for {table.num_rows} items"
+    sample = matrix[:1024].astype(np.float32)  # the embedder writes unit vectors; other numbers are damage
+    if len(sample) and not np.all(np.abs(np.linalg.norm(sample, axis=1) - 1) < 0.01):
+        return "vectors.npy holds vectors that are not unit length"
+    return None

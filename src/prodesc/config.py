@@ -16,11 +16,8 @@ keys in `UNLOCKED` that only say how or where the same model is loaded.
 
 from __future__ import annotations
 
-import difflib
 import os
 import sys
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -29,11 +26,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
+from prodesc.config_tree import deep_merge, flat, is_text, read_yaml, set_dotted, unknown_keys
 from prodesc.errors import ProdescError
 
 
 class _Stage(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# A product title is a line, not a document: a 100,000-character title among 260 records made the preset demand
+# train.max_length 25,059, and a 1 MB title given to generate died allocating 490 GB.
+MAX_TITLE_CHARS = 1000
 
 
 class DataConfig(_Stage):
@@ -45,6 +48,11 @@ class DataConfig(_Stage):
     )
     id_field: str | None = Field(None, description="Id column (auto: uid, id, asin; else the line number).")
     min_content_chars: int = Field(1, ge=1, description="Drop records whose cleaned content is shorter.")
+    max_title_chars: int = Field(
+        MAX_TITLE_CHARS, ge=1, description="The cap on a title's characters for every verb: prepare drops longer "
+        "ones (counted: long_title); generate refuses them in its input, train and eval in a data dir, serve in a "
+        "request (serve.max_title_chars, unless set).",
+    )
     val_fraction: float = Field(0.05, ge=0, lt=1, description="Share of title families in val.")
     test_fraction: float = Field(0.05, ge=0, lt=1, description="Share of title families in test.")
     split_salt: str = Field("prodesc", description="Salt of the family hash; change it for another split.")
@@ -255,7 +263,7 @@ class EvalConfig(_Stage):
     systems: list[Literal["finetuned", "base", "retrieval"]] = Field(
         ["finetuned", "base", "retrieval"], description="Systems scored on the same items."
     )
-    limit: int | None = Field(None, description="Score the first N test items (None: all).")
+    limit: int | None = Field(None, ge=1, description="Score the first N test items (None: all).")
     bootstrap_samples: int = Field(1000, ge=100, description="Bootstrap resamples for 95% intervals.")
     embedder: str = Field(
         "embedded:all-minilm-l6-v2", description="sentence-transformers model for similarity."
@@ -305,7 +313,9 @@ class ServeConfig(_Stage):
     queue_size: int = Field(256, ge=1, description="Pending requests at most; more get 503.")
     request_timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")
     max_titles: int = Field(64, ge=1, description="Titles per /v1/describe request at most.")
-    max_title_chars: int = Field(1000, ge=1, description="Characters per title at most.")
+    max_title_chars: int | None = Field(
+        None, ge=1, description="Characters per title at most (None: data.max_title_chars, the cap of every verb)."
+    )
     max_new_tokens_cap: int = Field(1024, ge=1, description="Largest max_new_tokens a client may ask for.")
     stuck_after_s: float = Field(
         30.0, gt=0, description="The model thread is stuck when a generation call runs this long past its latest "
@@ -330,8 +340,14 @@ class ProdescConfig(_Stage):
     serve: ServeConfig = ServeConfig()
 
 
+# One lock list: a verb on a trained run (generate, eval, serve, export) and `train --resume` refuse changes to what
+# the model was trained with; a resume also keeps its adapter's shape. UNLOCKED: how or where the same model loads.
 LOCKED_ON_RUN = ("prompt", "model", "retrieval")
+LOCKED_ON_RESUME = (*LOCKED_ON_RUN, "lora")
 UNLOCKED = {"model.trust_remote_code", "model.cache_dir", "model.attn_implementation", "retrieval.search"}  # how
+# Settings the environment gives (`_fill_from_env`): a run's config.resolved.yaml records the values used then, but a
+# later verb on the run takes them from its own environment (or --set), not from the machine that trained it.
+FROM_ENV = (("model", "cache_dir"), ("generate", "compile"))
 
 
 def resolve(
@@ -340,17 +356,26 @@ def resolve(
     flags: Mapping[str, Any] | None = None,
     sets: Sequence[str] = (),
     locked: bool | tuple[str, ...] = False,
+    model_defaults: Mapping[str, Any] | None = None,
 ) -> ProdescConfig:
-    """defaults < base < config (keys it sets) < flags (None = not given) < sets; every problem reported at once."""
-    raw = _read_yaml(Path(base)) if base is not None else {}
+    """defaults < base < model_defaults (dotted keys a model carries: an export's decoding) < config (keys it sets)
+    < flags (None = not given) < sets; every problem reported at once."""
+    raw = read_yaml(Path(base)) if base is not None else {}
+    if locked:  # a run's resolved config: what the environment gave that run is this machine's to give now
+        raw = dict(raw)
+        for section, key in FROM_ENV:
+            if isinstance(raw.get(section), dict):
+                raw[section] = {k: v for k, v in raw[section].items() if k != key}
+    for key, value in (model_defaults or {}).items():
+        set_dotted(raw, key, value)
     problems: list[str] = []
     layers: list[tuple[str, dict[str, Any]]] = []
     if config is not None:
-        layers.append((f"{config}: ", _read_yaml(Path(config))))
+        layers.append((f"{config}: ", read_yaml(Path(config))))
     tree: dict[str, Any] = {}
     for key, value in (flags or {}).items():
         if value is not None:
-            _set_dotted(tree, key, value)
+            set_dotted(tree, key, value)
     layers.append(("", tree))
     tree = {}
     for item in sets:
@@ -358,14 +383,14 @@ def resolve(
         if not sep or not key.strip():
             problems.append(f"--set {item!r}: expected key.sub=value, e.g. train.max_steps=100")
             continue
-        _set_dotted(tree, key.strip(), _typed(key.strip(), text))
+        set_dotted(tree, key.strip(), _typed(key.strip(), text))
     layers.append(("", tree))
-    problems += _unknown_keys(raw, ProdescConfig, where=f"{base}: " if base is not None else "")
+    problems += unknown_keys(raw, ProdescConfig, where=f"{base}: " if base is not None else "")
     for where, layer in layers:
-        problems += _unknown_keys(layer, ProdescConfig, where=where)
+        problems += unknown_keys(layer, ProdescConfig, where=where)
         if locked:
             problems += _locked_changes(raw, layer, LOCKED_ON_RUN if locked is True else locked)
-        raw = _deep_merge(raw, layer)
+        raw = deep_merge(raw, layer)
     raw = _remote_code_from_the_command(raw, flags or {})
     if not problems:
         try:
@@ -387,7 +412,7 @@ def dump(cfg: ProdescConfig, path: str | Path) -> None:
 
 def changed_keys(old: ProdescConfig, new: ProdescConfig) -> list[str]:
     """Dotted keys whose value differs between two configs (e.g. a run's and its resume's)."""
-    a, b = _flat(old.model_dump(mode="json")), _flat(new.model_dump(mode="json"))
+    a, b = flat(old.model_dump(mode="json")), flat(new.model_dump(mode="json"))
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k != "model.trust_remote_code")
 
 
@@ -395,7 +420,7 @@ def _typed(key: str, text: str) -> Any:
     """A `--set` value by its field's type: text as it is for str fields, YAML for the rest, '' = None."""
     if not text.strip():
         return None
-    if _is_text(_annotation(key)):
+    if is_text(_annotation(key)):
         return text
     try:
         return yaml.safe_load(text)
@@ -414,22 +439,11 @@ def _annotation(key: str) -> Any:
     return annotation
 
 
-def _is_text(annotation: Any) -> bool:
-    """str, Literal of str, or either | None."""
-    if annotation is str:
-        return True
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) is Literal:
-        return all(isinstance(a, str) for a in args)
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        rest = [a for a in args if a is not type(None)]
-        return bool(rest) and all(_is_text(a) for a in rest)
-    return False
 
 
 def _locked_changes(run: dict[str, Any], layer: dict[str, Any], sections: tuple[str, ...]) -> list[str]:
-    flat_run, problems = _flat(run), []
-    for key, value in _flat(layer).items():
+    flat_run, problems = flat(run), []
+    for key, value in flat(layer).items():
         if key.split(".")[0] in sections and key not in UNLOCKED and flat_run.get(key, value) != value:
             problems.append(
                 f"{key}: the run was trained with {flat_run.get(key)!r}; changing it breaks train/inference "
@@ -446,7 +460,7 @@ def _remote_code_from_the_command(raw: dict[str, Any], flags: Mapping[str, Any])
     if isinstance(model, dict) and model.get("trust_remote_code") and not allowed:
         print("note: model.trust_remote_code from the config is ignored: remote code runs only with "
               "--trust-remote-code on the command", file=sys.stderr)
-    return _deep_merge(raw, {"model": {"trust_remote_code": allowed}}) if isinstance(model, dict | None) else raw
+    return deep_merge(raw, {"model": {"trust_remote_code": allowed}}) if isinstance(model, dict | None) else raw
 
 
 def _fill_from_env(cfg: ProdescConfig) -> ProdescConfig:
@@ -457,62 +471,3 @@ def _fill_from_env(cfg: ProdescConfig) -> ProdescConfig:
         env = os.environ.get("PRODESC_COMPILE_GENERATE", "auto")
         cfg.generate.compile = {"0": "off", "off": "off", "force": "force"}.get(env, "auto")
     return cfg
-
-
-def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for key, value in b.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ProdescError(f"config file not found: {path}: pass an existing YAML file (see configs/)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ProdescError(f"config file {path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ProdescError(
-            f"config file {path}: top level must be a mapping of stages (data:, model:, train:...)"
-        )
-    return raw
-
-
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
-    node = raw
-    for p in parents:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            node = {}
-    node[leaf] = value
-
-
-def _unknown_keys(raw: dict[str, Any], model: type[BaseModel], prefix: str = "", where: str = "") -> list[str]:
-    problems = []
-    fields = model.model_fields
-    for key, value in raw.items():
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid: {', '.join(fields)}"
-            problems.append(f"{where}{prefix}{key}: unknown key{hint}")
-            continue
-        sub = fields[key].annotation
-        if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
-            problems += _unknown_keys(value, sub, f"{prefix}{key}.", where)
-    return problems

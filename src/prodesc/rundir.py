@@ -16,9 +16,11 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -50,21 +52,48 @@ LIBRARIES = (
 def atomic_dir(out: Path, overwrite: bool = False, what: str = "output dir") -> Iterator[Path]:
     """Build a directory beside `out`, then swap it into place: `out` is either the old output or the whole new one.
 
-    Yields the temporary dir to fill. On an exception inside the block the temporary dir is removed and `out` is
-    untouched. On success an existing `out` (allowed by `overwrite`) is moved aside, the new dir renamed into place
-    and the old one deleted; if that rename fails, the old output is moved back. Temporary dirs left by dead
-    processes (killed runs) for the same `out` are removed first.
+    Yields the temporary dir to fill. On an exception inside the block, Ctrl-C or SIGTERM (which unwinds like
+    Ctrl-C meanwhile: `terminate_as_interrupt`) the temporary dir is removed and `out` is untouched. On success an
+    existing `out` (allowed by `overwrite`) is moved aside, the new dir renamed into place and the old one deleted;
+    if that rename fails, the old output is moved back. Temporary dirs left by dead processes (killed runs) for the
+    same `out` are removed first. The new dir gets the usual permissions (0777 less the umask), not mkdtemp's 0700.
     """
     out = Path(out)
     refuse_existing(out, overwrite, what)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    with terminate_as_interrupt():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        try:
+            tmp.chmod(0o777 & ~_umask())
+            yield tmp
+            _swap_into_place(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (kill, timeout, docker stop) unwinds like Ctrl-C meanwhile, so temporary files are removed; only on
+    the main thread, where Python runs signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        yield tmp
-        _swap_into_place(tmp, out)
+        yield
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def refuse_existing(out: Path, overwrite: bool, what: str = "output dir") -> None:
@@ -130,10 +159,13 @@ def settings(
     from prodesc.config import resolve
 
     base = run_config(run) if run is not None else None
-    flags = dict(flags or {})
-    if run is None and flags.get("model.name"):  # a merged export: the prompt and neighbours it was trained with
-        flags = {**export_settings(Path(flags["model.name"])), **flags}
-    cfg = resolve(base=base, config=config, flags=flags, sets=sets or (), locked=run is not None)
+    flags, decoding = dict(flags or {}), {}
+    if run is None and flags.get("model.name"):  # a merged export: the prompt and neighbours it was trained with,
+        saved = export_settings(Path(flags["model.name"]))  # and its run's decoding, under --config and flags
+        decoding = {k: v for k, v in saved.items() if k.startswith("generate.")}
+        flags = {**{k: v for k, v in saved.items() if k not in decoding}, **flags}
+    cfg = resolve(base=base, config=config, flags=flags, sets=sets or (), locked=run is not None,
+                  model_defaults=decoding)
     return with_length_prior(cfg, run, Path(flags["model.name"]) if run is None and flags.get("model.name") else None)
 
 
@@ -170,14 +202,24 @@ def length_prior(run: Path | None, model_dir: Path | None = None) -> int:
     return int(answers[LENGTH_PRIOR])
 
 
+# The `generate:` settings that change an answer (batch size, compile and write_every do not): an export carries the
+# run's, and `generate --resume` refuses to continue a file made with others.
+DECODING = ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "no_repeat_ngram_size", "stop_boost_after",
+            "stop_bias", "grounded")
+
+
 def export_settings(model_dir: Path) -> dict[str, Any]:
-    """The prompt and retrieval settings `prodesc export` wrote beside a merged model (prodesc_export.json), as
-    settings; {} for any other model."""
+    """The prompt, retrieval and decoding settings `prodesc export` wrote beside a merged model
+    (prodesc_export.json), as settings: the model decodes as its run did (stop_bias, the length prior); {} for any
+    other model."""
+    from prodesc.files import read_json
+
     meta = model_dir / "prodesc_export.json"
     if not meta.is_file():
         return {}
-    saved = json.loads(meta.read_text())
-    return {f"{sec}.{k}": v for sec in ("prompt", "retrieval") for k, v in (saved.get(sec) or {}).items()}
+    saved = read_json(meta, "it is written by `prodesc export`: export the run again")
+    return {f"{sec}.{k}": v for sec in ("prompt", "retrieval", "generate") for k, v in (saved.get(sec) or {}).items()
+            if sec != "generate" or k in DECODING}
 
 
 def write_resolved(cfg: ProdescConfig, out: Path) -> Path:
@@ -215,12 +257,14 @@ def data_fingerprint(data: Path, families: list[str]) -> dict[str, Any]:
 
 
 def read_manifest(run: Path) -> dict[str, Any]:
+    from prodesc.files import read_json
+
     path = run / "manifest.json"
     if not path.exists():
         raise ProdescError(
             f"{run} is not a finished run (no manifest.json): pass the --out dir of `prodesc train`"
         )
-    return json.loads(path.read_text())
+    return read_json(path, "it is written when training ends: restore it, or train the run again")
 
 
 def train_families(run: Path) -> set[str]:

@@ -10,6 +10,6 @@ Inside: `readers` (formats, streams, Arrow/line JSON readers), `clean` (one reco
 train writes RUN_DIR/train_index.npz, eval and generate --data check items against it).
 """
 
-from prodesc.data.overlap import check_overlap, write_index
+from prodesc.data.overlap import check_overlap, data_settings, write_index
 
-__all__ = ["check_overlap", "write_index"]
+__all__ = ["check_overlap", "data_settings", "write_index"]

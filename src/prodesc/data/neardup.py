@@ -141,11 +141,24 @@ def equal_pairs(chash: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def band_keys(sig: np.ndarray, band: int, rows: int) -> np.ndarray:
-    """uint64 key of each row's band `band` (its `rows` 16-bit minima side by side; rows <= 4)."""
+    """uint64 key of each row's band `band`: its `rows` 16-bit minima side by side, four to a word. Bands of more
+    rows (thresholds >= 0.7 take 5 to 8) fold each further word in through a 64-bit mix: every minimum counts (a
+    shift past 64 bits used to drop minima 4-7), and two different bands share a key with odds of ~2**-64."""
     key = np.zeros(len(sig), np.uint64)
-    for r in range(rows):
-        key |= sig[:, band * rows + r].astype(np.uint64) << np.uint64(16 * r)
+    for word in range(0, rows, 4):
+        part = np.zeros(len(sig), np.uint64)
+        for r in range(word, min(word + 4, rows)):
+            part |= sig[:, band * rows + r].astype(np.uint64) << np.uint64(16 * (r - word))
+        key = part if word == 0 else key ^ _splitmix64(part + np.uint64(word))
     return key
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: a bijection of uint64 that scatters nearby values."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 def _band_candidates(sig: np.ndarray, band: int, rows: int) -> np.ndarray:

@@ -9,9 +9,11 @@ per training record the index keeps what does not depend on how the data was pre
 family key (`clean.family_key`, no salt), the hash of its content's normalised word sequence (equal up to case,
 punctuation and spacing) and its near-duplicate signature (`neardup.sketch`: 128 16-bit MinHash minima), plus
 its title for the error message: ~300 bytes a record (3 MB per 10,000). An evaluated item overlaps when its
-family key or content hash is a training one, or when its content (>= the run's data.near_dup_min_chars) is a
-near-duplicate (estimated similarity >= data.near_dup_threshold) of a training content: LSH bands find the
-candidates, all 128 minima confirm them, as in `prepare`.
+family key or content hash is a training one, or when its content (>= data.near_dup_min_chars) is a near-duplicate
+(estimated similarity >= data.near_dup_threshold) of a training content: LSH bands find the candidates, all 128
+minima confirm them, as in `prepare`. The near-duplicate settings are the training data's own (its
+config.resolved.yaml: `data_settings`), not the train command's; for data prepared with --no-near-dup "same
+content" means identical, as prepare read it, and no near-duplicate is looked for.
 """
 
 from __future__ import annotations
@@ -35,8 +37,19 @@ _FORMAT = 1
 _MAX_PER_BUCKET = 64  # training records compared per item and band: a boilerplate bucket cannot blow up the check
 
 
+def data_settings(data: Path, default: DataConfig) -> DataConfig:
+    """The settings a prepared data dir was made with (its config.resolved.yaml), else `default`: the leak guard
+    uses the data's own near-duplicate definition, so data prepared with --no-near-dup or another threshold does
+    not have its own held-out split refused."""
+    from prodesc.config import resolve
+    from prodesc.rundir import RESOLVED
+
+    return resolve(base=data / RESOLVED).data if (data / RESOLVED).is_file() else default
+
+
 def write_index(run: Path, rows: list[dict[str, Any]], cfg: DataConfig) -> Path:
-    """Write RUN_DIR/train_index.npz for the training `rows` (dicts with title and content)."""
+    """Write RUN_DIR/train_index.npz for the training `rows` (dicts with title and content); `cfg`: the training
+    data's settings (`data_settings`)."""
     fp = _fingerprints([r["title"] for r in rows], [r["content"] for r in rows])
     titles = "\n".join(r["title"].replace("\n", " ") for r in rows).encode("utf-8", "surrogatepass")
     fd, tmp = tempfile.mkstemp(prefix=f".{INDEX}.", suffix=".npz", dir=run)
@@ -46,10 +59,12 @@ def write_index(run: Path, rows: list[dict[str, Any]], cfg: DataConfig) -> Path:
             tmp,
             format=np.int32(_FORMAT),
             num_perm=np.int32(neardup.NUM_PERM),
+            near_dup=np.bool_(cfg.near_dup),
             threshold=np.float64(cfg.near_dup_threshold),
             min_chars=np.int64(cfg.near_dup_min_chars),
             fkey=fp.fkey,
             chash=fp.chash,
+            xhash=fp.xhash,
             sig=fp.sig,
             comparable=fp.comparable(cfg.near_dup_min_chars),
             titles=np.frombuffer(titles, np.uint8),
@@ -88,6 +103,7 @@ def check_overlap(run: Path, items: list[dict[str, Any]], allow_overlap: bool, f
 class _Fingerprints:
     fkey: np.ndarray  # uint64: xxh3 of the title's family key
     chash: np.ndarray  # uint64: normalised word sequence (0: no word)
+    xhash: np.ndarray  # uint64: the content exactly (prepare's "same content" when near-duplicates are off)
     sig: np.ndarray  # uint16 [n, NUM_PERM]
     shingles: np.ndarray  # int32
     chars: np.ndarray  # int64: content length
@@ -100,7 +116,8 @@ def _fingerprints(titles: list[str], contents: list[str]) -> _Fingerprints:
     titles_arr = pa.array([t or " " for t in titles], pa.string())  # family_keys wants non-empty titles
     sk = neardup.sketch(pa.array(contents, pa.string()))
     chars = np.fromiter(map(len, contents), np.int64, len(contents))
-    return _Fingerprints(columns.hash64(columns.family_keys(titles_arr)), sk.chash, sk.sig, sk.shingles, chars)
+    xhash = columns.hash64(pa.array(contents, pa.string()))
+    return _Fingerprints(columns.hash64(columns.family_keys(titles_arr)), sk.chash, xhash, sk.sig, sk.shingles, chars)
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -119,12 +136,13 @@ def _find(index: dict[str, Any], titles: list[str], contents: list[str]) -> list
     fp = _fingerprints(titles, contents)
     found: list[tuple | None] = [None] * len(titles)
     key_at = _lookup(index["fkey"], fp.fkey)
-    content_at = _lookup(index["chash"], fp.chash)
+    near_dup = bool(index.get("near_dup", True))  # off in the training data: "same content" meant identical
+    content_at = _lookup(index["chash"], fp.chash) if near_dup else _lookup(index["xhash"], fp.xhash)
     near_at, near_sim = _near(index, fp)
     for k in range(len(titles)):
         if key_at[k] >= 0:
             found[k] = ("family key", int(key_at[k]), None)
-        elif content_at[k] >= 0 and fp.chash[k] != 0:
+        elif content_at[k] >= 0 and (fp.chash[k] != 0 or not near_dup):
             found[k] = ("content", int(content_at[k]), None)
         elif near_at[k] >= 0:
             found[k] = ("near-duplicate", int(near_at[k]), float(near_sim[k]))
@@ -146,7 +164,7 @@ def _near(index: dict[str, Any], fp: _Fingerprints) -> tuple[np.ndarray, np.ndar
     best, best_sim = np.full(n, -1, np.int64), np.zeros(n)
     items = np.flatnonzero(fp.comparable(int(index["min_chars"])))
     trained = np.flatnonzero(index["comparable"])
-    if not len(items) or not len(trained):
+    if not len(items) or not len(trained) or not bool(index.get("near_dup", True)):  # off in the training data
         return best, best_sim
     bands, rows = neardup.bands_for(threshold)
     tsig, isig = index["sig"][trained], fp.sig[items]

@@ -20,30 +20,12 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from typing import Any
 
 PARALLEL_MIN_BYTES = 32 << 20  # below this, worker start-up costs more than it saves
 MAX_AUTO_WORKERS = 8  # past this the parent (gunzip, cutting blocks) cannot feed more: see docs/PERFORMANCE.md
 # fork on Linux: spawn would re-run the caller's __main__ (scripts without an `if __name__ == "__main__"` guard
 # break), and forked workers inherit `shared_slots`.
 _START_METHOD = "fork" if sys.platform == "linux" else "spawn"
-
-
-@contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (kill, timeout, docker stop) unwinds like Ctrl-C, so the temporary directory is removed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager

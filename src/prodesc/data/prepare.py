@@ -12,7 +12,8 @@ else `<file stem>-<line or row number, 9 digits>`) or named with --title-field/-
 Ids stay strings (`0000031909`). Everything is streamed: memory is bounded by a few int arrays per record.
 
 Per record: clean title and content (`clean.clean_text`), then drop and count, in this order: `malformed`
-(bad JSON, not UTF-8, not an object), `empty_title`, `empty_content`, `short_content` (< min_content_chars),
+(bad JSON, not UTF-8, not an object), `empty_title`, `long_title` (> max_title_chars), `empty_content`,
+`short_content` (< min_content_chars),
 `duplicate_record` (same cleaned title and content as an earlier record), `duplicate_title` (same title,
 case/whitespace-insensitive, other content: the first one is kept).
 
@@ -55,7 +56,6 @@ import yaml
 
 from prodesc.config import DataConfig
 from prodesc.data import neardup, readers
-from prodesc.data.parallel import terminate_as_interrupt
 from prodesc.data.readers import Source
 from prodesc.data.scan import DROP_REASONS, Scan, read_part, scan_sources
 from prodesc.errors import ProdescError
@@ -75,7 +75,7 @@ def prepare(inputs: list[Path], out: Path, cfg: DataConfig, overwrite: bool = Fa
     sources = [s for p in inputs for s in readers.open_source(Path(p), cfg)]  # every input checked before any work
     if cfg.val_fraction + cfg.test_fraction > 1:
         raise ProdescError("data.val_fraction + data.test_fraction > 1: lower them so train keeps a share")
-    with atomic_dir(out, overwrite, "output") as tmp, terminate_as_interrupt():
+    with atomic_dir(out, overwrite, "output") as tmp:
         stats = _prepare_in(tmp, sources, cfg)
     _print_summary(stats, out, time.perf_counter() - started)
     return stats

@@ -22,7 +22,8 @@ from prodesc.data.clean import lossy_ascii_lower
 from prodesc.data.parallel import ordered_map, shared_slots, worker_count, worker_pool
 from prodesc.data.readers import Chunk, Source
 
-DROP_REASONS = ("malformed", "empty_title", "empty_content", "short_content", "duplicate_record", "duplicate_title")
+DROP_REASONS = ("malformed", "empty_title", "long_title", "empty_content", "short_content", "duplicate_record",
+                "duplicate_title")
 _MAX_LOCATIONS = 10
 _HASH_COLUMNS = ["thash", "chash", "tkey", "fkey", "tlen", "clen"]  # what pass 1 keeps in memory per record
 
@@ -54,7 +55,8 @@ def scan_sources(sources: list[Source], cfg: DataConfig, work: Path) -> Scan:
 
     work.mkdir()
     total = sum(s.path.stat().st_size for s in sources)
-    opts = (cfg.min_content_chars, cfg.lossy_ascii_lower, cfg.strict, cfg.split_salt.encode() + b"\0", cfg.near_dup)
+    opts = (cfg.min_content_chars, cfg.lossy_ascii_lower, cfg.strict, cfg.split_salt.encode() + b"\0", cfg.near_dup,
+            cfg.max_title_chars)
     scan, workers = Scan(), worker_count(total, cfg.workers)
     in_flight = 2 * workers
     with (
@@ -102,12 +104,12 @@ def read_part(part: Path, columns: list[str]) -> pa.Table:
     return pa.ipc.open_file(pa.memory_map(str(part))).read_all().select(columns)
 
 
-def _process_chunk(task: tuple[Chunk, tuple[int, bool, bool, bytes, bool], Path]) -> dict[str, Any]:
+def _process_chunk(task: tuple[Chunk, tuple[int, bool, bool, bytes, bool, int], Path]) -> dict[str, Any]:
     """Worker: clean one chunk, write its valid records to an Arrow file, return counts (hashes stay in the file)."""
-    chunk, (min_chars, lossy, strict, salt, near_dup), part = task
+    chunk, (min_chars, lossy, strict, salt, near_dup, max_title), part = task
     raw, read, bad = parse.raw_records(chunk, strict)
     raw = {name: raw.column(name).combine_chunks() for name in raw.column_names}
-    counts = dict.fromkeys(DROP_REASONS[:4], 0)
+    counts = dict.fromkeys(DROP_REASONS[:5], 0)
     counts["malformed"] = len(bad)
     pre = raw["pre"]
     title = pc.if_else(pre, raw["title"], columns.clean_column(raw["title"]))
@@ -118,11 +120,13 @@ def _process_chunk(task: tuple[Chunk, tuple[int, bool, bool, bytes, bool], Path]
         )
     tlen, clen = pc.utf8_length(title).to_numpy(), pc.utf8_length(content).to_numpy()
     empty_title = tlen == 0
-    empty_content = ~empty_title & (clen == 0)
-    short = ~empty_title & ~empty_content & (clen < min_chars)
+    long_title = tlen > max_title  # data.max_title_chars: the cap every verb applies
+    no_title = empty_title | long_title
+    empty_content = ~no_title & (clen == 0)
+    short = ~no_title & ~empty_content & (clen < min_chars)
     counts["empty_title"], counts["empty_content"] = int(empty_title.sum()), int(empty_content.sum())
-    counts["short_content"] = int(short.sum())
-    valid = ~(empty_title | empty_content | short)
+    counts["long_title"], counts["short_content"] = int(long_title.sum()), int(short.sum())
+    valid = ~(no_title | empty_content | short)
     n = int(valid.sum())
     if n:  # hashes and lengths travel in the part file too: results sent back must stay small
         mask = pa.array(valid)

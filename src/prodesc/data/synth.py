@@ -35,8 +35,9 @@ from typing import Any
 
 import yaml
 
-from prodesc.data.parallel import ordered_map, terminate_as_interrupt, worker_pool
+from prodesc.data.parallel import ordered_map, worker_pool
 from prodesc.errors import ProdescError
+from prodesc.rundir import terminate_as_interrupt
 
 _CHUNK = 50_000  # lines per independently seeded chunk; the bytes don't depend on the worker count
 _EMPTY_CONTENT = 0.44

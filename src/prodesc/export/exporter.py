@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from prodesc import models, prompts, rundir
-from prodesc.catalog import CATALOG_DIR
+from prodesc.catalog import CATALOG_DIR, check_store
 from prodesc.errors import ProdescError
 from prodesc.export import gguf_file, modelfile
+from prodesc.files import check_adapter
 from prodesc.rundir import atomic_dir, length_prior, read_manifest, refuse_existing, write_resolved
 
 FORMATS = ("hf", "gguf")
@@ -44,13 +45,13 @@ def export(
     cfg = rundir.settings(run, flags={"model.trust_remote_code": True} if trust_remote_code else None)
     base = manifest["base_model"]
     format, gguf_type = format.lower(), _check_options(format.lower(), gguf_type, merge)
+    _refuse_out_over_run(run, out)
     refuse_existing(out, overwrite, "export dir")
     if merge and base.get("quantization") == "nf4":
         _need_cuda()
+    _check_run_files(run, base, cfg)
     tok = models.load_tokenizer(str(run / "adapter"))
     tok.chat_template = prompts.baked_chat_template(tok, cfg.prompt)  # refuses what it can't extend, before weights
-    if cfg.retrieval.k and not (run / CATALOG_DIR / "meta.json").exists():
-        raise ProdescError(f"{run} was trained with catalog neighbours but has no {CATALOG_DIR}/: retrain it")
     if format == "gguf":
         gguf_file.check(_base_source(run, base, cfg), tok, gguf_type)
     with atomic_dir(out, overwrite, "export dir") as tmp:
@@ -68,6 +69,7 @@ def export(
             shutil.copytree(run / CATALOG_DIR, tmp / CATALOG_DIR)
         info = {"run": str(run.resolve()), "base_model": base, "format": format, "gguf_type": gguf_type,
                 "prompt": cfg.prompt.model_dump(mode="json"), "retrieval": cfg.retrieval.model_dump(mode="json"),
+                "generate": cfg.generate.model_dump(mode="json", include=set(rundir.DECODING)),
                 "length_prior": _length_prior(run)}
         (tmp / "prodesc_export.json").write_text(json.dumps(info, indent=2))
     what = f"GGUF {name} + Modelfile" if format == "gguf" else "merged model" if merge else "adapter"
@@ -76,6 +78,35 @@ def export(
         print(f"note: the run puts {cfg.retrieval.k} catalog neighbours in each prompt; the GGUF has no catalog, so "
               "it answers from the title alone (see the Modelfile)")
     return out
+
+
+def _refuse_out_over_run(run: Path, out: Path) -> None:
+    """`--out` must not be the run, inside it or above it: the swap into place would delete the run (checkpoints,
+    manifest) or write the export into it."""
+    r, o = run.resolve(), out.resolve()
+    if o == r or r in o.parents or o in r.parents:
+        where = "is the run dir" if o == r else "is inside the run dir" if r in o.parents else "holds the run dir"
+        raise ProdescError(f"--out {out} {where} {run}: exporting there would replace the run; pass a path outside "
+                           "it, e.g. --out exports/NAME")
+
+
+def _check_run_files(run: Path, base: dict, cfg: Any) -> None:
+    """What the export reads from the run, checked before any weights load: the adapter whole, the catalog whole,
+    and nothing reached through a symlink or `..` out of the run dir (a run dir from someone else must not copy
+    any local file into an export)."""
+    check_adapter(run / "adapter", "it is written when training ends: train the run again")
+    inside = [run / "adapter"] + ([run / base["path"]] if base.get("path") else [])
+    if cfg.retrieval.k:
+        if not (run / CATALOG_DIR / "meta.json").exists():
+            raise ProdescError(f"{run} was trained with catalog neighbours but has no {CATALOG_DIR}/: retrain it")
+        check_store(run / CATALOG_DIR)
+        inside.append(run / CATALOG_DIR)
+    for top in inside:
+        for path in [top, *top.rglob("*")]:
+            if path.is_symlink() or not path.resolve().is_relative_to(run.resolve()):
+                what = "is a link" if path.is_symlink() else "is outside the run dir"
+                raise ProdescError(f"{path} {what} (to {path.resolve()}): a run dir holds its own files; replace "
+                                   "the link with the file, or export a run you trained")
 
 
 def _check_options(format: str, gguf_type: str | None, merge: bool) -> str | None:

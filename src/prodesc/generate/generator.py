@@ -30,6 +30,7 @@ from prodesc.data import check_overlap
 from prodesc.errors import ProdescError
 from prodesc.generate import fast, stream
 from prodesc.generate.fast import batch_bucket
+from prodesc.records import check_title
 from prodesc.rundir import read_manifest
 
 
@@ -55,6 +56,10 @@ class Generator:
         catalog = _catalog(run / CATALOG_DIR, cfg, run.name)  # before the weights: a missing index fails fast
         model = PeftModel.from_pretrained(_run_base(run, cfg), str(run / "adapter"))
         tok = models.load_tokenizer(str(run / "adapter"))
+        if merge and _quantized(model):  # merging into nf4 rounds the LoRA update away: not the evaluated model
+            print("note: a QLoRA run serves its adapter unmerged on the nf4 base, as generate and eval run it (merged "
+                  "weights: `prodesc export`, which de-quantizes first)", file=sys.stderr)
+            merge = False
         if merge if merge is not None else _gpu_unquantized(model):
             model = model.merge_and_unload()
         model.eval()
@@ -278,16 +283,20 @@ def generate_cli(
         raise ProdescError("--resume continues an --out file: pass --out FILE")
     if base and run is None:
         raise ProdescError("--base runs a run's base model with its prompts: pass --run RUN_DIR (or --model alone)")
+    if limit is not None and limit < 1:  # 0 and -1 used to mean "none", "all" or "all but the last" by input kind
+        raise ProdescError(f"--limit {limit}: pass a number of items >= 1, or leave --limit out for all of them")
+    cfg = rundir.settings(run, config, {**(flags or {}), **({"model.name": model} if model else {})}, sets)
     if titles:
         if any(not t.strip() for t in titles):
             raise ProdescError("an empty TITLE argument: give a product title")
+        for n, t in enumerate(titles, 1):
+            check_title(t, f"TITLE argument {n}", cfg.data.max_title_chars)
         items, total = (lambda: iter([{"title": t} for t in titles[:limit]])), len(titles[:limit])
     else:
-        items, total = stream.item_source(input, data, split, limit)
+        items, total = stream.item_source(input, data, split, limit, cfg.data.max_title_chars)
     if data is not None and run is not None:  # a split of prepared data: were these items trained on?
         check_overlap(run, [{"title": x["title"], "content": x["reference"]} for x in items()], allow_overlap)
-    cfg = rundir.settings(run, config, {**(flags or {}), **({"model.name": model} if model else {})}, sets)
-    done = stream.resume_point(out, items, resume) if out is not None else 0
+    done = stream.resume_point(out, items, resume, _made_with(run, model, adapter, base, cfg)) if out else 0
     if run is not None:  # --base: unmerged, so the adapter can be switched off
         gen = Generator.from_run(run, cfg, merge=False if base else None)
     else:
@@ -312,6 +321,20 @@ def _flagged(out: Path) -> int:
     """Records of a predictions file whose `unsupported` list is not empty (older lines without it: not counted)."""
     with out.open(encoding="utf-8") as f:
         return sum(bool(json.loads(line).get("unsupported")) for line in f if line.strip())
+
+
+def _made_with(run: Path | None, model: str | None, adapter: Path | None, base: bool,
+               cfg: ProdescConfig) -> dict[str, Any]:
+    """What a `--out` file's answers depend on, as dotted keys (`stream.resume_point` compares them on --resume)."""
+    if run is not None:
+        source = {"run": run.resolve().name, "run.created": read_manifest(run).get("created"), "base": base}
+    else:
+        source = {"model": model, "adapter": str(adapter.resolve()) if adapter else None}
+    gen = cfg.generate.model_dump(mode="json", include=set(rundir.DECODING))
+    r = cfg.retrieval
+    return {**source, **{f"generate.{k}": v for k, v in gen.items()},
+            **{f"prompt.{k}": v for k, v in cfg.prompt.model_dump(mode="json").items()},
+            "retrieval": {"k": r.k, "chars": r.chars, "embedder": r.embedder} if r.k else {"k": 0}}
 
 
 def _run_base(run: Path, cfg: ProdescConfig) -> Any:
@@ -340,7 +363,11 @@ def _no_catalog(name: str, k: int) -> str:
 def _gpu_unquantized(model: Any) -> bool:
     import torch
 
-    return torch.cuda.is_available() and not getattr(model, "is_loaded_in_4bit", False)
+    return torch.cuda.is_available() and not _quantized(model)
+
+
+def _quantized(model: Any) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "hf_quantizer", None))
 
 
 def _progress(total: int, enabled: bool) -> Any:

@@ -4,10 +4,13 @@ appended to the output as it completes, so memory stays flat and a killed run co
     prodesc generate --run runs/smol --input titles.txt --out preds.jsonl            # writes as it goes
     prodesc generate --run runs/smol --input titles.txt --out preds.jsonl --resume   # after an interruption
 
-The output keeps the input's order, one line per title. `--resume` counts the complete lines already written (a
-line cut by the kill is dropped), checks that they are the input's first titles, and skips that many; chunks are
-the same as in an uninterrupted run, so its lines are the same too (greedy decoding). Items are checked in a first
-pass over the input (bad lines stop the run before any model loads), then read again while generating.
+The output keeps the input's order, one line per title. Beside it, `OUT.settings.json` records what made it (the
+model, adapter on or off, the decoding and prompt settings). `--resume` checks those are unchanged (another
+`--max-new-tokens`, `--temperature` or `--base` would append answers of another decoding or model), that every
+complete line is a prediction of the input's first titles, and only then drops a line cut by the kill and skips
+that many; chunks are the same as in an uninterrupted run, so its lines are the same too (greedy decoding). Items
+are checked in a first pass over the input (bad lines stop the run before any model loads), then read again while
+generating.
 """
 
 from __future__ import annotations
@@ -21,15 +24,17 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from prodesc.config import MAX_TITLE_CHARS
 from prodesc.errors import ProdescError
-from prodesc.records import read_split
+from prodesc.records import check_title, read_split
 
 Items = Callable[[], Iterator[dict[str, Any]]]  # a fresh pass over the items, each {"title", "reference"?}
 
 
-def item_source(input: Path | None, data: Path | None, split: str, limit: int | None) -> tuple[Items, int]:
+def item_source(input: Path | None, data: Path | None, split: str, limit: int | None,
+                max_title_chars: int = MAX_TITLE_CHARS) -> tuple[Items, int]:
     """A re-readable source of the items of `--input FILE` or `--data DIR --split`, and how many there are
-    (every item checked once here, before any model loads)."""
+    (every item checked once here, before any model loads: not empty, not over the title cap)."""
     if input is not None:
         if not input.is_file():
             raise ProdescError(f"input file not found: {input}: pass a .txt (one title a line) or .jsonl file")
@@ -43,6 +48,7 @@ def item_source(input: Path | None, data: Path | None, split: str, limit: int | 
     for total, item in enumerate(items(), 1):
         if not str(item["title"]).strip():
             raise ProdescError(f"{input or data}: empty title at item {total}: remove it or give a title")
+        check_title(item["title"], f"{input or data}: item {total}", max_title_chars)
     if total == 0:
         raise ProdescError(f"{input or data} holds no titles")
     return items, total
@@ -72,20 +78,54 @@ def generate_to_file(describe: Callable[[list[str]], list[dict]], items: Items, 
     return done
 
 
-def resume_point(out: Path, items: Items, resume: bool) -> int:
-    """How many items `out` holds already (0 for a new file); a file that `--resume` cannot continue is refused."""
+def resume_point(out: Path, items: Items, resume: bool, made_with: dict[str, Any]) -> int:
+    """How many items `out` holds already (0 for a new file, whose `settings_path` is then written); a file that
+    `--resume` cannot continue is refused before anything in it changes."""
     if out.is_dir():
         raise ProdescError(f"--out {out} is a directory: pass a file path for the JSONL predictions")
+    meta = settings_path(out)
     if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        meta.write_text(json.dumps(made_with, indent=2, sort_keys=True) + "\n")
         return 0
     if not resume:
         raise ProdescError(f"{out} already exists: pass --resume to continue it, or remove it to start over")
+    _check_made_with(out, meta, made_with)
     raw = out.read_bytes()
     keep = raw[: raw.rfind(b"\n") + 1]  # a line cut by the kill is dropped and generated again
-    if len(keep) != len(raw):
+    lines = _check_lines(out, keep, items)
+    if len(keep) != len(raw):  # only now: a file this verb did not write is refused untouched
         with out.open("r+b") as f:
             f.truncate(len(keep))
-    lines = keep.decode("utf-8").splitlines()
+    print(f"resuming {out}: {len(lines)} predictions already written", file=sys.stderr)
+    return len(lines)
+
+
+def settings_path(out: Path) -> Path:
+    """`OUT.settings.json`: what the predictions in `out` were made with (`resume_point`)."""
+    return out.with_name(out.name + ".settings.json")
+
+
+def _check_made_with(out: Path, meta: Path, made_with: dict[str, Any]) -> None:
+    try:
+        before = json.loads(meta.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ProdescError(f"{out}: no {meta.name} beside it, so what made its predictions is unknown: --resume "
+                           "continues a file `prodesc generate --out` wrote; remove it to start over") from None
+    except (ValueError, UnicodeDecodeError):
+        raise ProdescError(f"{meta} is damaged (not JSON): remove {out} and it to start over") from None
+    changed = sorted(k for k in before.keys() | made_with.keys() if before.get(k) != made_with.get(k))
+    if changed:
+        what = "; ".join(f"{k}: {before.get(k)!r} then, {made_with.get(k)!r} now" for k in changed)
+        raise ProdescError(f"{out} was written with other settings ({what}): --resume appends only answers of the "
+                           "same model and decoding; use the same options, or write to another --out")
+
+
+def _check_lines(out: Path, keep: bytes, items: Items) -> list[str]:
+    try:
+        lines = keep.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ProdescError(f"{out}: not UTF-8 text: --resume continues a file this verb wrote") from None
     for n, (line, item) in enumerate(zip(lines, items(), strict=False), 1):
         try:
             title = json.loads(line)["title"]
@@ -94,8 +134,7 @@ def resume_point(out: Path, items: Items, resume: bool) -> int:
         if title != item["title"]:
             raise ProdescError(f"{out}:{n} is for {title!r}, the input's item {n} is {item['title']!r}: "
                                "--resume needs the same input (and --limit) as the interrupted run")
-    print(f"resuming {out}: {len(lines)} predictions already written", file=sys.stderr)
-    return len(lines)
+    return lines
 
 
 class _Progress:

@@ -65,6 +65,7 @@ def serve_cli(run: Path | None, model: str | None, api_key: str | None, config: 
         api_key = os.environ["PRODESC_API_KEY"]  # typer reads an empty variable as unset: that would be no auth
     check_api_key(api_key)
     settings = rundir.settings(run, config, {**(flags or {}), **({"model.name": model} if model else {})}, sets)
+    check_cors(settings.serve, api_key)
     _check_port(settings.serve.host, settings.serve.port)  # every setting and the port checked before the model loads
     # Merged: the fine-tuned model runs at base speed; `<name>-base` is a second copy, loaded on first request.
     gen = Generator.from_run(run, settings, merge=True) if run else Generator.from_model(model, None, settings)
@@ -87,12 +88,15 @@ def create_app(generator: Any, cfg: ServeConfig, api_key: str | None = None,
     """The ASGI app around a loaded `Generator` (or anything with `name`, `cfg`, `tok`, `prompt_ids`, `engine`);
     `base()` loads the `<name>-base` generator on its first request (None: no base model)."""
     check_api_key(api_key)
+    check_cors(cfg, api_key)
     svc = Service(generator, cfg, api_key, base)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(svc.start)  # the engine warmed up (CUDA graphs) before the first request
         yield
         await svc.batcher.close()
+        svc.close()
 
     app = FastAPI(title="prodesc", summary="Product descriptions from titles.", lifespan=lifespan)
     app.state.prodesc = svc
@@ -116,6 +120,14 @@ def check_api_key(api_key: str | None) -> None:
                            "unset PRODESC_API_KEY and drop --api-key to serve without auth")
 
 
+def check_cors(cfg: ServeConfig, api_key: str | None) -> None:
+    """`serve.cors_origins: ["*"]` lets any site's page call the server from its visitors' browsers: with no key,
+    that is anyone's model (and a way past the loopback guard); refuse it."""
+    if "*" in cfg.cors_origins and api_key is None:
+        raise ProdescError("serve.cors_origins=['*'] without --api-key lets every website's pages use this model: "
+                           "list the origins that may (e.g. https://shop.example), or set --api-key")
+
+
 # ---- routes ----------------------------------------------------------------------------------------------------
 
 router = APIRouter()
@@ -135,7 +147,8 @@ async def page(request: Request) -> HTMLResponse:
 async def healthz(request: Request) -> JSONResponse:
     svc = _svc(request)
     problem = svc.healthy()
-    body = {"status": "stuck" if problem else "ok", "models": list(svc.models), "queued": svc.batcher.depth}
+    body = {"status": ("dead" if svc.batcher.dead is not None else "stuck") if problem else "ok",
+            "models": list(svc.models), "queued": svc.batcher.depth, "graphs": svc.graphs()}
     return JSONResponse({**body, "detail": problem} if problem else body, status_code=503 if problem else 200)
 
 
@@ -175,6 +188,9 @@ async def chat_completions(request: Request) -> dict[str, Any] | StreamingRespon
     params = svc.params(body.model, tokens, body.temperature, body.top_p, "max_tokens")
     if body.n != 1:
         raise ApiError(400, f"n={body.n}: only n=1 is supported; send several requests", param="n")
+    if body.stop:  # ignored, it would give answers longer than the caller asked for
+        raise ApiError(400, "stop sequences are not supported: answers end at the model's end token or max_tokens; "
+                       "drop `stop` and cut the text yourself", param="stop")
     title = svc.check_titles([_last_user_text(body.messages)], param="messages")[0]
     head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body.model}
     if body.stream:

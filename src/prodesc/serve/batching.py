@@ -43,6 +43,10 @@ class Expired(Exception):
     """The job's deadline passed before its answer was complete: answer 504."""
 
 
+class ModelThreadDead(Exception):
+    """The model thread ended on an error (`Batcher.dead`): nothing would generate a new job."""
+
+
 @dataclass(eq=False)
 class Job:
     """A queued request: its rows (engine `Row`s, one per title) and the future of its result, the list of
@@ -91,6 +95,7 @@ class Batcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running: float | None = None  # the latest deadline of the step on the model thread, if any
         self._calls: list[tuple[Callable[..., Any], tuple]] = []  # model thread -> event loop, after each step
+        self.dead: BaseException | None = None  # what ended the model thread, if an error did
 
     @property
     def depth(self) -> int:
@@ -106,6 +111,8 @@ class Batcher:
     def submit(self, job: Job, model: Hashable) -> Job:
         """Queue a job (its rows built by the caller) for the engine `model`."""
         self._start()
+        if self.dead is not None:
+            raise ModelThreadDead(str(self.dead))
         if self.depth >= self.queue_size:
             raise QueueFull(f"{self.depth} requests wait for a slot (serve.queue_size={self.queue_size})")
         for i, row in enumerate(job.rows):
@@ -135,6 +142,18 @@ class Batcher:
     # ---- the model thread -------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        """The loop below; an error that escapes it (a bug: step errors fail their jobs and it goes on) is kept
+        in `dead` for /healthz, and every pending job fails with it rather than wait for its deadline."""
+        try:
+            self._loop_steps()
+        except BaseException as e:  # noqa: BLE001 - the thread ends; the server must say so
+            log.error("model thread died", exc_info=e)
+            self.dead = e
+            for job in list(self._jobs):
+                self._call(self._fail, job, e)
+            self._flush()
+
+    def _loop_steps(self) -> None:
         while not self._closed:
             busy = [key for key, engine in list(self.engines.items()) if engine.busy]
             if not busy and not self._inbox:
@@ -151,8 +170,18 @@ class Batcher:
     def _take_inbox(self) -> None:
         while self._inbox:
             job, key = self._inbox.popleft()
-            for row in job.rows:
-                self.engines[key].add(row)
+            try:
+                for row in job.rows:
+                    self.engines[key].add(row)
+            except Exception as e:  # noqa: BLE001 - a job the engine refuses fails alone; the thread goes on
+                log.error("job refused by the engine", exc_info=e)
+                engine, ids = self.engines.get(key), {id(row) for row in job.rows}
+                if engine is not None:  # the rows added before the refusal go too
+                    kept = [row for row in engine.waiting if id(row) not in ids]
+                    engine.waiting.clear()
+                    engine.waiting.extend(kept)
+                self._call(self._fail, job, e)
+                self._flush()
 
     def _step(self, engine: Any) -> None:
         rows = engine.rows + list(engine.waiting)

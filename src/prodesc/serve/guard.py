@@ -33,7 +33,7 @@ class Guard:
 
     def __init__(self, app: Any, svc: Service) -> None:
         self.app, self.svc = app, svc
-        self.max_body = svc.cfg.max_titles * svc.cfg.max_title_chars * 6 + 65536  # \uXXXX escapes: 6 bytes
+        self.max_body = svc.cfg.max_titles * svc.max_title_chars * 6 + 65536  # \uXXXX escapes: 6 bytes
         keyless = svc.api_key is None
         self.hosts = _loopback_names(svc.cfg.host) if keyless and is_loopback(svc.cfg.host) else None
         self.json_only = keyless

@@ -45,6 +45,7 @@ class ChatRequest(BaseModel):
     temperature: float | None = Field(None, allow_inf_nan=False)
     top_p: float | None = Field(None, allow_inf_nan=False)
     n: int = 1
+    stop: str | list[str] | None = None  # refused when set (app.chat_completions): never silently ignored
     stream_options: dict[str, Any] | None = None
 
 

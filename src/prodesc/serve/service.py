@@ -1,7 +1,11 @@
 """The service behind `prodesc serve`: the generator behind its batcher, the limits, the metrics, the page.
 
 One `Service` per app: routes check and submit requests through it, and it alone calls the model (on the
-batcher's thread).
+batcher's thread). The event loop runs no model or CUDA work: a request's neighbour search and prompt (embedding
+a title, faiss or a GPU matrix product, tokenizing) run on one prompt thread, `<name>-base` loads and warms up on
+another, and each engine is warmed up (`Engine.warm_up`, where the engine has one: its CUDA graphs captured)
+before it takes a request: `start()` before the server answers, the base engine before it is registered. A
+warm-up that fails is logged and the engine serves without it, never a 500.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from prodesc.config import MIN_SAMPLING_TEMPERATURE, ServeConfig
 from prodesc.generate import PHASES, Row
-from prodesc.serve.batching import DONE, Batcher, Expired, Job, QueueFull
+from prodesc.serve.batching import DONE, Batcher, Expired, Job, ModelThreadDead, QueueFull
 from prodesc.serve.detok import IncrementalText
 from prodesc.serve.schemas import ApiError, Params
 
@@ -36,6 +41,8 @@ class Service:
         """`gen` serves under its name; `base`, if given, loads `<name>-base` on its first request."""
         self.gen, self.cfg, self.api_key, self._load_base = gen, cfg, api_key, base
         self.name = public_name(gen.name)
+        # serve.max_title_chars when set, else the cap every verb applies (data.max_title_chars)
+        self.max_title_chars = cfg.max_title_chars or gen.cfg.data.max_title_chars
         self.models = {self.name: True, **({f"{self.name}-base": False} if base is not None else {})}
         self.started = int(time.time())
         self.metrics = Metrics()
@@ -48,6 +55,16 @@ class Service:
         self.metrics.registry.register(_PrefillCounts(self.batcher))
         self.page = importlib.resources.files("prodesc.serve").joinpath("static/index.html").read_text("utf-8")
         self._base: asyncio.Future | None = None  # the base generator, loading or loaded
+        # Neighbour search and prompt building, off the event loop; one thread, so a tokenizer or an embedder is
+        # never used by two requests at once.
+        self._prompts = ThreadPoolExecutor(1, thread_name_prefix="prodesc-prompts")
+
+    def start(self) -> None:
+        """Warm the fine-tuned model's engine up before the server takes traffic (in a thread of the caller's)."""
+        _warm_up(self.batcher.engines[True], self.name)
+
+    def close(self) -> None:
+        self._prompts.shutdown(wait=False, cancel_futures=True)
 
     def params(self, model: str, max_new_tokens: int | None, temperature: float | None, top_p: float | None,
                tokens_param: str) -> Params:
@@ -83,16 +100,15 @@ class Service:
             where = f"{param}[{i}]" if param == "titles" else "the last user message"
             if not title.strip():
                 raise ApiError(400, f"{where} is empty: send a product title", param=param)
-            if len(title) > self.cfg.max_title_chars:
-                raise ApiError(400, f"{where} has {len(title)} characters: at most {self.cfg.max_title_chars} "
-                               "(serve.max_title_chars)", param=param)
+            if len(title) > self.max_title_chars:
+                raise ApiError(400, f"{where} has {len(title)} characters: at most {self.max_title_chars} "
+                               "(data.max_title_chars, serve.max_title_chars)", param=param)
         return [t.strip() for t in titles]
 
     async def submit(self, titles: list[str], params: Params, deadline: float, stream: bool = False) -> Job:
         """Queue the titles as one job (a stream: one title) on the fine-tuned or the base model."""
         gen = self.gen if params.adapter else await self.base()
-        near = gen.neighbours(titles) if hasattr(gen, "neighbours") else [[] for _ in titles]
-        prompts = [self.prompt(gen, title, nb) for title, nb in zip(titles, near, strict=True)]
+        near, prompts = await asyncio.get_running_loop().run_in_executor(self._prompts, self._build, gen, titles)
         for title, ids in zip(titles, prompts, strict=True):
             if len(ids) + params.max_new_tokens > self.cfg.cache_len:
                 raise ApiError(400, f"a prompt of {len(ids)} tokens + {params.max_new_tokens} new tokens is over "
@@ -112,6 +128,14 @@ class Service:
         except QueueFull as e:
             raise ApiError(503, f"server busy: {e}; retry shortly", "overloaded", code="queue_full",
                            headers={"Retry-After": "1"}) from None
+        except ModelThreadDead:
+            raise ApiError(503, f"server cannot generate: {self.healthy()}", "server_error",
+                           code="model_thread_dead") from None
+
+    def _build(self, gen: Any, titles: list[str]) -> tuple[list[list[dict]], list[list[int]]]:
+        """Each title's catalog neighbours and prompt ids (on the prompt thread)."""
+        near = gen.neighbours(titles) if hasattr(gen, "neighbours") else [[] for _ in titles]
+        return near, [self.prompt(gen, title, nb) for title, nb in zip(titles, near, strict=True)]
 
     def prompt(self, gen: Any, title: str, near: list[dict] | None = None) -> list[int]:
         """The prompt's token ids: the one seam where a request's prompt is built, with the title's catalog
@@ -122,16 +146,21 @@ class Service:
         """The base model's generator, loaded (in a thread, once) on the first request for `<name>-base`: a second
         copy of the base weights, so the fine-tuned model stays merged and never pays for a switchable adapter."""
         if self._base is None:
-            self._base = asyncio.ensure_future(asyncio.to_thread(self._load_base))
+            self._base = asyncio.ensure_future(asyncio.to_thread(self._load_base_engine))
         try:
-            gen = await asyncio.shield(self._base)
+            gen, engine = await asyncio.shield(self._base)
         except Exception as e:
             self._base = None  # try again on the next request
             raise ApiError(500, failure(e), "server_error") from None
-        if False not in self.batcher.engines:
-            self.batcher.engines[False] = gen.engine(self.cfg.max_batch_size, self.cfg.cache_len,
-                                                     self.cfg.admit_wait_ms / 1000)
+        self.batcher.engines.setdefault(False, engine)  # registered warm: its first request finds it ready
         return gen
+
+    def _load_base_engine(self) -> tuple[Any, Any]:
+        """The base generator and its engine, warmed up (in the loading thread, not on the model thread)."""
+        gen = self._load_base()
+        engine = gen.engine(self.cfg.max_batch_size, self.cfg.cache_len, self.cfg.admit_wait_ms / 1000)
+        _warm_up(engine, f"{self.name}-base")
+        return gen, engine
 
     async def wait(self, request: Request, job: Job) -> Any:
         """The job's result (a stream: its queue of pieces, once its first token is out); cancels the job
@@ -179,13 +208,34 @@ class Service:
         return ApiError(504, f"no answer within serve.request_timeout_s={self.cfg.request_timeout_s}s: retry, ask "
                         "fewer tokens, or raise the timeout", "timeout")
 
+    def graphs(self) -> dict[str, bool | None]:
+        """Per loaded model, whether its decode steps replay CUDA graphs (None: an engine without them)."""
+        names = {True: self.name, False: f"{self.name}-base"}
+        return {names[k]: getattr(e, "graphs", None) for k, e in list(self.batcher.engines.items())}
+
     def healthy(self) -> str | None:
-        """None, or why the server cannot answer: the model thread is stuck in a call long past its deadline."""
+        """None, or why the server cannot answer: the model thread died, or is stuck in a call long past its
+        deadline."""
+        if self.batcher.dead is not None:
+            return (f"model thread died ({type(self.batcher.dead).__name__}: {self.batcher.dead}); restart the "
+                    "server")
         overdue = self.batcher.overdue()
         if overdue > self.cfg.stuck_after_s:
             return (f"model thread stuck: a generation call is {overdue:.0f}s past its deadline "
                     f"(serve.stuck_after_s={self.cfg.stuck_after_s}); restart the server")
         return None
+
+
+def _warm_up(engine: Any, name: str) -> None:
+    """The engine's warm-up (CUDA graphs captured before any request), where it has one; a failure is logged and
+    the engine serves without it (eager decoding answers too, only slower), never a 500."""
+    warm_up = getattr(engine, "warm_up", None)
+    if warm_up is None:
+        return
+    try:
+        warm_up()
+    except Exception as e:  # noqa: BLE001 - serving slower beats not serving
+        log.warning("warm-up of %s failed (%s: %s): serving without it", name, type(e).__name__, e)
 
 
 def _stream_sinks(tok: Any, pieces: asyncio.Queue, prompt_tokens: int,

@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 from prodesc.errors import ProdescError
+from prodesc.files import safetensors_problem
 
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # transformers' PREFIX_CHECKPOINT_DIR + step, as get_last_checkpoint
 
@@ -51,7 +52,7 @@ def _checkpoint_problem(path: Path) -> str | None:
     if not weights and not list(path.glob("pytorch_model_fsdp*")):
         return "no model weights"
     for f in weights:
-        if (problem := _safetensors_problem(f)) is not None:
+        if (problem := safetensors_problem(f)) is not None:
             return problem
     for f in [*path.glob("*.pt"), *path.glob("*.pth")]:
         try:
@@ -59,15 +60,3 @@ def _checkpoint_problem(path: Path) -> str | None:
         except (OSError, zipfile.BadZipFile):
             return f"{f.name} is truncated or damaged"
     return None
-
-
-def _safetensors_problem(path: Path) -> str | None:
-    size = path.stat().st_size
-    try:
-        with path.open("rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n)) if 8 + n <= size else None
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return f"{path.name} has a damaged header"
-    return None if 8 + n + end == size else f"{path.name} is truncated ({size:,} of {8 + n + end:,} bytes)"

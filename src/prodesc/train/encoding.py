@@ -3,8 +3,9 @@ disk beside the prepared data, read by every rank.
 
     train_ds, val_ds, lengths = encoding.build(tok, cfg, rows, near, data)   # near: dict, or a callable run on a miss
 
-DATA/encoded/KEY/ holds train/ and val/ (`Dataset.save_to_disk`, memory-mapped when read) and stats.json (what was
-cut, token totals, answer-length percentiles). KEY hashes all the examples depend on: the train and val split files
+DATA/encoded/KEY/ holds train/ and val/ (`Dataset.save_to_disk`, memory-mapped when read; an empty split is
+absent) and stats.json (what was cut, token totals, answer-length percentiles); an entry that does not read back
+whole is encoded again. KEY hashes all the examples depend on: the train and val split files
 (and DATA/index/ when neighbours are on), the tokenizer (vocabulary, merges, special tokens, chat template), the
 prompt settings, retrieval.k/chars/embedder/search, train.max_length, train.max_eval_samples and
 train.drop_unsupported (answers without their clauses whose specifics neither the title nor the neighbours shown
@@ -55,14 +56,16 @@ def build(
     else:
         path = cache_root(data, cfg) / cache_key(tok, cfg, data)
         with dist.main_first():  # rank 0 encodes and stores; the others then find it stored
-            fresh = not (path / "stats.json").is_file()
+            stored = _load_whole(path)
+            fresh = stored is None
             if fresh:
                 t = time.perf_counter()
                 splits, stats = _encode_splits(tok, cfg, rows, near)
                 _store(path, splits, stats)
                 print(f"encoded {stats['examples']:,} examples in {time.perf_counter() - t:.1f} s into {path} "
                       "(later runs with the same data and settings read them back)")
-            splits, stats = _load(path)
+                stored = _load(path)
+            splits, stats = stored
         if not fresh:
             print(f"examples read from {path} (encoded earlier with the same data and settings)")
     note = describe_cuts(stats["cut"], stats["records"], cfg.train.max_length)
@@ -138,6 +141,8 @@ def encode(layout: prompts.Layout, cfg: ProdescConfig, rows: list[dict], near: l
     from datasets import Dataset
     from datasets.table import InMemoryTable
 
+    if not rows:  # `map` over no rows never runs _fit_batch, so its columns would not exist (an empty val split)
+        return _empty(), dict.fromkeys([*CUT_KEYS, "examples_cut"], 0)
     columns: dict[str, list] = {"title": [r["title"] for r in rows], "content": [r["content"] for r in rows]}
     k, chars = cfg.retrieval.k, cfg.retrieval.chars
     drop = cfg.train.drop_unsupported
@@ -220,12 +225,36 @@ def _store(path: Path, splits: dict[str, Any], stats: dict) -> None:
     """Written beside, then swapped into place (rundir.atomic_dir): a killed run leaves no half entry to read."""
     with rundir.atomic_dir(path, overwrite=True, what="encoded examples") as tmp:
         for name, ds in splits.items():
-            ds.save_to_disk(str(tmp / name))
+            if len(ds):  # an empty split is stored as its absence: datasets cannot read a table of no shards back
+                ds.save_to_disk(str(tmp / name))
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+
+
+def _load_whole(path: Path) -> tuple[dict[str, Any], dict] | None:
+    """The stored examples, or None when there are none or they are damaged (said, then encoded again: a cache)."""
+    if not path.exists():
+        return None
+    try:
+        splits, stats = _load(path)
+        if len(splits["train"]) != stats["examples"]:
+            raise ValueError(f"{len(splits['train'])} train examples, stats.json says {stats['examples']}")
+        return splits, stats
+    except Exception as e:  # noqa: BLE001 - whatever datasets or pyarrow raise on a damaged cache: rebuild it
+        print(f"note: {path} is damaged ({type(e).__name__}: {str(e)[:100]}): encoding the examples again")
+        return None
 
 
 def _load(path: Path) -> tuple[dict[str, Any], dict]:
     from datasets import load_from_disk
 
-    splits = {name: load_from_disk(str(path / name)) for name in ("train", "val")}
+    splits = {name: load_from_disk(str(path / name)) if (path / name).is_dir() else _empty()
+              for name in ("train", "val")}
     return splits, json.loads((path / "stats.json").read_text())
+
+
+def _empty() -> Any:
+    """A split of no examples, with the columns of an encoded one."""
+    from datasets import Dataset, Features, Sequence, Value
+
+    features = Features({"input_ids": Sequence(Value("int32")), "completion_mask": Sequence(Value("int8"))})
+    return Dataset.from_dict({"input_ids": [], "completion_mask": []}, features=features)

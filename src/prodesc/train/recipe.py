@@ -35,8 +35,9 @@ from typing import Any
 from prodesc import config as configmod
 from prodesc import dist, models, rundir
 from prodesc.config import ProdescConfig
-from prodesc.data import write_index
+from prodesc.data import data_settings, write_index
 from prodesc.errors import ProdescError
+from prodesc.records import check_split_titles, title_cap
 from prodesc.rundir import build_manifest, data_fingerprint
 from prodesc.train import checks, encoding, examples
 from prodesc.train.checkpoints import resumable
@@ -51,7 +52,6 @@ PEAK_BF16_FLOPS = {
 }
 
 
-RESUME_LOCKED = ("model", "prompt", "lora")  # a checkpoint only resumes into the model, prompt and adapter it had
 
 
 def train_cli(
@@ -67,7 +67,7 @@ def train_cli(
     changed: list[str] = []
     if resume and any((out / name).is_file() for name in (rundir.RESOLVED, "config.yaml")):
         base = rundir.run_config(out)
-        cfg = configmod.resolve(base, config, flags, sets or (), locked=RESUME_LOCKED)
+        cfg = configmod.resolve(base, config, flags, sets or (), locked=configmod.LOCKED_ON_RESUME)
         trust = {k: v for k, v in (flags or {}).items() if k == "model.trust_remote_code"}  # a permission, no change
         changed = configmod.changed_keys(configmod.resolve(base, flags=trust), cfg)
     else:
@@ -136,7 +136,9 @@ def _read_split(data: Path, split: str) -> list[dict[str, str]]:
     import pyarrow.parquet as pq
 
     table = pq.read_table(data / f"{split}.parquet", columns=["uid", "title", "content", "family"])
-    return table.to_pylist()
+    rows = table.to_pylist()
+    check_split_titles(data / f"{split}.parquet", [r["title"] for r in rows], title_cap(data))
+    return rows
 
 
 def _setup_tokenizer(cfg: ProdescConfig, train_rows: list[dict], out: Path) -> Any:
@@ -374,7 +376,7 @@ def _write_run(
     families = sorted({r["family"] for r in train_rows})
     with gzip.open(out / "train_families.txt.gz", "wt", encoding="utf-8") as f:
         f.write("\n".join(families) + "\n")
-    write_index(out, train_rows, cfg.data)
+    write_index(out, train_rows, data_settings(data, cfg.data))  # near-duplicates as the data defines them
     manifest = build_manifest(base_ref, data_fingerprint(data, families), stats)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
