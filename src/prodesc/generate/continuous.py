@@ -125,7 +125,7 @@ class Engine:
         self.width = cache_len + 2 * (self.k + 1) + 1
         self.rows: list[Row] = []  # live rows, row i in slot i
         self.waiting: deque[Row] = deque()
-        self.graphs = graphs  # CUDA graphs per (batch bucket, step width) (turned off, with a warning, if capture fails)
+        self.graphs = graphs  # CUDA graphs per (batch bucket, step width) (off, with a warning, if capture fails)
         self.compile = compile  # torch.compile the decode step's forward first (CUDA graphs then capture it)
         self._kv: list[tuple[Any, Any]] = []  # per layer (keys, values), allocated by the first prefill
         # On the model's device, per slot, so a decode step needs no per-row copy from the host: the tokens to feed
