@@ -212,10 +212,12 @@ class Engine:
             if not self.graphs:
                 return
             t0 = time.perf_counter()
-            for b in sorted({batch_bucket(n, self.slots) for n in range(1, self.slots + 1)}):
-                for w in self._widths():
-                    if not self._graph(b, w):
-                        return
+            keys = [(b, w) for b in sorted({batch_bucket(n, self.slots) for n in range(1, self.slots + 1)})
+                    for w in self._widths()]
+            while self.graphs and (missing := [key for key in keys if key not in self._captured]):
+                self._graph(*missing[0])  # (a failed compile drops the graphs captured so far: all again)
+            if not self.graphs:
+                return
             self._time_graphs()
             log.info("decode steps captured (%d graphs, compile=%s) in %.1f s", len(self._captured), self.compile,
                      time.perf_counter() - t0)
@@ -403,19 +405,25 @@ class Engine:
         return out
 
     def _graph(self, b: int, w: int) -> bool:
-        """Capture the step of (b, w); on failure graphs are off for good (and compiling too), with a warning."""
+        """Capture the step of (b, w). If the compiled step fails, the eager step is captured instead (compiling
+        off for good); if that fails too, graphs are off for good: a warning each."""
         import torch
 
         if self.compile and self._step_fn == self._step_forward:
             self._step_fn = _compiled(self._step_forward)
-        try:
-            self._captured[(b, w)] = self._capture(b, w)
-            return True
-        except Exception as e:  # noqa: BLE001 - eager decoding still answers, only slower
-            log.warning("CUDA graph capture failed (%s: %s): decoding eagerly", type(e).__name__, e)
-            self.graphs, self._step_fn = False, self._step_forward
-            torch.cuda.synchronize()
-            return False
+        while True:
+            try:
+                self._captured[(b, w)] = self._capture(b, w)
+                return True
+            except Exception as e:  # noqa: BLE001 - eager decoding still answers, only slower
+                torch.cuda.synchronize()
+                if self._step_fn != self._step_forward:
+                    log.warning("compiled decode step failed (%s: %s): capturing it uncompiled", type(e).__name__, e)
+                    self.compile, self._step_fn, self._captured = False, self._step_forward, {}
+                    continue
+                log.warning("CUDA graph capture failed (%s: %s): decoding eagerly", type(e).__name__, e)
+                self.graphs = False
+                return False
 
     def _capture(self, b: int, w: int) -> Any:
         import torch
