@@ -181,3 +181,51 @@ def test_speculating_rows_get_exactly_the_tokens_of_one_token_steps(base: Genera
 def rows_drafted(handed: list, rows: list[int]) -> bool:
     """Whether any of `rows` got more than one token from one step (kept a draft)."""
     return any(kept > 1 for i, _, _, kept, _ in handed if i in rows)
+
+
+def test_describe_with_speculation_gives_the_plain_answers_and_counts_the_drafts(base: Generator) -> None:
+    """`generate.speculate_tokens` routes describe through the engine: the same predictions as the one-token path
+    (transformers' generate), the drafts counted for generate's closing line."""
+    from prodesc.generate.generator import speculation_line
+
+    plain = base.cfg.generate.model_copy(update={"max_new_tokens": 30, "batch_size": 3})
+    with one_torch_thread():
+        want = base.describe(TITLES, plain)
+        got = base.describe(TITLES, plain.model_copy(update={"speculate_tokens": 3}))
+    assert [r["prediction"] for r in got] == [r["prediction"] for r in want]
+    assert [r["n_tokens"] for r in got] == [r["n_tokens"] for r in want]
+    counts = base.speculation
+    assert counts["accepted"] > 0 and counts["drafted"] >= counts["accepted"]
+    assert "accepted (" in speculation_line(counts) and speculation_line({"verify_rows": 0}) == ""
+
+
+def test_the_engine_verifies_only_while_drafts_pay_for_it_and_probes_otherwise(base: Generator) -> None:
+    """A verify step runs while 1 + the drafts kept per row and step cover its cost over a one-token step; below,
+    one-token steps, with a verify step every 8th, then every 16th, 32nd... while drafts keep failing."""
+    from prodesc.generate.continuous import Engine
+
+    engine = Engine(base.model, base.tok, base.cfg.generate.model_copy(update={"speculate_tokens": 4}), 4, 256)
+    engine.rows = [Row([1, 2], 10, 0.0, 1.0)]
+    engine._cost = {(1, 1): 0.010, (1, 5): 0.013}  # a verify step costs 1.3 one-token steps
+    engine._gain = 0.4
+    assert all(engine._verifying(1) for _ in range(5))
+    engine._gain = 0.2
+    kinds = [engine._verifying(1) for _ in range(8 + 16 + 32)]
+    assert [i for i, v in enumerate(kinds) if v] == [7, 7 + 16, 7 + 16 + 32]
+    engine.rows = [Row([1, 2], 10, 0.8, 1.0)]  # sampled rows draft nothing: never a verify step
+    engine._gain = 3.0
+    assert not engine._verifying(1)
+
+
+def test_warm_up_prepares_the_engine_without_changing_answers(base: Generator) -> None:
+    """warm_up before any request (on CPU: the cache allocated, no graphs) leaves the answers as they were."""
+    engine = base.engine(2, 256, gen=base.cfg.generate.model_copy(update={"speculate_tokens": 2}))
+    with one_torch_thread():
+        engine.warm_up()
+        assert engine._kv and not engine.busy
+        row = Row(base.prompt_ids(TITLES[0]), 20, 0.0, 1.0)
+        engine.add(row)
+        while engine.busy:
+            engine.step()
+        alone = base.describe([TITLES[0]], base.cfg.generate.model_copy(update={"max_new_tokens": 20}))[0]
+    assert base.tok.decode(row.tokens, skip_special_tokens=True).strip() == alone["prediction"]

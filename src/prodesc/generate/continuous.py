@@ -206,8 +206,8 @@ class Engine:
 
         with torch.inference_mode():
             if not self._kv:
-                self._forward(self._tensor([[self.pad]]), self._tensor([[0]]), None,
-                              _SlotCache(self, prefill=(0, self._tensor([[0]]))), keep=1)
+                one = self._tensor([[0]])
+                self._forward(one + self.pad, one, (one == 0)[:, None, None], _SlotCache(self, prefill=(0, one)), 1)
                 self._allocate_slots(self.model.device)
             if not self.graphs:
                 return
