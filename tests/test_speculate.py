@@ -229,3 +229,39 @@ def test_warm_up_prepares_the_engine_without_changing_answers(base: Generator) -
             engine.step()
         alone = base.describe([TITLES[0]], base.cfg.generate.model_copy(update={"max_new_tokens": 20}))[0]
     assert base.tok.decode(row.tokens, skip_special_tokens=True).strip() == alone["prediction"]
+
+
+def test_the_server_warms_its_engine_up_and_counts_drafts_in_metrics(base: Generator) -> None:
+    """`prodesc serve` with speculation: the engine is warmed up when the app is created (before any request), a
+    request's answer equals describe's, and /metrics counts drafted and accepted tokens."""
+    import asyncio
+    import copy
+
+    import httpx
+
+    from prodesc.config import ServeConfig
+    from prodesc.serve.app import create_app
+
+    gen = copy.copy(base)
+    gen.cfg = base.cfg.model_copy(update={"generate": base.cfg.generate.model_copy(
+        update={"speculate_tokens": 3, "max_new_tokens": 30})})
+    with one_torch_thread():
+        app = create_app(gen, ServeConfig(batch_window_ms=0, cache_len=512))
+        assert app.state.prodesc.batcher.engines[True]._kv  # allocated by warm_up, before any request
+
+        async def main() -> tuple[httpx.Response, str]:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=60) as http:
+                try:
+                    answer = await http.post("/v1/describe", json={"titles": TITLES[:3]})
+                    return answer, (await http.get("/metrics")).text
+                finally:
+                    await app.state.prodesc.batcher.close()
+
+        answer, metrics = asyncio.run(main())
+        want = base.describe(TITLES[:3], base.cfg.generate.model_copy(update={"max_new_tokens": 30}))
+    assert answer.status_code == 200
+    assert [r["description"] for r in answer.json()["descriptions"]] == [r["prediction"] for r in want]
+    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+              if line.startswith(("prodesc_draft_tokens_total", "prodesc_accepted_tokens_total"))}
+    assert values["prodesc_draft_tokens_total"] >= values["prodesc_accepted_tokens_total"] > 0

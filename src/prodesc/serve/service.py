@@ -46,6 +46,8 @@ class Service:
         for phase in PHASES:
             self.metrics.engine.labels(phase).set_function(lambda p=phase: self._engine_seconds(p))
         self.metrics.registry.register(_PrefillCounts(self.batcher))
+        self.metrics.registry.register(_SpeculationCounts(self.batcher))
+        _warm(self.batcher.engines[True])  # every CUDA graph captured before the server takes traffic
         self.page = importlib.resources.files("prodesc.serve").joinpath("static/index.html").read_text("utf-8")
         self._base: asyncio.Future | None = None  # the base generator, loading or loaded
 
@@ -122,16 +124,22 @@ class Service:
         """The base model's generator, loaded (in a thread, once) on the first request for `<name>-base`: a second
         copy of the base weights, so the fine-tuned model stays merged and never pays for a switchable adapter."""
         if self._base is None:
-            self._base = asyncio.ensure_future(asyncio.to_thread(self._load_base))
+            self._base = asyncio.ensure_future(asyncio.to_thread(self._load_base_engine))
         try:
-            gen = await asyncio.shield(self._base)
+            gen, engine = await asyncio.shield(self._base)
         except Exception as e:
             self._base = None  # try again on the next request
             raise ApiError(500, failure(e), "server_error") from None
         if False not in self.batcher.engines:
-            self.batcher.engines[False] = gen.engine(self.cfg.max_batch_size, self.cfg.cache_len,
-                                                     self.cfg.admit_wait_ms / 1000)
+            self.batcher.engines[False] = engine
         return gen
+
+    def _load_base_engine(self) -> tuple[Any, Any]:
+        """In a thread: the base generator and its engine, its graphs captured before its first request (in
+        thread_local mode, while the model thread decodes for the fine-tuned model)."""
+        gen = self._load_base()
+        engine = gen.engine(self.cfg.max_batch_size, self.cfg.cache_len, self.cfg.admit_wait_ms / 1000)
+        return gen, _warm(engine)
 
     async def wait(self, request: Request, job: Job) -> Any:
         """The job's result (a stream: its queue of pieces, once its first token is out); cancels the job
@@ -272,6 +280,33 @@ class _PrefillCounts:
                                   "forward), all models.", value=sum(getattr(e, "prefills", 0) for e in engines))
         yield CounterMetricFamily("prodesc_prefill_rows", "Rows admitted by those prefills.",
                                   value=sum(getattr(e, "prefill_rows", 0) for e in engines))
+
+
+class _SpeculationCounts:
+    """Prompt-lookup speculation (`generate.speculate_tokens`), read from the engines when /metrics is scraped:
+    tokens drafted and accepted over every request's rows, and the row-steps that verified drafts; tokens per
+    verify step = 1 + accepted / verify row-steps."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self.batcher = batcher
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily
+
+        engines = list(self.batcher.engines.values())
+        for name, attr, text in (
+                ("prodesc_draft_tokens", "drafted", "Tokens drafted by prompt lookup and verified, all requests."),
+                ("prodesc_accepted_tokens", "accepted", "Drafted tokens the model agreed with (kept), all requests."),
+                ("prodesc_verify_row_steps", "verify_rows", "Rows decoded by verify steps (a row's tokens per verify "
+                 "step = 1 + accepted / this).")):
+            yield CounterMetricFamily(name, text, value=sum(getattr(e, attr, 0) for e in engines))
+
+
+def _warm(engine: Any) -> Any:
+    warm_up = getattr(engine, "warm_up", None)
+    if warm_up is not None:
+        warm_up()
+    return engine
 
 
 class ClientGone(Exception):
