@@ -308,6 +308,8 @@ class Engine:
         n = len(self.rows)
         w = self.k + 1 if self._verifying(n) else 1
         b = batch_bucket(n, self.slots) if self.graphs else n
+        if w > 1:
+            self._draft(n)
         logits = self._replay(b, w) if self.graphs else self._timed_forward(b, w)
         t0 = self._clock("forward", t0)
         # Every live row has at most k + 1 chosen tokens not handed out yet (its previous step's or its prefill's),
@@ -344,8 +346,8 @@ class Engine:
 
     def _advance(self, s0: int, picked: Any, kept: Any, moved: bool) -> None:
         """After a step chose `picked` [n, w] and rows keep `kept` [n] of them: the answers, columns and room move
-        on (`moved`: the fed tokens are in the cache now; a prefill's first token is not), the last kept token is
-        fed next, and the drafts after it are looked up."""
+        on (`moved`: the fed tokens are in the cache now; a prefill's first token is not), and the last kept token
+        is fed next."""
         n = picked.shape[0]
         sl = slice(s0, s0 + n)
         if self._procs.active:
@@ -356,11 +358,13 @@ class Engine:
         self._room[sl] -= kept
         self._seq[sl].scatter_(1, self._col[sl, None], last)
         self._feed[sl, :1] = last
-        if self.k:
-            allowed = (self._room[sl] - 1).clamp(min=0) * self._greedy[sl]  # a step takes drafts + 1 tokens
-            drafts, count = propose(self._seq[sl], self._col[sl], allowed, self.k)
-            self._feed[sl, 1:] = drafts
-            self._drafts[sl] = count
+
+    def _draft(self, n: int) -> None:
+        """Look up the drafts of the first n slots, fed after their last tokens (only before a verify step)."""
+        allowed = (self._room[:n] - 1).clamp(min=0) * self._greedy[:n]  # a step keeps drafts + 1 tokens at most
+        drafts, count = propose(self._seq[:n], self._col[:n], allowed, self.k)
+        self._feed[:n, 1:] = drafts
+        self._drafts[:n] = count
 
     def _land(self, launched: _Launched) -> int:
         """Hand out the tokens of a launched step (waiting for them first); returns how many."""
