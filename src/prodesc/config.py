@@ -241,8 +241,8 @@ class GenerateConfig(_Stage):
         0, ge=0, le=15,
         description="Prompt-lookup speculation: up to N tokens per step drafted from the row's own prompt (catalog "
         "neighbours included) and answer, all verified in one forward; greedy answers stay token-for-token the "
-        "same, sampled rows draft nothing; 0 = off. Runs generate/eval through the serving engine "
-        "(generate/continuous.py); the engine stops drafting while drafts do not pay for their verify steps.",
+        "same, sampled rows draft nothing; 0 = off. Runs generate/eval through the serving engine (not with "
+        "grounded: one-token decoding then), which stops drafting while drafts do not pay for their verify steps.",
     )
     batch_size: int = Field(16, ge=1, description="Titles per generation call.")
     write_every: int = Field(
