@@ -268,7 +268,8 @@ def _served_vs_offline(gen: Any, title: str, new_tokens: int) -> dict[str, Any]:
     engine = app.state.prodesc.batcher.engines[True]
     return {"offline_b1_tokens_per_s": round(offline, 1), "served_1_tokens_per_s": round(served, 1),
             "served_vs_offline": round(served / offline, 3), "server_start_s": round(start_s, 1),
-            "engine_compiled": engine.compile, "engine_graphs": engine.graphs, "graphs": len(engine._captured),
+            "engine_graphs": engine.graphs, "engine_compiled": bool(engine.graphs and engine._graphs.compile),
+            "graphs": len(engine._graphs.captured) if engine._graphs else 0,
             "n_tokens": rec["n_tokens"]}
 
 

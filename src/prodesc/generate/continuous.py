@@ -58,6 +58,7 @@ from typing import Any
 
 from prodesc.config import MIN_SAMPLING_TEMPERATURE, GenerateConfig
 from prodesc.generate.fast import batch_bucket
+from prodesc.generate.graphs import StepGraphs
 from prodesc.generate.speculate import accept, propose
 
 log = logging.getLogger(__name__)
@@ -125,8 +126,8 @@ class Engine:
         self.width = cache_len + 2 * (self.k + 1) + 1
         self.rows: list[Row] = []  # live rows, row i in slot i
         self.waiting: deque[Row] = deque()
-        self.graphs = graphs  # CUDA graphs per (batch bucket, step width) (off, with a warning, if capture fails)
-        self.compile = compile  # torch.compile the decode step's forward first (CUDA graphs then capture it)
+        # CUDA graphs per (batch bucket, step width), the forward compiled first with `compile` (graphs.py)
+        self._graphs = StepGraphs(self._step_forward, compile) if graphs else None
         self._kv: list[tuple[Any, Any]] = []  # per layer (keys, values), allocated by the first prefill
         # On the model's device, per slot, so a decode step needs no per-row copy from the host: the tokens to feed
         # next (the last chosen token, then the drafts), how many drafts, the column the first of them goes to
@@ -139,8 +140,6 @@ class Engine:
         self._room: Any = None
         self._greedy: Any = None
         self._procs: Any = None
-        self._captured: dict[tuple[int, int], Any] = {}
-        self._step_fn: Callable[[int, int], Any] = self._step_forward
         self.seconds = dict.fromkeys(PHASES, 0.0)  # summed per phase (/metrics, bench/engine_overhead.py)
         # Prefills so far and the rows they admitted (/metrics): on a GPU each prefill is one eager forward that
         # stalls every live row whatever its size, so many small ones under a burst cost tokens/s.
@@ -161,6 +160,11 @@ class Engine:
         self.on_wait: Callable[[], None] = lambda: None
         # transformers 5.2x renamed past_key_values to cache (the old name warns); older 5.x only know the old one
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    @property
+    def graphs(self) -> bool:
+        """Whether decode steps replay CUDA graphs (off for good once a capture failed)."""
+        return self._graphs is not None and self._graphs.on
 
     @property
     def busy(self) -> bool:
@@ -213,14 +217,13 @@ class Engine:
                 return
             t0 = time.perf_counter()
             keys = [(b, w) for b in sorted({batch_bucket(n, self.slots) for n in range(1, self.slots + 1)})
-                    for w in self._widths()]
-            while self.graphs and (missing := [key for key in keys if key not in self._captured]):
-                self._graph(*missing[0])  # (a failed compile drops the graphs captured so far: all again)
-            if not self.graphs:
-                return
-            self._time_graphs()
-            log.info("decode steps captured (%d graphs, compile=%s) in %.1f s", len(self._captured), self.compile,
-                     time.perf_counter() - t0)
+                    for w in ([1, self.k + 1] if self.k else [1])]
+            while self.graphs and (missing := [key for key in keys if key not in self._graphs.captured]):
+                self._graphs.capture(*missing[0])  # (a failed compile drops the graphs captured so far: all again)
+            if self.graphs:
+                self._cost.update(self._graphs.timings())
+                log.info("decode steps captured (%d graphs, compiled: %s) in %.1f s", len(self._graphs.captured),
+                         self._graphs.compile, time.perf_counter() - t0)
 
     # ---- joining: prefill newcomers into free slots ------------------------------------------------------------
 
@@ -310,7 +313,8 @@ class Engine:
         b = batch_bucket(n, self.slots) if self.graphs else n
         if w > 1:
             self._draft(n)
-        logits = self._replay(b, w) if self.graphs else self._timed_forward(b, w)
+        logits = self._graphs.replay(b, w) if self.graphs else None
+        logits = self._timed_forward(b, w) if logits is None else logits
         t0 = self._clock("forward", t0)
         # Every live row has at most k + 1 chosen tokens not handed out yet (its previous step's or its prefill's),
         # which the processors' answers on the device hold already; the drafts come after them.
@@ -382,7 +386,7 @@ class Engine:
         self.seconds[phase] += now - t0
         return now
 
-    # ---- the decode step's forward: eager, or a CUDA graph per (bucket, width) -----------------------------------
+    # ---- the decode step's forward (eager here; graphs.py replays it as CUDA graphs) ----------------------------
 
     def _step_forward(self, b: int, w: int) -> Any:
         """The forward of a decode step of the first `b` slots, `w` tokens each: logits [b, w, vocab]."""
@@ -393,73 +397,11 @@ class Engine:
     def _timed_forward(self, b: int, w: int) -> Any:
         """Eager step; on CPU (synchronous) its time feeds the speculation policy's cost of each width."""
         t0 = time.perf_counter()
-        logits = self._step_fn(b, w)
+        logits = self._step_forward(b, w)
         if self.model.device.type != "cuda":
             dt, old = time.perf_counter() - t0, self._cost.get((b, w))
             self._cost[(b, w)] = dt if old is None else 0.8 * old + 0.2 * dt
         return logits
-
-    def _replay(self, b: int, w: int) -> Any:
-        """The decode step of bucket `b` and width `w` as a CUDA graph (captured now if `warm_up` did not); eager
-        if capture fails."""
-        if (b, w) not in self._captured and not self._graph(b, w):
-            return self._step_forward(b, w)
-        graph, out = self._captured[(b, w)]
-        graph.replay()
-        return out
-
-    def _graph(self, b: int, w: int) -> bool:
-        """Capture the step of (b, w). If the compiled step fails, the eager step is captured instead (compiling
-        off for good); if that fails too, graphs are off for good: a warning each."""
-        import torch
-
-        if self.compile and self._step_fn == self._step_forward:
-            self._step_fn = _compiled(self._step_forward)
-        while True:
-            try:
-                self._captured[(b, w)] = self._capture(b, w)
-                return True
-            except Exception as e:  # noqa: BLE001 - eager decoding still answers, only slower
-                torch.cuda.synchronize()
-                if self._step_fn != self._step_forward:
-                    log.warning("compiled decode step failed (%s: %s): capturing it uncompiled", type(e).__name__, e)
-                    self.compile, self._step_fn, self._captured = False, self._step_forward, {}
-                    continue
-                log.warning("CUDA graph capture failed (%s: %s): decoding eagerly", type(e).__name__, e)
-                self.graphs = False
-                return False
-
-    def _capture(self, b: int, w: int) -> Any:
-        import torch
-
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the graph (compiling, lazy inits, cuBLAS handles)
-            for _ in range(2):
-                self._step_fn(b, w)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            out = self._step_fn(b, w)
-        log.info("decode step captured as a CUDA graph for batch bucket %d, width %d", b, w)
-        return graph, out
-
-    def _time_graphs(self, repeat: int = 5) -> None:
-        """Each captured step's device time (the speculation policy's cost of a verify step)."""
-        import torch
-
-        for key, (graph, _) in self._captured.items():
-            graph.replay()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(repeat):
-                graph.replay()
-            end.record()
-            end.synchronize()
-            self._cost[key] = start.elapsed_time(end) / repeat / 1000
-
-    def _widths(self) -> list[int]:
-        return [1, self.k + 1] if self.k else [1]
 
     def _forward(self, ids: Any, pos: Any, mask: Any, cache: Any, keep: int) -> Any:
         return self.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True, logits_to_keep=keep,
@@ -628,14 +570,6 @@ def _allocate(key: Any, slots: int, width: int) -> tuple[Any, Any]:
     shape = (slots, key.shape[1], width, key.shape[3])
     return (torch.zeros(shape, dtype=key.dtype, device=key.device),
             torch.zeros(shape, dtype=key.dtype, device=key.device))
-
-
-def _compiled(fn: Callable[[int, int], Any]) -> Callable[[int, int], Any]:
-    """`fn` through torch.compile, the batch size dynamic (one compile for every bucket but 1) and without its own
-    CUDA graphs: the engine captures the compiled step itself, per bucket and width."""
-    import torch
-
-    return torch.compile(fn, dynamic=True, mode="default")
 
 
 def _top_p(scores: Any, top_p: Any) -> Any:
