@@ -257,7 +257,7 @@ def test_the_engine_launches_the_next_step_before_handing_out_the_tokens_of_the_
     row = Row(base.prompt_ids("Red Mug 1"), 5, 0.0, 1.0)
     engine, seen = base.engine(2, 256), []
     forward = engine._forward
-    engine._forward = lambda *a: (seen.append("forward"), forward(*a))[1]
+    engine._forward = lambda *a, **kw: (seen.append("forward"), forward(*a, **kw))[1]
     engine.on_wait = lambda: seen.append("wait")
     row.on_token = lambda _: seen.append(len(row.tokens))
     engine.add(row)
@@ -278,7 +278,7 @@ def test_after_a_failed_prefill_fail_returns_every_row_the_newcomers_included(ba
     with one_torch_thread():
         engine.step()
         engine.step()
-        engine._forward = lambda *a: (_ for _ in ()).throw(RuntimeError("CUDA out of memory"))
+        engine._forward = lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("CUDA out of memory"))
         engine.add(joining)
         engine.add(queued)  # no slot for it: it stays queued
         with pytest.raises(RuntimeError, match="out of memory"):

@@ -228,3 +228,21 @@ def test_gqa_decode_matches_sdpa(monkeypatch):
     for a, b in zip(ref.scores, fast.scores, strict=True):  # -inf where min_new_tokens bans EOS, in both
         assert torch.equal(torch.isfinite(a), torch.isfinite(b))
         assert (a - b)[torch.isfinite(a)].abs().max().item() < TOL
+
+
+def test_gqa_decode_of_several_tokens_per_row_matches_sdpa():
+    """The serving engine's verify step (a few new tokens per row, a 4D mask over a longer cache) through the GQA
+    decode path gives SDPA's output with the cache repeated per query head."""
+    import torch.nn.functional as F
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    torch.manual_seed(0)
+    b, hq, hkv, t, cache, d = 3, 8, 2, 5, 17, 16
+    q, k, v = torch.randn(b, hq, t, d), torch.randn(b, hkv, cache, d), torch.randn(b, hkv, cache, d)
+    at = torch.tensor([4, 9, 11])[:, None] + torch.arange(t)  # each row's columns of its new tokens
+    mask = (torch.arange(cache)[None, None, :] <= at[:, :, None])[:, None]
+    assert speed._is_gqa_decode(q, k, mask)
+    got = speed._gqa_decode(q, k, v, mask, None)
+    want = F.scaled_dot_product_attention(q, repeat_kv(k, hq // hkv), repeat_kv(v, hq // hkv), attn_mask=mask)
+    assert (got - want.transpose(1, 2)).abs().max().item() < 1e-5
+    assert not speed._is_gqa_decode(q, k, None)  # several tokens without a mask: a prefill, causal

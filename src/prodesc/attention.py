@@ -22,6 +22,7 @@ import inspect
 from typing import Any
 
 VARLEN = "sdpa_varlen"
+MAX_DECODE_QUERIES = 16  # new tokens per row up to which a masked step takes the GQA decode path
 
 
 def register_varlen_attention() -> str:
@@ -65,23 +66,33 @@ def attention_for(cfg_attn: str | None, mode: str, quantized: bool) -> str | Non
 
 
 def _is_gqa_decode(query: Any, key: Any, attention_mask: Any) -> bool:
-    """One new token per row, fewer key/value heads than query heads, a mask shared by all heads (or none)."""
-    return (query.shape[2] == 1 and key.shape[1] < query.shape[1] and query.shape[1] % key.shape[1] == 0
-            and (attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1)))
+    """A decode step (one new token per row, or a few: the serving engine's speculative verify step, with its 4D
+    mask), fewer key/value heads than query heads, a mask shared by all heads (or none, for one token)."""
+    q = query.shape[2]
+    if not (key.shape[1] < query.shape[1] and query.shape[1] % key.shape[1] == 0):
+        return False
+    if attention_mask is None:
+        return q == 1
+    return q <= MAX_DECODE_QUERIES and attention_mask.dim() == 4 and attention_mask.shape[1] == 1
 
 
 def _gqa_decode(query: Any, key: Any, value: Any, attention_mask: Any, scaling: float | None) -> Any:
     """Decode-step attention without repeating the KV cache: the query heads of each key/value group become query
-    rows of that group ([B, Hq, 1, D] -> [B, Hkv, Hq/Hkv, D]). transformers' SDPA does this only outside
-    torch.compile; inside it, it copies the whole cache 4x per layer and step (Mistral: 32 query / 8 kv heads),
-    which made compiled batch-64 decoding ~2.5x slower than the weights alone allow."""
+    rows of that group ([B, Hq, T, D] -> [B, Hkv, Hq/Hkv * T, D], the mask repeated to match). transformers' SDPA
+    does this only outside torch.compile and without a mask; otherwise it copies the whole cache 4x per layer and
+    step (Mistral: 32 query / 8 kv heads), which made compiled batch-64 decoding ~2.5x slower than the weights
+    alone allow."""
     import torch.nn.functional as F
 
-    b, hq, _, d = query.shape
+    b, hq, t, d = query.shape
     hkv = key.shape[1]
-    q = query.reshape(b, hkv, hq // hkv, d)  # query head h = group h // n_rep, row h % n_rep (repeat_kv's order)
-    out = F.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
-    return out.reshape(b, hq, 1, d).transpose(1, 2).contiguous()  # [B, 1, Hq, D]
+    rep = hq // hkv
+    q = query.reshape(b, hkv, rep * t, d)  # query head h = group h // rep, rows (h % rep) * t + i (repeat_kv's order)
+    mask = attention_mask
+    if mask is not None and t > 1:
+        mask = mask[:, :, None].expand(b, 1, rep, t, mask.shape[-1]).reshape(b, 1, rep * t, mask.shape[-1])
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(b, hq, t, d).transpose(1, 2).contiguous()  # [B, T, Hq, D]
 
 
 def _sequence_bounds(query: Any, attention_mask: Any, sliding_window: int | None,

@@ -245,6 +245,13 @@ class GenerateConfig(_Stage):
         "a word with a digit may only be written as the title or a neighbour shown writes it; title = as the title "
         "alone writes it; off. Checked on the 8 likeliest tokens at each step (exact for greedy decoding).",
     )
+    speculate_tokens: int = Field(
+        0, ge=0, le=15,
+        description="Prompt-lookup speculation: up to N tokens per step drafted from the row's own prompt (catalog "
+        "neighbours included) and answer, all verified in one forward; greedy answers stay token-for-token the "
+        "same, sampled rows draft nothing; 0 = off. Runs generate/eval through the serving engine (not with "
+        "grounded: one-token decoding then), which stops drafting while drafts do not pay for their verify steps.",
+    )
     batch_size: int = Field(16, ge=1, description="Titles per generation call.")
     write_every: int = Field(
         1024, ge=1, description="generate --out: titles generated (sorted by length) between appends to the file."

@@ -44,6 +44,9 @@ class Generator:
         self.tok.padding_side = "left"  # decoder-only batches grow on the right
         self.stop_ids = models.stop_ids(tokenizer, model)
         self.exempt = sorted({i for i in [*tokenizer.all_special_ids, *self.stop_ids] if i is not None})
+        self._engine: tuple[Any, Any] | None = None  # describe's engine when speculating: (settings, Engine)
+        # drafted tokens verified, drafts kept, and row-steps that verified, over describe's calls (speculating)
+        self.speculation = {"drafted": 0, "accepted": 0, "verify_rows": 0}
 
     @classmethod
     def from_run(cls, run: Path, cfg: ProdescConfig | None = None, merge: bool | None = None) -> Generator:
@@ -102,16 +105,19 @@ class Generator:
         if self.catalog is not None:
             self.catalog.use_data_index(data)
 
-    def engine(self, slots: int, cache_len: int, admit_wait_s: float = 0.0) -> Any:
+    def engine(self, slots: int, cache_len: int, admit_wait_s: float = 0.0, gen: GenerateConfig | None = None,
+               compile: bool | None = None) -> Any:
         """A continuous-batching engine on this model (`prodesc serve`): `slots` rows at once, each with room for
-        `cache_len` prompt + answer tokens; decode steps as CUDA graphs where the fast path applies; with rows
-        generating, waiting rows may be held up to `admit_wait_s` to join in fewer prefills."""
+        `cache_len` prompt + answer tokens; decode steps as CUDA graphs where the fast path applies (their forward
+        compiled unless `compile=False`); with rows generating, waiting rows may be held up to `admit_wait_s` to
+        join in fewer prefills. Call its `warm_up()` to capture every graph before the first request."""
         from prodesc.generate.continuous import Engine
 
+        gen = gen or self.cfg.generate
         on_cuda = getattr(self.model, "device", None) is not None and self.model.device.type == "cuda"
-        graphs = on_cuda and fast.fast_generation_enabled(self.model, self.cfg.generate.compile)
-        return Engine(self.model, self.tok, self.cfg.generate, slots, cache_len, graphs=graphs, stop_ids=self.stop_ids,
-                      admit_wait_s=admit_wait_s)
+        graphs = on_cuda and fast.fast_generation_enabled(self.model, gen.compile)
+        return Engine(self.model, self.tok, gen, slots, cache_len, graphs=graphs, stop_ids=self.stop_ids,
+                      admit_wait_s=admit_wait_s, compile=graphs if compile is None else compile and graphs)
 
     def describe(
         self,
@@ -125,6 +131,8 @@ class Generator:
         `stop(i)`, asked after every token, ends title i's answer early (the server: its client left)."""
         gen = gen or self.cfg.generate
         near = self.neighbours(titles)
+        if gen.speculate_tokens and gen.grounded == "off":  # transformers' prompt lookup decodes one row at a time
+            return self._describe_speculating(titles, near, gen, progress, adapter, stop)
         order = sorted(range(len(titles)), key=lambda i: -len(titles[i]))  # similar lengths share a batch
         results: dict[int, dict[str, Any]] = {}
         bar = _progress(len(titles), progress)
@@ -136,6 +144,48 @@ class Generator:
             bar.update(len(idx))
         bar.close()
         return [results[i] for i in range(len(titles))]
+
+    def _describe_speculating(self, titles: list[str], near: list[list[dict]], gen: GenerateConfig, progress: bool,
+                              adapter: bool, stop: Callable[[int], bool] | None) -> list[dict[str, Any]]:
+        """`describe` through the serving engine, `generate.batch_size` rows at a time, drafting from each prompt
+        (generate/speculate.py); greedy answers equal the one-token path's. Adds the drafts to `self.speculation`."""
+        import contextlib
+
+        import torch
+
+        from prodesc.generate.continuous import Row
+
+        prompts = [self.prompt_ids(t, nb) for t, nb in zip(titles, near, strict=True)]
+        need = max(map(len, prompts)) + gen.max_new_tokens
+        engine = self._engine_for(gen, -(-need // fast.CACHE_BUCKET) * fast.CACHE_BUCKET, adapter)
+        before = (engine.drafted, engine.accepted, engine.verify_rows)
+        bar, rows = _progress(len(titles), progress), []
+        for i, ids in enumerate(prompts):
+            row = Row(ids, gen.max_new_tokens, gen.temperature, gen.top_p, on_end=lambda _: bar.update(1))
+            if stop is not None:
+                row.wanted = lambda i=i: not stop(i)
+            rows.append(row)
+            engine.add(row)
+        no_adapter = getattr(self.model, "disable_adapter", None)
+        ctx = no_adapter() if (not adapter and no_adapter) else contextlib.nullcontext()
+        t0 = time.perf_counter()
+        with ctx, torch.inference_mode():
+            while engine.busy:
+                engine.step()
+        ms = (time.perf_counter() - t0) * 1000
+        bar.close()
+        for key, was in zip(("drafted", "accepted", "verify_rows"), before, strict=True):
+            self.speculation[key] += getattr(engine, key) - was
+        return [self._record(t, r.tokens, ms, nb) for t, r, nb in zip(titles, rows, near, strict=True)]
+
+    def _engine_for(self, gen: GenerateConfig, cache_len: int, adapter: bool) -> Any:
+        """The engine of the last `describe` call if it has these settings (its graphs captured already), else a
+        new one (one at a time: each holds a KV cache)."""
+        key = (gen.model_dump_json(), cache_len, adapter)
+        if self._engine is None or self._engine[0] != key:
+            self._engine = None  # free the old cache first
+            self._engine = (key, self.engine(gen.batch_size, cache_len, gen=gen))
+        return self._engine[1]
 
     def neighbours(self, titles: list[str]) -> list[list[dict[str, Any]]]:
         """Each title's retrieval.k nearest catalog items ([] each when k = 0)."""
@@ -309,11 +359,13 @@ def generate_cli(
     if out is not None:
         n = stream.generate_to_file(describe, items, total, out, chunk=cfg.generate.write_every, done=done)
         print(f"{out}: {n} predictions; {_flagged(out)} flagged for review (`unsupported`: specifics stated "
-              "neither in the title nor in the neighbours shown)")
+              f"neither in the title nor in the neighbours shown){speculation_line(gen.speculation)}")
         return n
     for rec in describe([x["title"] for x in items()], progress=total > 1):
         check = f"\n  check: {', '.join(rec['unsupported'])}" if rec["unsupported"] else ""
         print(f"\n# {rec['title']}\n{rec['prediction']}{check}")
+    if cfg.generate.speculate_tokens:
+        print(f"\n{total} descriptions{speculation_line(gen.speculation)}", file=sys.stderr)
     return total
 
 
@@ -335,6 +387,15 @@ def _made_with(run: Path | None, model: str | None, adapter: Path | None, base: 
     return {**source, **{f"generate.{k}": v for k, v in gen.items()},
             **{f"prompt.{k}": v for k, v in cfg.prompt.model_dump(mode="json").items()},
             "retrieval": {"k": r.k, "chars": r.chars, "embedder": r.embedder} if r.k else {"k": 0}}
+
+
+def speculation_line(counts: dict[str, int]) -> str:
+    """"; 812 drafted tokens, 640 accepted (2.9 tokens per verify step)", or "" when nothing was verified."""
+    if not counts.get("verify_rows"):
+        return ""
+    per_step = 1 + counts["accepted"] / counts["verify_rows"]
+    return (f"; {counts['drafted']:,} drafted tokens, {counts['accepted']:,} accepted "
+            f"({per_step:.2f} tokens per verify step)")
 
 
 def _run_base(run: Path, cfg: ProdescConfig) -> Any:

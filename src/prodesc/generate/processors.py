@@ -174,6 +174,7 @@ class BatchedAnswerProcessors:
 
     def __init__(self, gen: Any, slots: int, cache_len: int, stops: list[int], exempt_ids: list[int],
                  device: Any) -> None:
+        """`cache_len`: the most answer tokens a slot holds (drafts included)."""
         import torch
 
         self.n, self.boost_after, self.penalty = gen.no_repeat_ngram_size, gen.stop_boost_after, gen.repetition_penalty
@@ -195,14 +196,35 @@ class BatchedAnswerProcessors:
         self.answers[dst] = self.answers[src]
 
     def apply(self, s0: int, scores: Any, longest: int) -> Any:
-        """Scores [n, vocab] of slots s0..s0+n-1, processed in place; `longest`: their longest answer so far."""
+        """Scores [n, vocab] of slots s0..s0+n-1, processed in place; `longest`: their longest answer so far (or
+        more: an upper bound)."""
+        n, longest = scores.shape[0], min(longest, self.answers.shape[1])
+        return self._apply(scores, self.answers[s0:s0 + n, :longest], self.lens[s0:s0 + n], longest)
+
+    def apply_verify(self, s0: int, scores: Any, drafts: Any, longest: int) -> Any:
+        """Scores [n, w, vocab] of a verify step (position j follows the row's answer and its first j drafts
+        [n, w-1]), each position processed as if those drafts had been decoded one at a time; `longest` bounds the
+        answers before the drafts."""
         import torch
 
-        n, vocab = scores.shape
+        n, w, vocab = scores.shape
+        longest = min(longest + w - 1, self.answers.shape[1])
+        lens = self.lens[s0:s0 + n]
+        answers = self.answers[s0:s0 + n, :longest].clone()
+        at = (lens[:, None] + torch.arange(w - 1, device=self.device)).clamp(max=longest - 1)
+        answers.scatter_(1, at, drafts)  # a draft past `longest` only matters past the row's own end
+        steps = torch.arange(w, device=self.device)
+        flat = self._apply(scores.reshape(n * w, vocab), answers.repeat_interleave(w, 0),
+                           (lens[:, None] + steps).reshape(-1), longest)
+        return flat.reshape(n, w, vocab)
+
+    def _apply(self, scores: Any, answers: Any, lens: Any, longest: int) -> Any:
+        import torch
+
+        vocab = scores.shape[1]
         if self.penalisable is None:
             self.penalisable = torch.ones(vocab, dtype=torch.bool, device=self.device)
             self.penalisable[[i for i in self.exempt if i < vocab]] = False
-        lens, answers = self.lens[s0:s0 + n], self.answers[s0:s0 + n, :longest]
         if self.n and longest >= self.n:
             tokens, banned = self._banned(answers, lens)
             inf = torch.full(tokens.shape, float("inf"), dtype=scores.dtype, device=self.device)
@@ -224,12 +246,18 @@ class BatchedAnswerProcessors:
             scores.scatter_(1, tokens, torch.where(keep, hit, seen))
         return scores
 
-    def record(self, s0: int, tokens: Any) -> None:
-        """Append each slot's chosen token ([n] long on the device) to its answer."""
-        n = tokens.shape[0]
+    def record(self, s0: int, tokens: Any, count: Any = None) -> None:
+        """Append each slot's chosen tokens ([n] long on the device, or [n, w] of which the first `count` [n]) to
+        its answer."""
+        import torch
+
+        if tokens.dim() == 1:
+            tokens = tokens[:, None]
+        n, w = tokens.shape
         lens = self.lens[s0:s0 + n]
-        self.answers[s0:s0 + n].scatter_(1, lens[:, None], tokens[:, None])
-        lens += 1
+        at = (lens[:, None] + torch.arange(w, device=self.device)).clamp(max=self.answers.shape[1] - 1)
+        self.answers[s0:s0 + n].scatter_(1, at, tokens)  # past `count`: ignored, overwritten later
+        lens += 1 if count is None else count
 
     def _banned(self, answers: Any, lens: Any) -> tuple[Any, Any]:
         """Each n-gram's last token [n, grams] and whether it is banned: the n-gram is complete in the answer,

@@ -53,6 +53,7 @@ class Service:
         for phase in PHASES:
             self.metrics.engine.labels(phase).set_function(lambda p=phase: self._engine_seconds(p))
         self.metrics.registry.register(_PrefillCounts(self.batcher))
+        self.metrics.registry.register(_SpeculationCounts(self.batcher))
         self.page = importlib.resources.files("prodesc.serve").joinpath("static/index.html").read_text("utf-8")
         self._base: asyncio.Future | None = None  # the base generator, loading or loaded
         # Neighbour search and prompt building, off the event loop; one thread, so a tokenizer or an embedder is
@@ -322,6 +323,26 @@ class _PrefillCounts:
                                   "forward), all models.", value=sum(getattr(e, "prefills", 0) for e in engines))
         yield CounterMetricFamily("prodesc_prefill_rows", "Rows admitted by those prefills.",
                                   value=sum(getattr(e, "prefill_rows", 0) for e in engines))
+
+
+class _SpeculationCounts:
+    """Prompt-lookup speculation (`generate.speculate_tokens`), read from the engines when /metrics is scraped:
+    tokens drafted and accepted over every request's rows, and the row-steps that verified drafts; tokens per
+    verify step = 1 + accepted / verify row-steps."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self.batcher = batcher
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily
+
+        engines = list(self.batcher.engines.values())
+        for name, attr, text in (
+                ("prodesc_draft_tokens", "drafted", "Tokens drafted by prompt lookup and verified, all requests."),
+                ("prodesc_accepted_tokens", "accepted", "Drafted tokens the model agreed with (kept), all requests."),
+                ("prodesc_verify_row_steps", "verify_rows", "Rows decoded by verify steps (a row's tokens per verify "
+                 "step = 1 + accepted / this).")):
+            yield CounterMetricFamily(name, text, value=sum(getattr(e, attr, 0) for e in engines))
 
 
 class ClientGone(Exception):
