@@ -3,6 +3,10 @@
     # on the device machine (docs/PERFORMANCE.md has the exact commands, wheels from bench/prepare_wheels.sh):
     python bench/train_throughput.py all --configs notebook,unsloth-packed,lora,qlora --out $OUT/train.json
     python bench/train_throughput.py all --tiny --configs notebook,lora,qlora --out /tmp/t.json   # CPU dry run
+    # every model preset (configs/qwen3-*, llama-3.*, gemma-3-*): random-init weights of its real shape, its family's
+    # tokenizer (tests/assets/tokenizers), the preset as committed; writes bench/results/train_throughput-presets-DATE
+    python bench/train_throughput.py presets
+    python bench/train_throughput.py presets --smoke --presets qwen3-0.6b,gemma-3-1b   # CPU: the plumbing only
 
 Model: a random-init Mistral-7B-v0.3-shaped model (hidden 4096, 32 layers, 32/8 heads, MLP 14336, vocab 32768),
 built once on the GPU in bf16 and saved to --model-dir with the real Mistral tokenizer (training cost does not
@@ -63,9 +67,41 @@ CONFIGS: dict[str, dict] = {
 }
 
 
+# preset -> (its family's tokenizer in tests/assets/tokenizers, model_type, the shape of the model's config.json).
+# Gemma 3 4B is multimodal; its text tower is what trains on text, so that is what is built here.
+PRESETS: dict[str, tuple[str, str, dict]] = {
+    "qwen3-0.6b": ("qwen3", "qwen3", dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                                          num_attention_heads=16, num_key_value_heads=8, head_dim=128)),
+    "qwen3-1.7b": ("qwen3", "qwen3", dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                                          num_attention_heads=16, num_key_value_heads=8, head_dim=128)),
+    "qwen3-4b": ("qwen3", "qwen3", dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                                        num_attention_heads=32, num_key_value_heads=8, head_dim=128)),
+    "qwen3-8b": ("qwen3", "qwen3", dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                                        num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                        tie_word_embeddings=False)),
+    "llama-3.2-1b": ("llama-3.2", "llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                                num_attention_heads=32, num_key_value_heads=8, head_dim=64)),
+    "llama-3.2-3b": ("llama-3.2", "llama", dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                                                num_attention_heads=24, num_key_value_heads=8, head_dim=128)),
+    "llama-3.1-8b": ("llama-3.1", "llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                                num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                                tie_word_embeddings=False)),
+    "gemma-3-1b": ("gemma-3", "gemma3_text", dict(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+                                                  num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                                                  sliding_window=512)),
+    "gemma-3-4b": ("gemma-3", "gemma3_text", dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                                                  num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                                                  sliding_window=1024, vocab_size=262208)),
+}
+ASSETS = ROOT / "tests" / "assets" / "tokenizers"
+SMOKE_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16)
+SMOKE_SETS = ["train.batch_size=1", "train.max_length=1024"]  # CPU: a 262k-vocab logit row per token adds up
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("cmd", choices=["all", "one", "make", "data", "check"])
+    ap.add_argument("cmd", choices=["all", "one", "make", "data", "check", "presets", "one-preset"])
     ap.add_argument("name", nargs="?", help="one: the config name (see CONFIGS), or NAME=PRESET:k=v;k=v")
     ap.add_argument("--configs", default="notebook,unsloth-packed,lora,qlora")
     ap.add_argument("--model-dir", default="/tmp/m7b")
@@ -78,6 +114,8 @@ def main() -> None:
     ap.add_argument("--unsloth-site", default="/tmp/site_u", help="PYTHONPATH of the unsloth subprocess")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--tiny", action="store_true", help="2-layer model on CPU: checks the plumbing, not speed")
+    ap.add_argument("--presets", default=",".join(PRESETS), help="presets: which model presets")
+    ap.add_argument("--smoke", action="store_true", help="presets: 2-layer models of each vocabulary, on CPU")
     a = ap.parse_args()
     if a.cmd == "make":
         make_model(a.model_dir, a.tokenizer, a.tiny)
@@ -85,6 +123,10 @@ def main() -> None:
         make_data(a.data_dir, a.tokenizer)
     elif a.cmd == "one":
         print("RESULT " + json.dumps(run_one(a.name, a)), flush=True)
+    elif a.cmd == "one-preset":
+        print("RESULT " + json.dumps(run_preset(a.name, a)), flush=True)
+    elif a.cmd == "presets":
+        run_presets(a)
     elif a.cmd == "check":
         res = check_packing(a.model_dir, a.tiny)
         if a.out:
@@ -192,6 +234,75 @@ def _spec(name: str) -> dict:
     raise SystemExit(f"unknown config {name!r}: one of {', '.join(CONFIGS)} or NAME=PRESET:k=v;k=v")
 
 
+# ---------------------------------------------------------------------------------------------- model presets
+def run_presets(a: argparse.Namespace) -> list[dict]:
+    """Each preset in its own process: random-init model of its shape, its family's data, the preset's settings."""
+    start = time.time()
+    out = a.out or ROOT / "bench" / "results" / f"train_throughput-presets-{time.strftime('%Y%m%d')}.json"
+    if a.smoke:
+        out = a.out or Path("/tmp/train_throughput-presets-smoke.json")
+    results: list[dict] = []
+    for name in a.presets.split(","):
+        left = a.budget_s - (time.time() - start)
+        if left < 45:
+            results.append({"name": name, "skipped": f"time budget ({a.budget_s:.0f} s) spent"})
+            continue
+        cmd = [sys.executable, __file__, "one-preset", name, "--steps", str(a.steps), "--warmup", str(a.warmup)]
+        t = time.time()
+        res = _child(cmd + (["--smoke"] if a.smoke else []), None, timeout=min(a.timeout_s, left),
+                     log=out.with_suffix(".log"))
+        res.update(name=name, wall_s=round(time.time() - t, 1))
+        results.append(res)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+    _print_table(results)
+    print(f"wrote {out}")
+    return results
+
+
+def run_preset(name: str, a: argparse.Namespace) -> dict:
+    family, _, _ = PRESETS[name]
+    tag = "-smoke" if a.smoke else ""
+    a.model_dir, a.data_dir = f"/tmp/bench-preset-{name}{tag}", f"/tmp/bench-data-{family}{tag}"
+    a.tokenizer, a.tiny = str(ASSETS / family), a.smoke
+    if not Path(a.model_dir, "config.json").exists():
+        make_preset_model(name, a.model_dir, a.smoke)
+    if not Path(a.data_dir, "train.parquet").exists():
+        make_data(a.data_dir, a.tokenizer, n=200 if a.smoke else 4000)
+    spec = {"kind": "prodesc", "preset": f"configs/{name}.yaml", "set": SMOKE_SETS if a.smoke else []}
+    res = _summarise(_run_prodesc(name, spec, a), a)
+    return dict(res, shape=PRESETS[name][2], smoke=a.smoke)
+
+
+def make_preset_model(name: str, model_dir: str, smoke: bool) -> None:
+    """Random-init model of the preset's shape in bf16 (built on the GPU when there is one), saved with the family's
+    tokenizer and generation config (real special ids; a vocabulary cut to the test texts, tokens beyond it unused)."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    family, model_type, shape = PRESETS[name]
+    real = json.loads((ASSETS / family / "config.json").read_text())
+    keep = ("vocab_size", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "rope_theta",
+            "rope_scaling", "rms_norm_eps", "max_position_embeddings")
+    cfg = AutoConfig.for_model(model_type, **{k: real[k] for k in keep if k in real},
+                               **{**shape, **(SMOKE_SHAPE if smoke else {})})
+    t = time.time()
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg)
+    torch.set_default_dtype(torch.float32)
+    model.save_pretrained(model_dir)
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(ASSETS / family / f, Path(model_dir, f))
+    n = sum(p.numel() for p in model.parameters())
+    Path(model_dir, "n_params.json").write_text(json.dumps({"n_params": n}))
+    print(f"made {name} {n / 1e9:.3f}B params in {time.time() - t:.0f}s on {device}", flush=True)
+
+
 # ---------------------------------------------------------------------------------------------- model and data
 def make_model(model_dir: str, tokenizer: str, tiny: bool = False) -> None:
     """Random-init Mistral-7B-v0.3 shape in bf16, built on the GPU (seconds) and saved with the tokenizer."""
@@ -259,10 +370,10 @@ def make_data(data_dir: str, tokenizer: str, n: int = 4000) -> None:
 
 def _single_token_words(tok) -> list[str]:
     """Lowercase words that the tokenizer keeps as one token each, also when joined by spaces."""
-    cands = sorted(w[1:] for w in tok.get_vocab() if w.startswith("▁") and w[1:].isascii() and w[1:].isalpha()
-                   and w[1:].islower() and 3 <= len(w) <= 9)
+    cands = sorted(w[1:] for w in tok.get_vocab() if w[:1] in ("▁", "Ġ") and w[1:].isascii() and w[1:].isalpha()
+                   and w[1:].islower() and 3 <= len(w) <= 9)  # sentencepiece's and byte-level BPE's word starts
     ok = [w for w in cands if len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1]
-    probe = " ".join(ok[:500])
+    probe = " " + " ".join(ok[:500])  # each word after a space, as in the texts made from them
     assert len(tok(probe, add_special_tokens=False)["input_ids"]) == len(ok[:500]), "words merge across spaces"
     return ok
 

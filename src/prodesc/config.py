@@ -192,11 +192,24 @@ class TrainConfig(_Stage):
         "prodesc/specs.py) found neither in the title nor in the neighbours its prompt shows (prompt), or not in the "
         "title (title): the model learns to leave out what it cannot know; off.",
     )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        ["tensorboard"],
+        description="Trackers logging the run (a name or a list; [] or none: metrics.jsonl only): tensorboard "
+        "(RUN_DIR/logs), wandb (WANDB_MODE=offline: RUN_DIR/wandb), mlflow (MLFLOW_TRACKING_URI, else "
+        "RUN_DIR/mlruns), trackio (TRACKIO_DIR, else RUN_DIR/trackio). manifest.json records where each went.",
+    )
     encode_workers: int | None = Field(
         None, ge=1,
         description="Processes encoding the examples (datasets map num_proc, TRL's dataset_num_proc); "
         "default min(8, CPUs, one per 20,000 examples): starting one costs more than it saves on fewer.",
     )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, value: Any) -> Any:
+        if value in ("none", None):
+            return []
+        return [value] if isinstance(value, str) else value
 
     @field_validator("max_steps")
     @classmethod

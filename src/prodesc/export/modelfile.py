@@ -49,9 +49,13 @@ def template(tokenizer: Any, runtime_adds_bos: bool) -> str:
     full = tokenizer.apply_chat_template(
         user + [{"role": "assistant", "content": _ANSWER}], tokenize=False, add_generation_prompt=False
     )
-    # what the template writes after the answer, up to its end-of-turn token (ChatML's trailing "\n" is cut)
+    # what the template writes after the answer, up to its end-of-turn token (ChatML's and Gemma's trailing "\n"
+    # is cut; Gemma's end of turn is not its EOS)
     end = full.split(_ANSWER, 1)[1] if _ANSWER in full else tokenizer.eos_token
-    end = end[: end.index(tokenizer.eos_token) + len(tokenizer.eos_token)] if tokenizer.eos_token in end else end
+    stops = [s for s in (_end_of_turn(tokenizer), tokenizer.eos_token) if s and s in end]
+    if stops:
+        first = min(stops, key=end.index)
+        end = end[: end.index(first) + len(first)]
     bos = tokenizer.bos_token
     if runtime_adds_bos and bos and prompt.startswith(bos):
         prompt = prompt[len(bos) :]  # llama.cpp adds BOS itself: written twice, the model would see two
@@ -60,8 +64,9 @@ def template(tokenizer: Any, runtime_adds_bos: bool) -> str:
 
 
 def stop_tokens(tokenizer: Any, merged: Path) -> list[str]:
-    """End-of-turn tokens: the tokenizer's EOS and those the checkpoint's generation_config.json lists."""
-    stops = [tokenizer.eos_token]
+    """End-of-turn tokens: the tokenizer's EOS, the chat template's end of turn and those the checkpoint's
+    generation_config.json lists."""
+    stops = [tokenizer.eos_token, _end_of_turn(tokenizer)]
     gen = merged / "generation_config.json"
     if gen.exists():
         ids = json.loads(gen.read_text()).get("eos_token_id") or []
@@ -93,6 +98,13 @@ def parameters(cfg: ProdescConfig) -> list[str]:
             + ", ".join(f"generate.{k}={v}" for k, v in missing.items())
         )
     return lines
+
+
+def _end_of_turn(tokenizer: Any) -> str | None:
+    from prodesc.prompts import end_of_turn_id
+
+    eot = end_of_turn_id(tokenizer)
+    return tokenizer.convert_ids_to_tokens(eot) if eot is not None else None
 
 
 def _adds_bos(gguf_path: Path) -> bool:

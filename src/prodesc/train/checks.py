@@ -6,7 +6,7 @@ Checked: the data dir, the run dir (`--out` a file, an existing run without --ov
 without a checkpoint), step multiples when a best checkpoint is kept, optimizer and scheduler names as
 transformers knows them, LoRA target modules against the model's own module names (its config is read, its
 weights are not: the model is built on the meta device), a `train.max_length` shorter than the prompts, Liger on
-CPU, nf4 on CPU or on the tiny model.
+CPU, nf4 on CPU or on the tiny model, a `train.report_to` tracker that is not installed.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 from prodesc import models, prompts
 from prodesc.config import ProdescConfig
 from prodesc.errors import ProdescError
-from prodesc.train import examples
+from prodesc.train import examples, trackers
 from prodesc.train.checkpoints import resumable
 
 MIN_ANSWER_TOKENS = 16  # room left for the description after the longest prompt
@@ -32,6 +32,7 @@ def find_problems(
         problems.append(f"--data: {data / 'train.parquet'} is empty: prepare more data or lower --val/--test-fraction")
     problems += _schedule(cfg, has_val=bool(rows.get("val")))
     problems += _hardware(cfg)
+    problems += trackers.problems(cfg.train.report_to)
     try:
         examples.check(cfg)
     except ProdescError as e:

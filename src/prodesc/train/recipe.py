@@ -12,7 +12,7 @@ RUN_DIR after a run:
     train_index.npz     family key, content hash, near-duplicate signature per training record: eval and
                         generate --data refuse items the run trained on (data/overlap.py)
     catalog/            retrieval.k > 0: the train split's title vectors and texts, searched for neighbours
-    metrics.jsonl, logs/ (TensorBoard), checkpoints/
+    metrics.jsonl, logs/ (TensorBoard; train.report_to adds wandb/, mlruns/, trackio/: trackers.py), checkpoints/
 
 Catalog neighbours (retrieval.k > 0): each example's prompt holds its k nearest train records, never itself nor its
 family (examples.py). Titles are looked up in DATA/index/ when `prodesc data index DATA` wrote one, else embedded.
@@ -39,7 +39,7 @@ from prodesc.data import data_settings, write_index
 from prodesc.errors import ProdescError
 from prodesc.records import check_split_titles, title_cap
 from prodesc.rundir import build_manifest, data_fingerprint
-from prodesc.train import checks, encoding, examples
+from prodesc.train import checks, encoding, examples, trackers
 from prodesc.train.checkpoints import resumable
 
 PEAK_BF16_FLOPS = {
@@ -197,7 +197,9 @@ def _setup_trainer(cfg: ProdescConfig, model: Any, tok: Any, train_ds: Any, val_
     from prodesc.train.callbacks import MetricsLogger, NanGuard, Throughput
 
     procs = encoding.workers(cfg, len(train_ds))  # TRL maps the examples once more (labels): as many processes
-    args = SFTConfig(**_sft_args(cfg, out, has_val=val_ds is not None, model=model), dataset_num_proc=procs)
+    report_to, logging = trackers.setup(cfg.train.report_to, out)
+    args = SFTConfig(**_sft_args(cfg, out, has_val=val_ds is not None, model=model), dataset_num_proc=procs,
+                     report_to=report_to, project=trackers.PROJECT, run_name=out.name)
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
@@ -210,7 +212,7 @@ def _setup_trainer(cfg: ProdescConfig, model: Any, tok: Any, train_ds: Any, val_
         task_type="CAUSAL_LM",
     )
     watch = {"nan": NanGuard(), "speed": Throughput()}
-    callbacks = [MetricsLogger(out / "metrics.jsonl"), watch["nan"], watch["speed"], _tensorboard(out)]
+    callbacks = [MetricsLogger(out / "metrics.jsonl"), watch["nan"], watch["speed"], *logging]
     if val_ds is not None and cfg.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
     trainer = SFTTrainer(
@@ -264,7 +266,6 @@ def _sft_args(cfg: ProdescConfig, out: Path, has_val: bool, model: Any) -> dict[
         logging_steps=t.logging_steps,
         logging_first_step=True,
         logging_nan_inf_filter=False,  # the default hides NaN losses behind a running mean; NanGuard must see them
-        report_to="none",
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
         disable_tqdm=False,
@@ -274,17 +275,6 @@ def _sft_args(cfg: ProdescConfig, out: Path, has_val: bool, model: Any) -> dict[
         gradient_checkpointing=t.gradient_checkpointing,
         **({"gradient_checkpointing_kwargs": {"use_reentrant": False}} if t.gradient_checkpointing else {}),
     )
-
-
-def _tensorboard(out: Path) -> Any:
-    if not dist.is_main():  # a SummaryWriter creates its event file at once; only rank 0 logs
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-        from transformers.integrations import TensorBoardCallback
-    except ImportError:  # tensorboard is a dependency; tolerate a trimmed install
-        return None
-    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(out / "logs")))
 
 
 def _fit(trainer: Any, watch: dict, cfg: ProdescConfig, checkpoint: str | None) -> None:
@@ -335,6 +325,7 @@ def _run_stats(trainer: Any, watch: dict, lengths: dict, cfg: ProdescConfig, mod
         best_val_loss=trainer.state.best_metric if evals else None,
         final_val_loss=evals[-1] if evals else None,
         examples=lengths,
+        logged_to=trackers.logged_to(cfg.train.report_to, trainer),
     )
     if torch.cuda.is_available():
         stats["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
