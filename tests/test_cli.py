@@ -39,7 +39,10 @@ def test_demo_prints_before_after_and_the_eval_table(tiny_run, tiny_data, tmp_pa
     demo.main(tiny_run, tiny_data, tmp_path / "report", limit=4, max_new_tokens=6)
     out = capsys.readouterr().out
     assert "before (base) vs after (fine-tuned)" in out and "reference:" in out
-    assert out.rstrip().splitlines()[-1].startswith("retrieval")
+    lines = out.rstrip().splitlines()
+    flag = next(i for i, line in enumerate(lines) if line.startswith("flagged for review: "))
+    assert [x for x in lines[:flag] if x.strip()][-1].startswith("retrieval")  # the table, then the review count
+    assert "specP%" in out and "falseS%" in out  # the spec columns
     assert "finetuned" in out and (tmp_path / "report" / "report.html").exists()
 
 

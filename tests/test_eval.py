@@ -149,4 +149,7 @@ def test_rag_run_eval_gives_base_the_same_neighbours_and_retrieval_the_top_one(t
     }
     for tuned, base, ret in zip(preds["finetuned"], preds["base"], preds["retrieval"], strict=True):
         assert tuned["neighbours"] == base["neighbours"] and len(tuned["neighbours"]) == 2
-        assert ret["neighbours"] == tuned["neighbours"][:1] and ret["neighbour"] == tuned["neighbours"][0]["title"]
+        shown = {k: v for k, v in tuned["neighbours"][0].items() if k != "text"}  # retrieval shows no prompt
+        assert ret["neighbours"] == [shown] and ret["neighbour"] == tuned["neighbours"][0]["title"]
+        # copy_rate reads the same neighbour texts for every system: those the prompts showed
+        assert ret["neighbour_texts"] == tuned["neighbour_texts"] == [n["text"] for n in tuned["neighbours"]]

@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 from prodesc.cli import app as cli_app
 from prodesc.config import ProdescConfig, ServeConfig
 from prodesc.serve import create_app
+from prodesc.specs import unsupported
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-123"
@@ -191,8 +192,10 @@ def test_describe_keeps_order_and_echoes_titles(server: Server) -> None:
     assert r.status_code == 200
     out = r.json()["descriptions"]
     assert [d["title"] for d in out] == titles
-    assert all(set(d) == {"title", "description", "n_tokens", "stopped_by_eos"} for d in out)
+    assert all(set(d) == {"title", "description", "n_tokens", "stopped_by_eos", "unsupported"} for d in out)
     assert all(1 <= d["n_tokens"] <= 12 for d in out)
+    for d in out:  # the review flag: what the answer states that its title does not (this run shows no neighbours)
+        assert d["unsupported"] == unsupported(d["description"], [d["title"]])
 
 
 def test_fifty_concurrent_requests_share_decode_steps(server: Server) -> None:
