@@ -387,6 +387,12 @@ def test_serve_reports_a_bad_setting_in_one_line(tiny_run: Path) -> None:
     assert "serve.queue_size" in r.output
 
 
+def test_serve_refuses_grounded_decoding_it_would_not_apply(tiny_run: Path) -> None:
+    r = CliRunner().invoke(cli_app, ["serve", "--run", str(tiny_run), "--set", "generate.grounded=prompt"])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
+    assert "generate.grounded=prompt, serve: the serving engine does not hold back specifics" in r.output
+
+
 # ---- in-process with a fake generator: overload, timeout, disconnect, grouping, failures ----------------------
 
 

@@ -232,7 +232,7 @@ def test_warm_up_prepares_the_engine_without_changing_answers(base: Generator) -
 
 
 def test_the_server_warms_its_engine_up_and_counts_drafts_in_metrics(base: Generator) -> None:
-    """`prodesc serve` with speculation: the engine is warmed up when the app is created (before any request), a
+    """`prodesc serve` with speculation: the engine is warmed up at the app's start-up (before any request), a
     request's answer equals describe's, and /metrics counts drafted and accepted tokens."""
     import asyncio
     import copy
@@ -247,11 +247,13 @@ def test_the_server_warms_its_engine_up_and_counts_drafts_in_metrics(base: Gener
         update={"speculate_tokens": 3, "max_new_tokens": 30})})
     with one_torch_thread():
         app = create_app(gen, ServeConfig(batch_window_ms=0, cache_len=512))
-        assert app.state.prodesc.batcher.engines[True]._kv  # allocated by warm_up, before any request
+        assert not app.state.prodesc.batcher.engines[True]._kv  # nothing allocated before start-up
 
         async def main() -> tuple[httpx.Response, str]:
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=60) as http:
+            async with app.router.lifespan_context(app), httpx.AsyncClient(
+                    transport=transport, base_url="http://127.0.0.1", timeout=60) as http:
+                assert app.state.prodesc.batcher.engines[True]._kv  # allocated by warm_up, before any request
                 try:
                     answer = await http.post("/v1/describe", json={"titles": TITLES[:3]})
                     return answer, (await http.get("/metrics")).text

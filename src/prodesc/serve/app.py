@@ -66,6 +66,10 @@ def serve_cli(run: Path | None, model: str | None, api_key: str | None, config: 
     check_api_key(api_key)
     settings = rundir.settings(run, config, {**(flags or {}), **({"model.name": model} if model else {})}, sets)
     check_cors(settings.serve, api_key)
+    if settings.generate.grounded != "off":  # served answers must be the evaluated ones: refuse, never ignore
+        raise ProdescError(f"generate.grounded={settings.generate.grounded}, serve: the serving engine does not hold "
+                           "back specifics yet (prodesc generate does): set --set generate.grounded=off; every answer "
+                           "still lists its `unsupported` specifics")
     _check_port(settings.serve.host, settings.serve.port)  # every setting and the port checked before the model loads
     # Merged: the fine-tuned model runs at base speed; `<name>-base` is a second copy, loaded on first request.
     gen = Generator.from_run(run, settings, merge=True) if run else Generator.from_model(model, None, settings)
