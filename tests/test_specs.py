@@ -46,6 +46,7 @@ def test_hand_check_false_alarms_are_gone():
     # false alarms found by hand on 50 Abt answers (docs/QUALITY.md): ratios, "5 In 1", platform numbers, plating
     assert _read("10000:1 Dynamic Contrast Ratio") == [("number", "10000")]
     assert _read("5 In 1 Printing") == [("number", "5"), ("number", "1")]
+    assert _read("Includes: 1) a lid 2) a (3) basket") == [("number", "3")]  # list markers are no specifics
     assert _read("Nyko PlayStation 3 Cable/ Gold Plated Contacts/ 4ms Response") == [
         ("platform", "PlayStation 3"), ("quantity", "4ms")]
 

@@ -61,6 +61,8 @@ def specifics(text: str) -> list[Spec]:
             continue
         if m.start() >= 2 and text[m.start() - 1] == ":" and text[m.start() - 2].isdigit():
             continue  # the 1 of a ratio ("10000:1") is the ratio's
+        if word.isdigit() and text[m.end():m.end() + 1] == ")" and text[max(m.start() - 1, 0):m.start()] != "(":
+            continue  # a list marker ("1) Made in the USA"), not a number the product has
         q = t["quantity"].fullmatch(word) or _spaced_quantity(text, m, t)
         if q is not None and q.group("unit").lower().rstrip(".") in t["units"]:
             number = _number_key(q.group("num"))
