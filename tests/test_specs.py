@@ -40,6 +40,7 @@ def test_specifics_of_prose_and_raw_catalog_text():
     assert _read("Runs on Windows XP and Mac OS X, for Xbox 360") == [
         ("platform", "Windows XP"), ("platform", "Mac OS X"), ("platform", "Xbox 360")]
     assert _read("a 20th-century classic in navy") == [("number", "20th-century"), ("colour", "navy")]
+    assert [s.key for s in specifics("the 4th of 5 volumes")] == ["4", "5"]  # each number its own value
 
 
 def test_hand_check_false_alarms_are_gone():

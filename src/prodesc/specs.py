@@ -52,7 +52,6 @@ def specifics(text: str) -> list[Spec]:
         text = html.unescape(text)
     found: list[tuple[int, Spec]] = []
     taken: list[tuple[int, int]] = []  # spans already read (a quantity's number is not also a number)
-    o = None
     platforms = list(t["platform"].finditer(text))  # first: the "3" of "PlayStation 3" is the platform's
     taken.extend(p.span() for p in platforms)
     for m in t["word"].finditer(text):
@@ -64,12 +63,13 @@ def specifics(text: str) -> list[Spec]:
         if word.isdigit() and text[m.end():m.end() + 1] == ")" and text[max(m.start() - 1, 0):m.start()] != "(":
             continue  # a list marker ("1) Made in the USA"), not a number the product has
         q = t["quantity"].fullmatch(word) or _spaced_quantity(text, m, t)
+        o = t["ordinal"].fullmatch(word)
         if q is not None and q.group("unit").lower().rstrip(".") in t["units"]:
             number = _number_key(q.group("num"))
             end = m.start() + q.end() if q.string is word else q.end()
             found.append((m.start(), Spec("quantity", " ".join(text[m.start() : end].split()), number)))
             taken.append((m.start(), end))
-        elif t["number"].fullmatch(word) or (o := t["ordinal"].fullmatch(word)):
+        elif t["number"].fullmatch(word) or o:
             found.append((m.start(), Spec("number", word, _number_key(o.group(1) if o else word))))
             taken.append(m.span())
         elif re.search(r"[A-Za-z]", word):
