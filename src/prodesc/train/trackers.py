@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,10 @@ def setup(report_to: list[str], out: Path) -> tuple[list[str], list[Any]]:
             if var not in os.environ:  # the caller's environment wins
                 os.environ[var] = value
                 _SET.append(var)
+    early = sys.modules.get("trackio.utils")
+    if "trackio" in report_to and early is not None and str(early.TRACKIO_DIR) != os.environ.get("TRACKIO_DIR"):
+        print(f"note: trackio was imported before this run and logs to {early.TRACKIO_DIR} (it reads TRACKIO_DIR "
+              "once, at import); manifest.json records that dir")
     callbacks = [_tensorboard(out)] if "tensorboard" in report_to else []
     return [name for name in report_to if name != "tensorboard"] or ["none"], [c for c in callbacks if c]
 
@@ -65,8 +70,9 @@ def logged_to(report_to: list[str], trainer: Any) -> list[dict[str, Any]]:
             records.append(_wandb(found.get("WandbCallback")))
         elif name == "mlflow":
             records.append(_mlflow(found.get("MLflowCallback")))
-        elif name == "trackio":
-            records.append({"tracker": name, "project": trainer.args.project, "dir": os.environ.get("TRACKIO_DIR")})
+        elif name == "trackio":  # where it wrote: trackio reads TRACKIO_DIR once, when first imported
+            actual = getattr(sys.modules.get("trackio.utils"), "TRACKIO_DIR", None) or os.environ.get("TRACKIO_DIR")
+            records.append({"tracker": name, "project": trainer.args.project, "dir": str(actual)})
     while _SET:  # the next run in this process gets its own run dir's defaults
         os.environ.pop(_SET.pop(), None)
     return records
