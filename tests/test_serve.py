@@ -176,6 +176,9 @@ def test_openai_client_streams_the_same_greedy_answer(client) -> None:
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip() == plain.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    # prodesc's review flag rides beside `choices`, in the plain answer and in the stream's finish chunk
+    flag = unsupported(plain.choices[0].message.content, ["Blue Lamp 12"])
+    assert plain.model_extra["unsupported"] == flag == chunks[-1].model_extra["unsupported"]
 
 
 def test_base_model_is_the_run_without_its_adapter(server: Server) -> None:
