@@ -216,3 +216,8 @@ def test_load_embedder_reports_missing_model(tmp_path):
         load_embedder(str(tmp_path / "nope"))
     with pytest.raises(ProdescError, match="unknown embedded embedder"):
         load_embedder("embedded:bert")
+
+
+def test_copy_rate_counts_the_predictions_4grams_found_in_the_neighbours():
+    assert metrics._copied("Bose 161 Bookshelf Speakers In White", ["bose 161 bookshelf speakers in black"]) == (2, 3)
+    assert metrics._copied("too short", ["too short"]) == (0, 0)

@@ -3,7 +3,7 @@ review flag, the training answers' cut and grounded decoding's word test."""
 
 from __future__ import annotations
 
-from prodesc.specs import Grounding, Sources, keep_supported, ngram_copy, specifics, support_counts, unsupported
+from prodesc.specs import Grounding, Sources, keep_supported, specifics, support_counts, unsupported
 
 # Real lines of ../shared/data/abt.jsonl (the Abt side of Abt-Buy) and lf_amazon_first400.json
 SWITCHER = ("Sony Switcher - SBV40S", "Sony Switcher - SBV40S/ Eliminates Disconnecting And Reconnecting Cables/ "
@@ -76,11 +76,6 @@ def test_keep_supported_drops_clauses_with_unsupported_specifics_and_keeps_the_o
         "Bose Acoustimass 5 Series III Speaker System - AM53BK/ 200 Watts Max Power/ Black Finish")
     assert keep_supported(TUTU[1], [TUTU[0]]) == "High quality 3 layer ballet tutu."  # sentences are clauses too
     assert keep_supported("", ["x"]) == ""
-
-
-def test_ngram_copy_counts_the_predictions_4grams_found_in_the_neighbours():
-    assert ngram_copy("Bose 161 Bookshelf Speakers In White", ["bose 161 bookshelf speakers in black"]) == (2, 3)
-    assert ngram_copy("too short", ["too short"]) == (0, 0)
 
 
 def test_grounding_allows_a_digit_word_only_as_the_prompt_writes_it():

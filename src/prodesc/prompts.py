@@ -100,6 +100,12 @@ def neighbour_block(neighbours: Neighbours, chars: int, language: str = "en") ->
     return "\n".join(lines)
 
 
+def shown(title: str, neighbours: Neighbours = (), chars: int = 0) -> list[str]:
+    """What a prompt shows of a product, as texts: its title, then each neighbour's title and its description as
+    `neighbour_block` cuts it (what a statement of the answer may rest on: prodesc/specs.py)."""
+    return [title, *(x for n in neighbours for x in (str(n["title"]), clip(str(n.get("content") or ""), chars)))]
+
+
 def clip(text: str, chars: int) -> str:
     """`text` (whitespace collapsed) cut to at most `chars` characters at a word boundary, with "…" when cut."""
     text = " ".join(text.split())

@@ -148,19 +148,6 @@ def support_counts(prediction: str, title: str, reference: str) -> dict[str, Any
     }
 
 
-def ngram_copy(prediction: str, texts: list[str], n: int = 4) -> tuple[int, int]:
-    """(word n-grams of `prediction` found in `texts`, all its word n-grams): lowercased \\w+ words."""
-    words = re.findall(r"\w+", prediction.lower())
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    if not grams:
-        return 0, 0
-    pool: set[tuple[str, ...]] = set()
-    for t in texts:
-        w = re.findall(r"\w+", (t or "").lower())
-        pool.update(tuple(w[i : i + n]) for i in range(len(w) - n + 1))
-    return sum(g in pool for g in grams), len(grams)
-
-
 class Grounding:
     """The words with a digit that `texts` write (numbers, codes, versions), for decoding that may write such a word
     only as a text of the prompt writes it (`generate.grounded`). Words are runs of letters, digits and the joiners

@@ -225,7 +225,7 @@ def _spec_stats(records: list[dict]) -> dict[str, np.ndarray]:
         "spec_recall": np.array([[100.0 * c["ref_new_stated"], c["ref_new"]] for c in counts]).reshape(-1, 2),
         "false_spec_rate": _mean_stats([100.0 * (c["stated"] > c["supported"]) for c in counts]),
     }
-    copied = [specs.ngram_copy(r["prediction"], texts) if (texts := neighbour_texts(r)) else None for r in records]
+    copied = [_copied(r["prediction"], texts) if (texts := neighbour_texts(r)) else None for r in records]
     if any(c is not None for c in copied):
         out["copy_rate"] = np.array([[100.0 * c[0], c[1]] if c else [0.0, 0.0] for c in copied]).reshape(-1, 2)
     return out
@@ -381,6 +381,13 @@ def _distinct_stats(preds: list[str], order: int) -> np.ndarray:
     grams = [_ngrams(re.findall(r"\w+", p.lower()), order) for p in preds]
     corpus = Counter(g for gs in grams for g in gs)
     return np.array([[sum(1.0 / corpus[g] for g in gs), float(len(gs))] for gs in grams]).reshape(-1, 2)
+
+
+def _copied(prediction: str, texts: list[str], order: int = 4) -> tuple[int, int]:
+    """(the prediction's word n-grams found in `texts`, all its word n-grams), words as distinct-n reads them."""
+    grams = _ngrams(re.findall(r"\w+", prediction.lower()), order)
+    pool = {g for t in texts for g in _ngrams(re.findall(r"\w+", t.lower()), order)}
+    return sum(g in pool for g in grams), len(grams)
 
 
 def _ngrams(words: list[str], order: int) -> list[tuple[str, ...]]:

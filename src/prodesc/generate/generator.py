@@ -238,8 +238,7 @@ class Generator:
     def shown(self, title: str, near: list[dict]) -> list[str]:
         """The texts a prompt shows of a product: its title, then each neighbour's title and description as cut for
         the prompt (retrieval.chars)."""
-        chars = self.cfg.retrieval.chars
-        return [title, *(x for n in near for x in (str(n["title"]), prompts.clip(str(n.get("content") or ""), chars)))]
+        return prompts.shown(title, near, self.cfg.retrieval.chars)
 
     def _gen_kwargs(self, gen: GenerateConfig, prompt_width: int, stop: Callable[[int], bool] | None = None,
                     rows: list[int] = (), grounding: list[Any] | None = None) -> dict[str, Any]:

@@ -148,10 +148,9 @@ def encode(layout: prompts.Layout, cfg: ProdescConfig, rows: list[dict], near: l
     drop = cfg.train.drop_unsupported
     if drop != "off":  # answers keep only what the title (and the neighbours shown) support
         columns["content"] = [
-            specs.keep_supported(r["content"], [r["title"], *(x for n in (nb if drop == "prompt" else []) for x in (
-                n["title"], prompts.clip(str(n.get("content") or ""), chars)))])
+            specs.keep_supported(r["content"], prompts.shown(r["title"], nb if drop == "prompt" else [], chars))
             for r, nb in zip(rows, near or [[]] * len(rows), strict=True)
-        ]  # fmt: skip
+        ]
     if k:  # each neighbour's description kept only as far as any cut of it can reach (prompts.clip)
         columns["near"] = [[{"title": n["title"], "content": _reach(n.get("content"), chars)} for n in nb]
                            for nb in near]  # fmt: skip
