@@ -13,6 +13,7 @@ dropped: all are captured again); a capture of the eager step that fails turns g
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -80,8 +81,18 @@ class StepGraphs:
                 self._fn(b, w)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            out = self._fn(b, w)
+        # No garbage collection while capturing (`torch.cuda.graph` collects once before it starts): a collection
+        # inside the capture can free another engine's graph, whose destruction is not permitted while a stream
+        # captures, and that invalidates this capture (seen on an H100: a benchmark's discarded engine, collected
+        # mid-capture, turned the next engine's graphs off)
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                out = self._fn(b, w)
+        finally:
+            if collecting:
+                gc.enable()
         log.info("decode step captured as a CUDA graph for batch bucket %d, width %d", b, w)
         return graph, out
 
