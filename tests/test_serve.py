@@ -482,11 +482,13 @@ class FakeGenerator:
         self.gate.set()
         self.tokens, self.tick, self.produced = 3, 0.0, 0  # tokens per answer, seconds per step, tokens made
         self.base: FakeGenerator | None = None
+        self.compiles: list[bool | None] = []  # `compile` of each engine made (None: the generator's choice)
 
     def prompt_ids(self, title: str) -> list[int]:
         return [self.tok.id(title)]
 
-    def engine(self, slots: int, cache_len: int, admit_wait_s: float = 0.0) -> FakeEngine:
+    def engine(self, slots: int, cache_len: int, admit_wait_s: float = 0.0, compile: bool | None = None) -> FakeEngine:
+        self.compiles.append(compile)
         return FakeEngine(self, slots)
 
     def load_base(self) -> FakeGenerator:
@@ -577,9 +579,9 @@ def test_requests_with_different_settings_join_one_batch_and_base_runs_on_its_ow
         bodies = [{"titles": [f"T{i}"], "temperature": 0.0 if i % 2 else 0.7} for i in range(5)]
         bodies.append({"titles": ["B"], "model": "fake-base"})
         responses = await asyncio.gather(*(http.post("/v1/describe", json=b) for b in bodies))
-        return responses, gen.calls, gen.base.calls
+        return responses, gen.calls, gen.base.calls, (gen.compiles, gen.base.compiles)
 
-    responses, calls, base_calls = in_process(scenario, batch_window_ms=300)
+    responses, calls, base_calls, compiles = in_process(scenario, batch_window_ms=300)
     assert [r.status_code for r in responses] == [200] * 6
     [(titles, temps, _)] = calls  # one prefill: greedy and sampled rows side by side
     assert sorted(zip(titles, temps, strict=True)) == [("T0", 0.7), ("T1", 0.0), ("T2", 0.7), ("T3", 0.0),
@@ -587,6 +589,8 @@ def test_requests_with_different_settings_join_one_batch_and_base_runs_on_its_ow
     assert [t for t, _, _ in base_calls] == [["B0"], ["B"]]
     assert responses[5].json()["descriptions"][0]["description"] == "base: B"
     assert responses[0].json()["descriptions"][0]["description"] == "tuned: T0"
+    # the base loads under traffic: its steps are captured uncompiled (compiling holds the GIL for most of a minute)
+    assert compiles == ([None], [False])
 
 
 def test_generation_failure_answers_500_and_the_server_keeps_serving() -> None:

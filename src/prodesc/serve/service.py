@@ -158,9 +158,14 @@ class Service:
         return gen
 
     def _load_base_engine(self) -> tuple[Any, Any]:
-        """The base generator and its engine, warmed up (in the loading thread, not on the model thread)."""
+        """The base generator and its engine, warmed up (in the loading thread, not on the model thread). Its
+        decode steps are captured as CUDA graphs of the eager forward, not compiled: it loads under traffic, and
+        compiling holds the interpreter lock for most of a minute (measured on an H100: SmolLM2's compile and
+        capture took 57 s, and a stream of the fine-tuned model fell to 4 tokens/s meanwhile); a capture alone
+        takes a fraction of a second a graph."""
         gen = self._load_base()
-        engine = gen.engine(self.cfg.max_batch_size, self.cfg.cache_len, self.cfg.admit_wait_ms / 1000)
+        engine = gen.engine(self.cfg.max_batch_size, self.cfg.cache_len, self.cfg.admit_wait_ms / 1000,
+                            compile=False)
         _warm_up(engine, f"{self.name}-base")
         return gen, engine
 
