@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -270,14 +271,17 @@ def run_preset(name: str, a: argparse.Namespace) -> dict:
     if not Path(a.data_dir, "train.parquet").exists():
         make_data(a.data_dir, a.tokenizer, n=200 if a.smoke else 4000)
     spec = {"kind": "prodesc", "preset": f"configs/{name}.yaml", "set": SMOKE_SETS if a.smoke else []}
-    res = _summarise(_run_prodesc(name, spec, a), a)
+    try:
+        res = _summarise(_run_prodesc(name, spec, a), a)
+    finally:  # up to 16 GB each: nine presets' models overfilled the device's 64 GB disk (2026-12-06)
+        if not a.smoke:
+            shutil.rmtree(a.model_dir, ignore_errors=True)
     return dict(res, shape=PRESETS[name][2], smoke=a.smoke)
 
 
 def make_preset_model(name: str, model_dir: str, smoke: bool) -> None:
     """Random-init model of the preset's shape in bf16 (built on the GPU when there is one), saved with the family's
     tokenizer and generation config (real special ids; a vocabulary cut to the test texts, tokens beyond it unused)."""
-    import shutil
 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -286,8 +290,8 @@ def make_preset_model(name: str, model_dir: str, smoke: bool) -> None:
     real = json.loads((ASSETS / family / "config.json").read_text())
     keep = ("vocab_size", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "rope_theta",
             "rope_scaling", "rms_norm_eps", "max_position_embeddings")
-    cfg = AutoConfig.for_model(model_type, **{k: real[k] for k in keep if k in real},
-                               **{**shape, **(SMOKE_SHAPE if smoke else {})})
+    cfg = AutoConfig.for_model(model_type, **{**{k: real[k] for k in keep if k in real}, **shape,
+                                              **(SMOKE_SHAPE if smoke else {})})  # the shape wins over the file
     t = time.time()
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
@@ -295,11 +299,15 @@ def make_preset_model(name: str, model_dir: str, smoke: bool) -> None:
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg)
     torch.set_default_dtype(torch.float32)
-    model.save_pretrained(model_dir)
+    tmp = Path(f"{model_dir}.tmp")  # renamed when whole: a save cut short (a full disk) leaves no half model behind
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(ASSETS / family / f, Path(model_dir, f))
+        shutil.copy(ASSETS / family / f, tmp / f)
     n = sum(p.numel() for p in model.parameters())
-    Path(model_dir, "n_params.json").write_text(json.dumps({"n_params": n}))
+    (tmp / "n_params.json").write_text(json.dumps({"n_params": n}))
+    shutil.rmtree(model_dir, ignore_errors=True)
+    tmp.rename(model_dir)
     print(f"made {name} {n / 1e9:.3f}B params in {time.time() - t:.0f}s on {device}", flush=True)
 
 
