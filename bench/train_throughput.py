@@ -282,7 +282,6 @@ def run_preset(name: str, a: argparse.Namespace) -> dict:
 def make_preset_model(name: str, model_dir: str, smoke: bool) -> None:
     """Random-init model of the preset's shape in bf16 (built on the GPU when there is one), saved with the family's
     tokenizer and generation config (real special ids; a vocabulary cut to the test texts, tokens beyond it unused)."""
-
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
