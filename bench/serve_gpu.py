@@ -15,7 +15,11 @@ every 0.25 s from start-up to the end of the last round, says true for every mod
 included, once loaded). errors_5xx: the larger of what the clients saw (5xx statuses and in-stream error events)
 and the server's own count (/metrics prodesc_requests_total 5xx + prodesc_errors_total server_error in streams).
 The equality check: `--check-generate K` titles answered greedily by the server (/v1/describe), then, the server
-stopped, by `Generator.from_run(RUN)` as `prodesc generate --run RUN` runs them; every answer must be equal. Exit
+stopped, by `Generator.from_run(RUN)` as `prodesc generate --run RUN` runs them (with the same --set); every answer
+must be equal. In bf16 two correct greedy decoders part at near-ties (their matmuls round differently: the
+server's batch and step loop are not generate's; measured 12 of 16 equal on an H100, and on CPU a batch of 4 against
+one of 16 alone changes 20 of 32 answers), so check equality with `--set model.dtype=float32` (a QLoRA run's nf4
+matmuls then compute in float32 too). Exit
 status 1 when any check fails (a 5xx, graphs off unless --allow-eager, an answer that differs).
 """
 
@@ -192,7 +196,9 @@ def _describe(port: int, name: str, titles: list[str], new_tokens: int) -> list[
 def _compare(a: argparse.Namespace, titles: list[str], served: list[str]) -> dict:
     """The same titles through `Generator.from_run` (the `prodesc generate --run` path) in a child process."""
     code = ("import json, sys; from prodesc.config import GenerateConfig; from prodesc.generate import Generator; "
-            f"gen = Generator.from_run(__import__('pathlib').Path({str(a.run)!r})); "
+            "from prodesc import rundir; "
+            f"run = __import__('pathlib').Path({str(a.run)!r}); "
+            f"gen = Generator.from_run(run, rundir.settings(run, sets={a.sets!r})); "
             f"recs = gen.describe({titles!r}, gen.cfg.generate.model_copy(update={{'max_new_tokens': "
             f"{a.new_tokens}, 'temperature': 0.0}})); "
             "print('RESULT ' + json.dumps([r['prediction'] for r in recs]))")

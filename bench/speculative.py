@@ -46,7 +46,7 @@ BATCHES = (1, 16, 64)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stage", choices=["catalog", "shape7b", "combine", "smoke"])
+    ap.add_argument("stage", choices=["catalog", "shape7b", "combine", "smoke", "control"])
     ap.add_argument("parts", nargs="*", type=Path, help="combine: the part files")
     ap.add_argument("--name", help="catalog: abt or lf_amazon")
     ap.add_argument("--run", type=Path)
@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="catalog: compile the engine's step (shape7b: always)")
     ap.add_argument("--only", default="rejected,served", help="shape7b: which of rejected, served")
     ap.add_argument("--model-dir", default="/tmp/m7b")
+    ap.add_argument("--dtype", default="bfloat16", help="control: the dtype the run's model is cast to")
     whl_tok = ROOT / ".whl" / "mistral-tok"
     ap.add_argument("--tokenizer", default=str(whl_tok if whl_tok.exists() else SHARED_TOK))
     ap.add_argument("--tiny", action="store_true", help="shape7b: the 2-layer model on CPU (plumbing)")
@@ -72,7 +73,7 @@ def main() -> None:
         return
     if a.stage == "smoke":
         return smoke(a)
-    part = catalog(a) if a.stage == "catalog" else shape7b(a)
+    part = {"catalog": catalog, "shape7b": shape7b, "control": control}[a.stage](a)
     _write(a.out, part)
 
 
@@ -128,7 +129,8 @@ def _engine_run(gen: Any, prompts: list[list[int]], slots: int, k: int, new_toke
         dt = time.perf_counter() - t0
     counts = {key: getattr(engine, key) - before[key] for key in before}
     n = sum(len(r.tokens) for r in rows)
-    return {"slots": slots, "k": k, "speculate": speculate, "new_tokens": n, "seconds": round(dt, 3),
+    return {"slots": slots, "k": k, "speculate": speculate, "graphs": engine.graphs, "new_tokens": n,
+            "seconds": round(dt, 3),
             "tokens_per_s": round(n / dt, 1), "steps": steps, "warm_up_s": round(warm_s, 1), **counts,
             "tokens_per_verify_step": round(1 + counts["accepted"] / counts["verify_rows"], 3)
             if counts["verify_rows"] else None,
@@ -188,6 +190,35 @@ class _rejecting:
 
 
 _PAD = [0]
+
+
+def control(a: argparse.Namespace) -> dict[str, Any]:
+    """Are answers that differ with speculation a speculation bug or the dtype's? The same prompts greedy through
+    the engine three ways: without speculation at `slots` = the first and the last of --batches (the batch's
+    make-up alone changes), and speculating at the last; answers compared pairwise. In float32 all three must agree
+    (tests/test_speculate.py); in bfloat16 a matmul's rounding depends on how many rows it holds, so a near-tie can
+    go either way whenever the batch differs, speculation or not."""
+    import torch
+
+    from prodesc.generate import Generator
+    from prodesc.records import read_split
+
+    gen = Generator.from_run(a.run)
+    gen.model.to(getattr(torch, a.dtype))
+    gen.use_data_index(a.data)
+    titles = [r["title"] for r in read_split(a.data, "test", a.limit)]
+    prompts = [gen.prompt_ids(t, nb) for t, nb in zip(titles, gen.neighbours(titles), strict=True)]
+    small, large = (int(x) for x in a.batches.split(",")[:: len(a.batches.split(",")) - 1])
+    runs = {"plain_small": _engine_run(gen, prompts, small, 0, a.new_tokens, compile=a.compile),
+            "plain_large": _engine_run(gen, prompts, large, 0, a.new_tokens, compile=a.compile),
+            "spec_large": _engine_run(gen, prompts, large, a.k, a.new_tokens, compile=a.compile)}
+    pairs = [("plain_small", "plain_large"), ("plain_large", "spec_large"), ("plain_small", "spec_large")]
+    out = {"stage": "control", "dtype": a.dtype, "slots": [small, large], "k": a.k, "prompts": len(prompts),
+           "env": _env(), "tokens": {n: r["new_tokens"] for n, r in runs.items()},
+           "same_answers": {f"{x} vs {y}": sum(p == q for p, q in zip(runs[x]["answers"], runs[y]["answers"],
+                                                                       strict=True)) for x, y in pairs}}
+    print(json.dumps(out), flush=True)
+    return out
 
 
 # ---- shape7b: the cost of speculation and the served single stream on the 7B shape -----------------------------
@@ -284,11 +315,12 @@ def combine(parts: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]
     for p in parts:
         if p.get("stage") == "shape7b":
             shape.update(p)
-    catalogs = {}
+    catalogs, excluded = {}, []
     for name, p in cats.items():
         b = p["batches"]
+        speedup = {n: _comparable(p, n, r, excluded) for n, r in b.items()}
         catalogs[name] = {"tokens_per_step": b["1"]["speculating"]["tokens_per_verify_step"] or 1.0,
-                          "speedup_b1": b["1"]["speedup"], "speedup_b16": b.get("16", {}).get("speedup", 0.0),
+                          "speedup_b1": speedup["1"], "speedup_b16": speedup.get("16", 0.0),
                           "identical": all(x["identical"] for x in b.values())}
     rej = shape.get("rejected", {})
     overhead = {b: rej[b]["overhead_pct_auto"] for b in ("1", "64") if b in rej}
@@ -303,8 +335,22 @@ def combine(parts: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]
     result = {"card": ", ".join(sorted(cards)), "catalogs": catalogs, "rejected_overhead_pct": overhead,
               "served_vs_offline_b1": shape.get("served", {}).get("served_vs_offline", 0.0),
               "projected_7b_abt_b1_tokens_per_s": projected}
-    detail = {"projection": arithmetic, "parts": [_strip(p) for p in parts]}
+    detail = {"projection": arithmetic, "not_comparable": excluded, "parts": [_strip(p) for p in parts]}
     return result, detail
+
+
+def _comparable(part: dict[str, Any], batch: str, r: dict[str, Any], excluded: list[str]) -> float | None:
+    """The batch's speedup, or None where one side ran on a GPU without its CUDA graphs (a capture that failed
+    leaves that engine eager: a slower baseline, not speculation's gain). Parts written before `graphs` was
+    recorded: a GPU engine with graphs has its step costs, timed at warm-up; an eager one has none."""
+    if part["env"]["card"] == "cpu":
+        return r["speedup"]
+    off = [side for side in ("plain", "speculating") if not r[side].get("graphs", bool(r[side]["step_cost_ms"]))]
+    if off:
+        excluded.append(f"{part['name']} batch {batch}: {' and '.join(off)} decoded without CUDA graphs "
+                        f"(speedup {r['speedup']} not comparable)")
+        return None
+    return r["speedup"]
 
 
 def _strip(p: dict[str, Any]) -> dict[str, Any]:

@@ -72,6 +72,8 @@ def test_locked_settings_refuse_prompt_and_model_changes_of_a_run(tmp_path):
     same = config.resolve(base=base, flags={"model.trust_remote_code": True}, sets=["model.name=embedded:smollm2-135m"],
                           locked=True)  # the same value, and a load permission, are no change
     assert same.model.trust_remote_code is True
+    wider = config.resolve(base=base, sets=["model.dtype=float32"], locked=True)  # how it loads, not what it is
+    assert wider.model.dtype == "float32"
 
 
 def test_prompt_instruction_without_title_is_refused():

@@ -364,7 +364,8 @@ class ProdescConfig(_Stage):
 # the model was trained with; a resume also keeps its adapter's shape. UNLOCKED: how or where the same model loads.
 LOCKED_ON_RUN = ("prompt", "model", "retrieval")
 LOCKED_ON_RESUME = (*LOCKED_ON_RUN, "lora")
-UNLOCKED = {"model.trust_remote_code", "model.cache_dir", "model.attn_implementation", "retrieval.search"}  # how
+UNLOCKED = {"model.trust_remote_code", "model.cache_dir", "model.attn_implementation", "model.dtype",  # how
+            "retrieval.search"}
 # Settings the environment gives (`_fill_from_env`): a run's config.resolved.yaml records the values used then, but a
 # later verb on the run takes them from its own environment (or --set), not from the machine that trained it.
 FROM_ENV = (("model", "cache_dir"), ("generate", "compile"))

@@ -75,7 +75,7 @@ def load(
             attention.register_varlen_attention()
         kwargs["attn_implementation"] = attn
     if quant == "nf4":
-        kwargs["quantization_config"] = _nf4_config()
+        kwargs["quantization_config"] = _nf4_config(cfg)
         if dist.fsdp_enabled() and kwargs["dtype"] != torch.bfloat16:
             raise ProdescError(
                 "FSDP-QLoRA shards the nf4 weights as bf16 storage, so the other weights must be bf16 too: "
@@ -287,7 +287,9 @@ def _convert_gguf(src: Path, gguf_file: str, target: Path) -> None:
         tok.save_pretrained(tmp)
 
 
-def _nf4_config() -> Any:
+def _nf4_config(cfg: ModelConfig) -> Any:
+    """nf4 weights; their matmuls compute in bf16, or in the dtype `model.dtype` names (float32: the same answers
+    as another float32 decoder, e.g. to check a served QLoRA model against `generate`'s)."""
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -298,7 +300,7 @@ def _nf4_config() -> Any:
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=torch.bfloat16 if cfg.dtype == "auto" else getattr(torch, cfg.dtype),
         bnb_4bit_use_double_quant=True,
         bnb_4bit_quant_storage=torch.bfloat16,
     )

@@ -184,7 +184,9 @@ class Generator:
         key = (gen.model_dump_json(), cache_len, adapter)
         if self._engine is None or self._engine[0] != key:
             self._engine = None  # free the old cache first
-            self._engine = (key, self.engine(gen.batch_size, cache_len, gen=gen))
+            # its steps as CUDA graphs of the eager forward, as measured (docs/PERFORMANCE.md, issue 25): compiling
+            # them took ~80 s a shape for SmolLM2 on an H100, more than a generate or eval call gains back
+            self._engine = (key, self.engine(gen.batch_size, cache_len, gen=gen, compile=False))
         return self._engine[1]
 
     def neighbours(self, titles: list[str]) -> list[list[dict[str, Any]]]:
