@@ -1095,3 +1095,12 @@ def test_serve_caps_titles_at_the_cap_every_verb_applies() -> None:
     refused, ok = in_process(scenario)
     assert refused.status_code == 400 and "at most 1000 (data.max_title_chars" in refused.json()["error"]["message"]
     assert ok.status_code == 200
+
+
+def test_serve_compile_false_captures_the_eager_step() -> None:
+    """serve.compile=false: the tuned model's engine is made uncompiled (start-up in seconds, not minutes)."""
+    async def scenario(http, app, gen):
+        await http.post("/v1/describe", json={"titles": ["A"]})
+        return gen.compiles
+
+    assert in_process(scenario, compile=False) == [False]

@@ -47,7 +47,8 @@ class Service:
         self.models = {self.name: True, **({f"{self.name}-base": False} if base is not None else {})}
         self.started = int(time.time())
         self.metrics = Metrics()
-        self.batcher = Batcher({True: gen.engine(cfg.max_batch_size, cfg.cache_len, cfg.admit_wait_ms / 1000)},
+        self.batcher = Batcher({True: gen.engine(cfg.max_batch_size, cfg.cache_len, cfg.admit_wait_ms / 1000,
+                                                 compile=None if cfg.compile else False)},
                                window_s=cfg.batch_window_ms / 1000, queue_size=cfg.queue_size,
                                on_step=self.metrics.step, on_row_end=self.metrics.tokens.inc)
         self.metrics.queue.set_function(lambda: self.batcher.depth)
