@@ -44,3 +44,20 @@ def test_no_garbage_collection_while_a_graph_is_captured(monkeypatch) -> None:
     assert gc.isenabled()  # back on afterwards
     assert calls == [(4, 1)] * 3  # two warm-up runs, then the captured one
     assert graphs.replay(4, 1).shape == (4, 1)
+
+
+def test_only_the_one_token_step_is_compiled(monkeypatch) -> None:
+    """Each compiled width costs two compiles at start-up (~80 s each for SmolLM2 on an H100): the one-token step
+    is compiled, verify steps (width > 1) are captured eager, as speculation's gains were measured."""
+    from prodesc.generate import graphs as module
+
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g, capture_error_mode="global": contextlib.nullcontext())
+    calls = []
+    monkeypatch.setattr(module, "_compiled", lambda fn: lambda b, w: calls.append(("compiled", b, w)) or fn(b, w))
+    graphs = StepGraphs(lambda b, w: calls.append(("eager", b, w)) or torch.zeros(b, w), compile=True)
+    assert graphs.capture(2, 1) and graphs.capture(2, 5)
+    assert calls == [("compiled", 2, 1), ("eager", 2, 1)] * 3 + [("eager", 2, 5)] * 3

@@ -1,9 +1,10 @@
 """The serving engine's decode step as CUDA graphs: one per (batch bucket, step width), captured in
 `capture_error_mode="thread_local"` (another thread's CUDA work, such as a second model loading or the event loop
-embedding titles, cannot break a capture), the step's forward optionally compiled first.
+embedding titles, cannot break a capture), the one-token step's forward optionally compiled first (verify steps
+of width > 1 stay eager inside their graphs).
 
     graphs = StepGraphs(engine._step_forward, compile=True)
-    graphs.capture(8, 5)        # warm-up runs (compiling), then the capture; False once graphs are off
+    graphs.capture(8, 1)        # warm-up runs (compiling), then the capture; False once graphs are off
     logits = graphs.replay(8, 5)
     graphs.timings()            # {(bucket, width): seconds a replay takes}
 
@@ -28,7 +29,13 @@ class StepGraphs:
     def __init__(self, step: Callable[[int, int], Any], compile: bool) -> None:
         self.step, self.compile, self.on = step, compile, True
         self.captured: dict[tuple[int, int], tuple[Any, Any]] = {}
-        self._fn = _compiled(step) if compile else step
+        self._compiled = _compiled(step) if compile else None
+
+    def _fn(self, b: int, w: int) -> Any:
+        """The one-token step compiled (when `compile`), verify steps (w > 1) eager: each compiled width costs two
+        compiles at start-up (batch 1 and the rest; ~80 s each for SmolLM2 on an H100), and speculation's measured
+        gains (docs/PERFORMANCE.md) come from eager verify steps."""
+        return (self._compiled if self.compile and w == 1 else self.step)(b, w)
 
     def replay(self, b: int, w: int) -> Any:
         """The step's logits (its graph captured now if not yet); None when graphs are off."""
@@ -49,7 +56,7 @@ class StepGraphs:
                 torch.cuda.synchronize()
                 if self.compile:
                     log.warning("compiled decode step failed (%s: %s): capturing it uncompiled", type(e).__name__, e)
-                    self.compile, self._fn, self.captured = False, self.step, {}
+                    self.compile, self.captured = False, {}
                     continue
                 log.warning("CUDA graph capture failed (%s: %s): decoding eagerly", type(e).__name__, e)
                 self.on = False
