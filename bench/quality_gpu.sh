@@ -27,7 +27,8 @@
 # form NEW@RUN only decodes: RUN (trained earlier in the same call) with NEW's generate.* settings. QGPU_BASE=0
 # skips the base model's answers.
 # Why the split: a device call carries 64 MiB; the GGUF is 94 MiB, the wheels the device lacks ~35 MiB. The titles
-# are embedded here (prodesc data index): the device never loads the MiniLM embedder.
+# are embedded here (prodesc data index): training and generate never load the MiniLM embedder on the device; a
+# server does (it embeds each request's title): stash .whl/minilm (bench/prepare_wheels.sh, fp16) for it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 Q=.qgpu                      # here: what travels
