@@ -955,7 +955,7 @@ class ThreadRecordingGenerator(FakeGenerator):
         self.prompt_threads.add(threading.current_thread().name)
         return super().prompt_ids(title)
 
-    def engine(self, slots: int, cache_len: int, admit_wait_s: float = 0.0) -> WarmEngine:
+    def engine(self, slots: int, cache_len: int, admit_wait_s: float = 0.0, compile: bool | None = None) -> WarmEngine:
         return WarmEngine(self, slots)
 
     def load_base(self) -> ThreadRecordingGenerator:
@@ -1037,7 +1037,7 @@ def test_healthz_answers_503_once_the_model_thread_has_died_and_requests_get_503
         return ok, await http.get("/healthz"), await http.post("/v1/describe", json={"titles": ["B"]})
 
     gen = FakeGenerator()
-    gen.engine = lambda slots, cache_len, admit_wait_s=0.0: DyingEngine(gen, slots)
+    gen.engine = lambda slots, cache_len, admit_wait_s=0.0, compile=None: DyingEngine(gen, slots)
     app = create_app(gen, ServeConfig(batch_window_ms=0), None)
 
     async def main():
