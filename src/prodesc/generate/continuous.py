@@ -224,7 +224,8 @@ class Engine:
                 return f"CUDA graph capture failed, decoding eagerly (after {time.perf_counter() - t0:.1f} s)"
             self._cost.update(self._graphs.timings())
             return (f"{len(self._graphs.captured)} decode steps captured as CUDA graphs ("
-                    f"{'compiled' if self._graphs.compile else 'eager'} forward) in {time.perf_counter() - t0:.1f} s")
+                    f"{'one-token steps compiled' if self._graphs.compile else 'eager forward'}) in "
+                    f"{time.perf_counter() - t0:.1f} s")
 
     # ---- joining: prefill newcomers into free slots ------------------------------------------------------------
 
