@@ -478,7 +478,7 @@ class FakeGenerator:
         self.name = "fake" if tag == "tuned" else "fake-base"
         self.tag, self.cfg, self.tok = tag, ProdescConfig(), FakeTok()
         self.calls: list[tuple[list[str], list[float], str]] = []  # (titles admitted, temperatures, tag) a step
-        self.gate, self.entered, self.fail = threading.Event(), threading.Event(), False
+        self.gate, self.entered, self.fail, self.die = threading.Event(), threading.Event(), False, False
         self.gate.set()
         self.tokens, self.tick, self.produced = 3, 0.0, 0  # tokens per answer, seconds per step, tokens made
         self.base: FakeGenerator | None = None
@@ -497,9 +497,10 @@ class FakeGenerator:
         return self.base
 
 
-def in_process(scenario, api_key: str | None = None, **serve: object):
-    """Run `scenario(client, app, gen)` against create_app(FakeGenerator) through httpx's ASGI transport."""
-    gen = FakeGenerator()
+def in_process(scenario, api_key: str | None = None, gen: FakeGenerator | None = None, **serve: object):
+    """Run `scenario(client, app, gen)` against create_app(gen, a FakeGenerator by default) through httpx's ASGI
+    transport."""
+    gen = gen or FakeGenerator()
     cfg = ServeConfig(**{"batch_window_ms": 0, **serve})
     app = create_app(gen, cfg, api_key, base=gen.load_base)
 
@@ -510,6 +511,7 @@ def in_process(scenario, api_key: str | None = None, **serve: object):
                 return await scenario(http, app, gen)
             finally:
                 gen.gate.set()
+                gen.die = False
                 await app.state.prodesc.batcher.close()
 
     return asyncio.run(main())
@@ -1038,18 +1040,7 @@ def test_healthz_answers_503_once_the_model_thread_has_died_and_requests_get_503
 
     gen = FakeGenerator()
     gen.engine = lambda slots, cache_len, admit_wait_s=0.0, compile=None: DyingEngine(gen, slots)
-    app = create_app(gen, ServeConfig(batch_window_ms=0), None)
-
-    async def main():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=10) as http:
-            try:
-                return await scenario(http, app, gen)
-            finally:
-                gen.die = False
-                await app.state.prodesc.batcher.close()
-
-    ok, health, refused = asyncio.run(main())
+    ok, health, refused = in_process(scenario, gen=gen)
     assert ok.status_code == 200
     assert health.status_code == 503 and health.json()["status"] == "dead"
     assert "model thread died (RuntimeError: a bug in the loop (fake))" in health.json()["detail"]
