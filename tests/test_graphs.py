@@ -47,7 +47,7 @@ def test_no_garbage_collection_while_a_graph_is_captured(monkeypatch) -> None:
 
 
 def test_only_the_one_token_step_is_compiled(monkeypatch) -> None:
-    """Each compiled width costs two compiles at start-up (~80 s each for SmolLM2 on an H100): the one-token step
+    """Each compiled width costs two compiles at start-up (SmolLM2's two: most of a 160 s warm-up): the one-token step
     is compiled, verify steps (width > 1) are captured eager, as speculation's gains were measured."""
     from prodesc.generate import graphs as module
 

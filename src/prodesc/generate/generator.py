@@ -185,7 +185,8 @@ class Generator:
         if self._engine is None or self._engine[0] != key:
             self._engine = None  # free the old cache first
             # its steps as CUDA graphs of the eager forward, as measured (docs/PERFORMANCE.md, issue 25): compiling
-            # them took ~80 s a shape for SmolLM2 on an H100, more than a generate or eval call gains back
+            # them is what made SmolLM2's server warm-up take 160 s on an H100 (two compiles), a cost a short
+            # generate or eval call would pay again each time
             self._engine = (key, self.engine(gen.batch_size, cache_len, gen=gen, compile=False))
         return self._engine[1]
 

@@ -33,8 +33,8 @@ class StepGraphs:
 
     def _fn(self, b: int, w: int) -> Any:
         """The one-token step compiled (when `compile`), verify steps (w > 1) eager: each compiled width costs two
-        compiles at start-up (batch 1 and the rest; ~80 s each for SmolLM2 on an H100), and speculation's measured
-        gains (docs/PERFORMANCE.md) come from eager verify steps."""
+        compiles at start-up (batch 1 and the rest; SmolLM2's two took most of a 160 s warm-up on an H100), and
+        speculation's measured gains (docs/PERFORMANCE.md) come from eager verify steps."""
         return (self._compiled if self.compile and w == 1 else self.step)(b, w)
 
     def replay(self, b: int, w: int) -> Any:
