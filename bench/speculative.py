@@ -208,7 +208,8 @@ def control(a: argparse.Namespace) -> dict[str, Any]:
     gen.use_data_index(a.data)
     titles = [r["title"] for r in read_split(a.data, "test", a.limit)]
     prompts = [gen.prompt_ids(t, nb) for t, nb in zip(titles, gen.neighbours(titles), strict=True)]
-    small, large = (int(x) for x in a.batches.split(",")[:: len(a.batches.split(",")) - 1])
+    batches = [int(x) for x in a.batches.split(",")]
+    small, large = batches[0], batches[-1]
     runs = {"plain_small": _engine_run(gen, prompts, small, 0, a.new_tokens, compile=a.compile),
             "plain_large": _engine_run(gen, prompts, large, 0, a.new_tokens, compile=a.compile),
             "spec_large": _engine_run(gen, prompts, large, a.k, a.new_tokens, compile=a.compile)}
