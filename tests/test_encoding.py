@@ -222,9 +222,11 @@ def test_drop_unsupported_trains_on_answers_without_what_no_prompt_text_states(t
     tok = _tokenizer("tiny", tmp_path_factory)
     rows = {"train": [{"title": "Sony Switcher - SBV40S", "content": "Sony Switcher - SBV40S/ 4 A/V Inputs/ "
                        "900mW Power Output/ Black Finish", "family": "a"}], "val": []}
+    far = "Sony Switcher - SBV60S/ " + "Remote Control/ " * 20 + "900mW Power Output"  # 900mW past the 200 shown
     near = {"train": [[{"uid": "1", "title": "Sony Switcher - SBV50S", "content": "Sony Switcher - SBV50S/ "
-                        "4 A/V Inputs/ Silver Finish"}]], "val": []}
-    cfg = tiny_config("retrieval.k=1", "retrieval.chars=200", "train.max_length=400")
+                        "4 A/V Inputs/ Silver Finish"}, {"uid": "2", "title": "Sony SBV60S", "content": far}]],
+            "val": []}  # fmt: skip
+    cfg = tiny_config("retrieval.k=2", "retrieval.chars=200", "train.max_length=600")
     answers = {}
     for drop in ("off", "prompt", "title"):
         layout = prompts.Layout.of(tok, cfg.prompt)

@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 
 KINDS = ("quantity", "number", "code", "colour", "platform")
+_DIGIT = re.compile(r"[0-9]")  # a word (tables' "word": ASCII letters and digits) that holds a number
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,9 @@ def specifics(text: str) -> list[Spec]:
     taken: list[tuple[int, int]] = []  # spans already read (a quantity's number is not also a number)
     platforms = list(t["platform"].finditer(text))  # first: the "3" of "PlayStation 3" is the platform's
     taken.extend(p.span() for p in platforms)
-    for m in t["word"].finditer(text):
+    for m in t["word"].finditer(text) if _DIGIT.search(text) else ():  # only words with a digit are read here
         word = m.group(0)
-        if not any(c.isdigit() for c in word) or any(a <= m.start() < b for a, b in taken):
+        if _DIGIT.search(word) is None or any(a <= m.start() < b for a, b in taken):
             continue
         if m.start() >= 2 and text[m.start() - 1] == ":" and text[m.start() - 2].isdigit():
             continue  # the 1 of a ratio ("10000:1") is the ratio's
