@@ -51,6 +51,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from datetime import date
 from pathlib import Path
@@ -82,6 +83,7 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one stage in this process
     a = ap.parse_args()
     if a.child:
+        threading.Thread(target=_sample_rss, daemon=True).start()
         print("RESULT " + json.dumps(STAGE_FUNCS[a.child](a)), flush=True)
         return
     a.work.mkdir(parents=True, exist_ok=True)
@@ -280,13 +282,37 @@ def _records(a: argparse.Namespace, split: str) -> int:
     return pq.ParquetFile(a.work / "data" / f"{split}.parquet").metadata.num_rows
 
 
+_RSS_PEAK = {"RssAnon": 0, "RssFile": 0}  # kB, this process, sampled every 0.1 s (_sample_rss)
+
+
+def _sample_rss() -> None:
+    """Peaks of the two parts of this process's RSS: anonymous memory (what it allocated: heap, tensors, Arrow
+    buffers) and file-backed pages (memory-mapped files: a checkpoint being loaded, datasets' Arrow files). The
+    kernel drops clean file-backed pages under memory pressure and reads them again when touched; ru_maxrss counts
+    both (the 12-06 device run: train_steps 16.26 GiB = ~13.7 GiB of the 7B checkpoint's mapped pages while it
+    loaded + anonymous memory)."""
+    while True:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    key = line.split(":", 1)[0]
+                    if key in _RSS_PEAK:
+                        _RSS_PEAK[key] = max(_RSS_PEAK[key], int(line.split()[1]))
+        except OSError:  # no /proc (not Linux): ru_maxrss alone
+            return
+        time.sleep(0.1)
+
+
 def _peaks() -> dict:
-    """Peak RSS of this stage's process and of its largest child (GiB: a stage process runs nothing else), and
-    peak GPU memory allocated/reserved."""
+    """Peak RSS of this stage's process and of its largest child (GiB: a stage process runs nothing else), the
+    sampled peaks of this process's anonymous and file-backed RSS (_sample_rss), and peak GPU memory
+    allocated/reserved."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     out = {"peak_rss_gib": round(max(own, kids) / 2**20, 2), "peak_rss_self_gib": round(own / 2**20, 2),
-           "peak_rss_children_gib": round(kids / 2**20, 2)}
+           "peak_rss_children_gib": round(kids / 2**20, 2),
+           "peak_anon_gib": round(_RSS_PEAK["RssAnon"] / 2**20, 2),
+           "peak_file_backed_gib": round(_RSS_PEAK["RssFile"] / 2**20, 2)}  # fmt: skip
     if "torch" in sys.modules:
         import torch
 

@@ -70,7 +70,7 @@ def test_adapter_reloads_with_identical_logits(tiny_run):
 def test_collated_batch_masks_prompt_and_supervises_eos(tiny_data, tmp_path):
     cfg = tiny_config("train.max_length=4096")  # nothing truncated: every example keeps its EOS
     rows = {s: train._read_split(tiny_data, s) for s in ("train", "val")}
-    model, tok, _ = train._setup_model(cfg, rows["train"], tmp_path)
+    model, tok, _ = train._setup_model(cfg, train._tiny_base(rows["train"], cfg, tmp_path))
     train_ds, val_ds, _ = train._setup_data(tok, cfg, rows)
     trainer, _ = train._setup_trainer(cfg, model, tok, train_ds, val_ds, tmp_path)
     batch = next(iter(trainer.get_train_dataloader()))
@@ -285,7 +285,7 @@ def test_collated_rag_batch_has_neighbours_in_the_masked_prompt_and_ends_on_eos(
     cfg = tiny_config("retrieval.k=2", "retrieval.chars=60", "train.max_length=400")
     rows = {s: train._read_split(tiny_rag_data, s) for s in ("train", "val")}
     _, near = examples.neighbours(cfg, tiny_rag_data, rows)
-    model, tok, _ = train._setup_model(cfg, rows["train"], tmp_path)
+    model, tok, _ = train._setup_model(cfg, train._tiny_base(rows["train"], cfg, tmp_path))
     train_ds, val_ds, lengths = train._setup_data(tok, cfg, rows, near)
     assert lengths["cut"]["examples_cut"] > 0  # 400 tiny-tokenizer tokens: many examples had to be fitted
     trainer, _ = train._setup_trainer(cfg, model, tok, train_ds, val_ds, tmp_path)

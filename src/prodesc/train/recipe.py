@@ -24,6 +24,7 @@ writes RUN_DIR, see dist.py.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import math
@@ -92,15 +93,18 @@ def train(
     catalog = examples.catalog(cfg, data, rows)  # before the run dir and the weights: needs no model
     checkpoint = _prepare_run_dir(cfg, out, resume, changed or [])
     started = time.time()
-    near = lambda: examples.near(catalog, cfg, rows)  # noqa: E731 - searched only when the examples are not cached
-    train_ds, val_ds, lengths = _setup_data(_setup_tokenizer(cfg, rows["train"], out), cfg, rows, near, data)
-    model, tok, base_ref = _setup_model(cfg, rows["train"], out)  # the weights, once the examples are ready
+    near = functools.partial(examples.near, catalog, cfg, rows)  # searched only when the examples are not cached
+    base = _tiny_base(rows["train"], cfg, out) if cfg.model.name == "tiny" else None
+    train_ds, val_ds, lengths = _setup_data(_setup_tokenizer(cfg, base), cfg, rows, near, data)
+    families = _write_train_record(out, cfg, data, rows["train"])
+    del rows, near  # the records as Python objects (~3 GiB a million) are not held while the weights load and train
+    model, tok, base_ref = _setup_model(cfg, base)  # the weights, once the examples are ready
     trainer, watch = _setup_trainer(cfg, model, tok, train_ds, val_ds, out)
     _fit(trainer, watch, cfg, checkpoint)
     _save_adapter(trainer, tok, out)
     if dist.is_main():
         stats = _run_stats(trainer, watch, lengths, cfg, model, time.time() - started)
-        _write_run(out, cfg, base_ref, data, rows["train"], stats, catalog)
+        _write_run(out, base_ref, data, families, stats, catalog)
         _print_summary(out, stats, cfg)
     return out
 
@@ -141,18 +145,19 @@ def _read_split(data: Path, split: str) -> list[dict[str, str]]:
     return rows
 
 
-def _setup_tokenizer(cfg: ProdescConfig, train_rows: list[dict], out: Path) -> Any:
-    """The tokenizer alone, as training will hold it (pad fixed): the examples need no weights."""
-    src = _tiny_base(train_rows, cfg, out) if cfg.model.name == "tiny" else models.resolve(cfg.model.name,
-                                                                                           cfg.model.cache_dir)
-    tok = models.load_tokenizer(src, cfg.model)
+def _setup_tokenizer(cfg: ProdescConfig, base: str | None = None) -> Any:
+    """The tokenizer alone, as training will hold it (pad fixed): the examples need no weights. `base`: the
+    random base of model.name=tiny (_tiny_base)."""
+    tok = models.load_tokenizer(base or models.resolve(cfg.model.name, cfg.model.cache_dir), cfg.model)
     models.fix_pad(tok)
     return tok
 
 
-def _setup_model(cfg: ProdescConfig, train_rows: list[dict], out: Path) -> tuple[Any, Any, dict]:
+def _setup_model(cfg: ProdescConfig, base: str | None = None) -> tuple[Any, Any, dict]:
     if cfg.model.name == "tiny":
-        model, tok = models.load(cfg.model, path=_tiny_base(train_rows, cfg, out), for_training=True)
+        if base is None:
+            raise ValueError("model.name=tiny trains from a base built by _tiny_base")
+        model, tok = models.load(cfg.model, path=base, for_training=True)
         return model, tok, {"name": "tiny", "path": "base", **_weights(model)}
     model, tok = models.load(cfg.model, for_training=True)
     name = cfg.model.name
@@ -359,15 +364,21 @@ def _param_count(model: Any) -> int:
     return n
 
 
-def _write_run(
-    out: Path, cfg: ProdescConfig, base_ref: dict, data: Path, train_rows: list[dict], stats: dict, catalog: Any
-) -> None:
+def _write_train_record(out: Path, cfg: ProdescConfig, data: Path, train_rows: list[dict]) -> list[str]:
+    """What the run keeps of the records it trains on, written before the weights load (the records are not held
+    through training): their families (train_families.txt.gz) and the leak guard's index of them; returns the
+    families for the manifest."""
+    families = sorted({r["family"] for r in train_rows})
+    if dist.is_main():
+        with gzip.open(out / "train_families.txt.gz", "wt", encoding="utf-8") as f:
+            f.write("\n".join(families) + "\n")
+        write_index(out, train_rows, data_settings(data, cfg.data))  # near-duplicates as the data defines them
+    return families
+
+
+def _write_run(out: Path, base_ref: dict, data: Path, families: list[str], stats: dict, catalog: Any) -> None:
     if catalog is not None:
         catalog.save(out / "catalog")
-    families = sorted({r["family"] for r in train_rows})
-    with gzip.open(out / "train_families.txt.gz", "wt", encoding="utf-8") as f:
-        f.write("\n".join(families) + "\n")
-    write_index(out, train_rows, data_settings(data, cfg.data))  # near-duplicates as the data defines them
     manifest = build_manifest(base_ref, data_fingerprint(data, families), stats)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
