@@ -948,9 +948,13 @@ class ThreadRecordingGenerator(FakeGenerator):
         super().__init__(tag)
         self.prompt_threads: set[str] = set()
         self.warm_calls, self.warm_fails, self.stepped_cold = 0, False, False
+        self.neighbour_calls, self.neighbours_fail = 0, False
 
     def neighbours(self, titles):
         self.prompt_threads.add(threading.current_thread().name)
+        self.neighbour_calls += 1
+        if self.neighbours_fail:
+            raise RuntimeError("embedder missing (fake)")
         return [[] for _ in titles]
 
     def prompt_ids(self, title: str) -> list[int]:
@@ -966,13 +970,13 @@ class ThreadRecordingGenerator(FakeGenerator):
         return self.base
 
 
-def _with_lifespan(gen, scenario, **serve):
+def _with_lifespan(gen, scenario, raise_app_exceptions=True, **serve):
     """create_app(gen) with its lifespan run (start-up warm-up, shutdown), as uvicorn runs it."""
     app = create_app(gen, ServeConfig(**{"batch_window_ms": 0, **serve}), None, base=gen.load_base)
 
     async def main():
         async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
             async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=30) as http:
                 return await scenario(http, app, gen)
 
@@ -1004,7 +1008,7 @@ def test_engines_warm_up_before_their_first_request_and_a_failed_warm_up_still_a
         gen.warm_fails = fails
 
         async def scenario(http, app, gen):
-            warmed_at_start = gen.warm_calls
+            warmed_at_start = (gen.warm_calls, gen.neighbour_calls)
             tuned = await http.post("/v1/describe", json={"titles": ["A"]})
             base = await http.post("/v1/describe", json={"titles": ["B"], "model": "fake-base"})
             stream = await http.post("/v1/chat/completions", json={
@@ -1012,11 +1016,24 @@ def test_engines_warm_up_before_their_first_request_and_a_failed_warm_up_still_a
             return warmed_at_start, tuned, base, stream, (await http.get("/healthz")).json()
 
         warmed_at_start, tuned, base, stream, health = _with_lifespan(gen, scenario)
-        assert warmed_at_start == 1  # before the server took a request
+        assert warmed_at_start == (1, 1)  # engine and prompt path (embedder, catalog) before the server took a request
         assert gen.base.warm_calls == 1 and not gen.stepped_cold and not gen.base.stepped_cold
+        assert gen.base.neighbour_calls == 3  # its own warm-up, then the two requests'
         assert (tuned.status_code, base.status_code, stream.status_code) == (200, 200, 200)  # never a 500
         assert "data: [DONE]" in stream.text and '"error"' not in stream.text
         assert health["graphs"] == {"fake": None, "fake-base": None}  # fakes have no graphs attribute
+
+
+def test_a_failed_prompt_warm_up_still_starts_the_server_and_requests_get_a_clear_error() -> None:
+    gen = ThreadRecordingGenerator()
+    gen.neighbours_fail = True
+
+    async def scenario(http, app, gen):
+        return (await http.get("/healthz")).status_code, await http.post("/v1/describe", json={"titles": ["A"]})
+
+    health, answer = _with_lifespan(gen, scenario, raise_app_exceptions=False)  # as a real client sees it
+    assert health == 200 and gen.neighbour_calls == 2  # the warm-up tried, then the request
+    assert answer.status_code == 500 and answer.json()["error"]["type"] == "server_error"
 
 
 class DyingEngine(FakeEngine):

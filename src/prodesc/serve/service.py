@@ -32,6 +32,7 @@ from prodesc.serve.schemas import ApiError, Params
 
 log = logging.getLogger(__name__)
 MAX_TEMPERATURE = 2.0
+WARM_TITLE = "Sony Compact Stereo Headphones - Black"  # any title: the prompt path's first use, before traffic
 
 
 class Service:
@@ -63,8 +64,23 @@ class Service:
         self._prompts = ThreadPoolExecutor(1, thread_name_prefix="prodesc-prompts")
 
     def start(self) -> None:
-        """Warm the fine-tuned model's engine up before the server takes traffic (in a thread of the caller's)."""
+        """Warm the fine-tuned model up before the server takes traffic (in a thread of the caller's): its engine
+        and its prompt path."""
         _warm_up(self.batcher.engines[True], self.name)
+        self._warm_prompts(self.gen, self.name)
+
+    def _warm_prompts(self, gen: Any, name: str) -> None:
+        """One prompt built on the prompt thread, so the first request does not load the embedder or ready the
+        catalog's search (measured on an H100 before this: a 7B catalog-aware server's first request waited 5.0 s
+        for its first token, later ones ~0.9 s). A failure is logged; requests then meet it themselves."""
+        t = time.perf_counter()
+        try:
+            self._prompts.submit(self._build, gen, [WARM_TITLE]).result()
+        except Exception as e:  # noqa: BLE001 - the server still starts; a request reports what is wrong
+            log.warning("prompt warm-up of %s failed (%s: %s)", name, type(e).__name__, e)
+            return
+        print(f"{name}: prompt path ready (embedder and catalog search loaded) in {time.perf_counter() - t:.1f} s",
+              file=sys.stderr, flush=True)
 
     def close(self) -> None:
         self._prompts.shutdown(wait=False, cancel_futures=True)
@@ -168,6 +184,7 @@ class Service:
         engine = gen.engine(self.cfg.max_batch_size, self.cfg.cache_len, self.cfg.admit_wait_ms / 1000,
                             compile=False)
         _warm_up(engine, f"{self.name}-base")
+        self._warm_prompts(gen, f"{self.name}-base")
         return gen, engine
 
     async def wait(self, request: Request, job: Job) -> Any:
