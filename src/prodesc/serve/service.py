@@ -72,8 +72,8 @@ class Service:
     def _warm_prompts(self, gen: Any, name: str) -> None:
         """One prompt built on the prompt thread, so the first request does not load the embedder or ready the
         catalog's search (on an H100 before this, a 7B catalog-aware server's first request waited 5.0 s for its
-        first token, later ones 0.9 s at p95; how much of the 5 s was the embedder was not broken down). A failure
-        is logged; requests then meet it themselves."""
+        first token, with the base loading beside it; later ones 0.9 s at p95; not broken down). A failure is
+        logged; requests then meet it themselves."""
         t = time.perf_counter()
         try:
             self._prompts.submit(self._build, gen, [WARM_TITLE]).result()
