@@ -306,3 +306,32 @@ def test_neighbours_too_long_for_max_length_are_refused_before_any_model_loads(t
     cfg = tiny_config("retrieval.k=4", "retrieval.chars=2000", "train.max_length=1024")
     with pytest.raises(ProdescError, match=r"retrieval.k=4 neighbours of retrieval.chars=2000 .* train.max_length"):
         train.train(cfg, tiny_data, tmp_path / "run")
+
+
+def test_the_split_records_are_not_held_while_the_weights_load(tiny_data, tmp_path, monkeypatch):
+    """The records as Python dicts (~3 GiB a million) were kept through training for the run files written at its
+    end; they are now written once the examples are ready and the records dropped before the weights load."""
+    import gc
+    import weakref
+
+    class Rows(list):  # a list that can be weakly referenced
+        pass
+
+    held, seen = [], {}
+    read = train._read_split
+    monkeypatch.setattr(train, "_read_split", lambda data, split: held.append(weakref.ref(r := Rows(read(data, split))))
+                        or r)
+    setup = train._setup_model
+
+    def setup_model(*args):
+        gc.collect()
+        seen["alive"] = [ref() is not None for ref in held]
+        seen["written"] = [(tmp_path / "run" / n).is_file() for n in ("train_families.txt.gz", "train_index.npz")]
+        return setup(*args)
+
+    monkeypatch.setattr(train, "_setup_model", setup_model)
+    run = train.train(tiny_config("train.max_steps=1", "train.eval_steps=1", "train.save_steps=1"), tiny_data,
+                      tmp_path / "run")
+    assert len(held) == 2 and seen["alive"] == [False, False]  # train and val records freed before the load
+    assert seen["written"] == [True, True]
+    assert json.loads((run / "manifest.json").read_text())["data"]["train_families"] > 0
